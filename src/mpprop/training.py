@@ -1,0 +1,272 @@
+"""Training and evaluation of one CGCNN: the one batch loop serves train, val, test and predict."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mpprop.config import GraphSettings, Hyperparams, Params
+from mpprop.data import PropertyData, iterate_batches
+from mpprop.graphs import GraphCache
+from mpprop.model import CrystalGraphConvNet, Normalizer
+
+
+def set_torch_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def run_batches(
+    model: CrystalGraphConvNet,
+    cache: GraphCache,
+    rows: np.ndarray,
+    batch_size: int,
+    targets_norm: np.ndarray | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """One pass over `rows`; trains when an optimizer is given, else predicts.
+
+    Returns the standardised predictions in the order of `rows` (from the forward pass
+    of each batch, i.e. before that batch's update when training).
+    """
+    training = optimizer is not None
+    model.train(training)
+    preds = np.empty(len(rows), dtype=np.float64)
+    loss_fn = nn.MSELoss()
+    with torch.set_grad_enabled(training):
+        for pos, batch in iterate_batches(
+            cache, rows, batch_size, targets_norm, rng if training else None
+        ):
+            out = model(batch)
+            if training:
+                loss = loss_fn(out, batch.target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            preds[pos] = out.detach().numpy()
+    return preds
+
+
+def predict(
+    model: CrystalGraphConvNet,
+    normalizer: Normalizer,
+    cache: GraphCache,
+    rows: np.ndarray | None = None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Predictions in target units (after the target transform, e.g. log10 GPa)."""
+    rows = np.arange(len(cache)) if rows is None else rows
+    return normalizer.denorm(run_batches(model, cache, rows, batch_size))
+
+
+def screening_precision(
+    y_true: np.ndarray, y_pred: np.ndarray, top_percent: float, better: str | None
+) -> float | None:
+    """Percent of the model's top-N% materials that are truly in the top N%.
+
+    "Top" follows the property's better direction; None where there is no screening.
+    Ties at the cut-off are broken by order (stable sort), on both sides alike.
+    """
+    if better is None:
+        return None
+    if better not in ("lower", "higher"):
+        raise ValueError(f"better must be 'lower', 'higher' or None, not {better!r}")
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    n_top = max(1, int(np.ceil(len(y_true) * top_percent / 100.0)))
+    sign = -1.0 if better == "higher" else 1.0
+    true_top = set(np.argsort(sign * y_true, kind="stable")[:n_top].tolist())
+    pred_top = np.argsort(sign * y_pred, kind="stable")[:n_top]
+    return 100.0 * sum(int(i in true_top) for i in pred_top) / n_top
+
+
+def make_optimizer(model: nn.Module, hp: Hyperparams) -> torch.optim.Optimizer:
+    if hp.optimizer == "SGD":
+        return torch.optim.SGD(
+            model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+    if hp.optimizer == "RAdam":
+        return torch.optim.RAdam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_mae: float
+    val_mae: float
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    model: CrystalGraphConvNet
+    normalizer: Normalizer
+    best_epoch: int
+    best_val_mae: float
+    history: list[EpochStats] = field(default_factory=list)
+
+
+EpochCallback = Callable[[EpochStats], None]
+
+
+def fit(
+    hp: Hyperparams,
+    graph: GraphSettings,
+    cache: GraphCache,
+    train_rows: np.ndarray,
+    train_targets: np.ndarray,
+    val_rows: np.ndarray,
+    val_targets: np.ndarray,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+    eval_batch_size: int = 512,
+) -> FitResult:
+    """Train with target standardisation, one LR decay by 0.1, best-val checkpointing.
+
+    `on_epoch` sees each epoch's stats; it may raise (e.g. optuna.TrialPruned) to stop.
+    MAEs are in target units.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    normalizer = Normalizer.fit(train_targets)
+    model = CrystalGraphConvNet(hp, graph)
+    optimizer = make_optimizer(model, hp)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[hp.lr_decay_epoch], gamma=0.1
+    )
+    train_norm = normalizer.norm(train_targets)
+    best_state, best_val, best_epoch = None, float("inf"), -1
+    history: list[EpochStats] = []
+    for epoch in range(1, hp.epochs + 1):
+        t0 = time.perf_counter()
+        train_pred = run_batches(
+            model, cache, train_rows, hp.batch_size, train_norm, optimizer, rng
+        )
+        scheduler.step()
+        train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
+        val_pred = predict(model, normalizer, cache, val_rows, eval_batch_size)
+        val_mae = float(np.mean(np.abs(val_pred - val_targets)))
+        stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0)
+        history.append(stats)
+        if not np.isfinite(val_mae):
+            raise FloatingPointError(f"validation MAE is {val_mae} at epoch {epoch}: diverged")
+        if val_mae < best_val:
+            best_val, best_epoch = val_mae, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if on_epoch is not None:
+            on_epoch(stats)
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, normalizer, best_epoch, best_val, history)
+
+
+def evaluate(
+    result: FitResult, data: PropertyData, top_percent: float, batch_size: int
+) -> dict[str, float | None]:
+    """Test MAE (target units) and screening precision of a fitted model."""
+    pred = predict(result.model, result.normalizer, data.cache, data.test_rows, batch_size)
+    return {
+        "test_mae": float(np.mean(np.abs(pred - data.test_targets))),
+        "test_screening_precision": screening_precision(
+            data.test_targets, pred, top_percent, data.spec.better
+        ),
+    }
+
+
+def train_property(
+    params: Params,
+    prop: str,
+    preset: str = "xie",
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one property's model on its fixed split, evaluate on its test set, log to MLflow.
+
+    Writes models/<prop>/<preset>/{model.pt, metrics.json} and returns the metrics.
+    """
+    import mlflow
+
+    from mpprop.data import open_workspace, property_data, train_val_split
+    from mpprop.tracking import log_model, save_bundle, setup_mlflow
+
+    set_torch_threads(params.train.get("torch_threads"))
+    hp = params.hyperparams(preset, prop, **(overrides or {}))
+    graph = params.graph_settings()
+    ws = open_workspace(params)
+    data = property_data(params, ws, prop)
+    seed = int(params.train["seed"])
+    tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"], seed)
+    setup_mlflow(params)
+    out_dir = params.models_dir() / prop / preset
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=hp.epochs, desc=f"train {prop} [{preset}]", unit="epoch", disable=not progress)
+
+    with mlflow.start_run(run_name=f"{prop}-{preset}") as run:
+        mlflow.set_tags(
+            {
+                "mpprop.property": prop,
+                "mpprop.preset": preset,
+                "mpprop.kind": "train",
+                "snapshot_sha256": ws.snapshot_sha256,
+                "graph_cache_key": ws.cache.key,
+            }
+        )
+        mlflow.log_params(
+            {
+                **hp.as_dict(),
+                "property": prop,
+                "preset": preset,
+                "target_transform": data.spec.transform,
+                "seed": seed,
+                "n_train": len(tr),
+                "n_val": len(va),
+                "n_test": len(data.test_rows),
+                "snapshot_sha256": ws.snapshot_sha256,
+                "snapshot_date": ws.snapshot_meta.get("snapshot_date"),
+                "graph_cache_key": ws.cache.key,
+                **{f"graph_{k}": v for k, v in asdict(graph).items()},
+            }
+        )
+
+        def on_epoch(s: EpochStats) -> None:
+            mlflow.log_metrics(
+                {"train_mae": s.train_mae, "val_mae": s.val_mae, "epoch_seconds": s.seconds},
+                step=s.epoch,
+            )
+            bar.set_postfix(train_mae=f"{s.train_mae:.4f}", val_mae=f"{s.val_mae:.4f}")
+            bar.update(1)
+
+        result = fit(
+            hp, graph, data.cache,
+            data.pool_rows[tr], data.pool_targets[tr],
+            data.pool_rows[va], data.pool_targets[va],
+            seed=seed, on_epoch=on_epoch, eval_batch_size=params.predict["batch_size"],
+        )
+        bar.close()
+        metrics: dict[str, Any] = {
+            "best_val_mae": result.best_val_mae,
+            "best_epoch": result.best_epoch,
+            "seconds_per_epoch": float(np.mean([h.seconds for h in result.history])),
+            **evaluate(result, data, params.train["screening_top_percent"],
+                       params.predict["batch_size"]),
+        }
+        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        bundle = save_bundle(
+            out_dir / "model.pt", result.model, result.normalizer, data.spec,
+            extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key},
+        )
+        model_uri = log_model(bundle)
+        metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

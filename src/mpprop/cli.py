@@ -60,7 +60,7 @@ def main(ctx: click.Context, params_file: str, overrides: tuple[str, ...]) -> No
 @pass_ctx
 def fetch(obj: Context, source: str | None, path: str | None, out_dir: str | None) -> None:
     """Write a dated snapshot (snapshot.npz + snapshot.json) from MP or a local file."""
-    from mpprop.sources import fetch_snapshot, format_fetch_summary
+    from mpprop.sources import FetchError, fetch_snapshot, format_fetch_summary
 
     params = obj.params
     if source:
@@ -69,7 +69,7 @@ def fetch(obj: Context, source: str | None, path: str | None, out_dir: str | Non
         params.data["path"] = str(Path(path).resolve())
     try:
         meta = fetch_snapshot(params, Path(out_dir) if out_dir else None)
-    except (ValueError, FileNotFoundError) as exc:
+    except (FetchError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(format_fetch_summary(meta))
 

@@ -99,10 +99,15 @@ class _Source:
     count: Callable[[], int]
 
 
+# a validated structure as (lattice (3,3), atomic numbers (n,), fractional coords (n,3)):
+# kept as arrays, not Structure objects, which take several times the memory
+_Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 @dataclass
 class _Collected:
     material_ids: list[str]
-    structures: list[Structure]
+    structures: list[_Arrays]
     raw_values: list[dict[str, Any]]
     excluded: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -258,7 +263,7 @@ def _collect(
             rank = np.empty(n_total, dtype=np.int64)
             rank[perm] = np.arange(n_total)
     out = _Collected([], [], [])
-    valid: list[tuple[int, int, str, Structure, dict[str, Any]]] = []
+    valid: list[tuple[int, int, str, _Arrays, dict[str, Any]]] = []
     lo, hi = 0, (max_records if rank is not None else None)
 
     def exclude(reason: str, example: str) -> None:
@@ -300,7 +305,13 @@ def _collect(
             if reason is not None:
                 exclude(reason, mid)
                 continue
-            valid.append((r, cand.index, mid, structure, cand.values))
+            assert structure is not None
+            arrays = (
+                np.array(structure.lattice.matrix, dtype=np.float64),
+                np.array([sp.Z for sp in structure.species], dtype=np.int16),
+                np.array(structure.frac_coords, dtype=np.float64),
+            )
+            valid.append((r, cand.index, mid, arrays, cand.values))
         bar.close()
         if rank is None or hi is None or n_total is None:
             break
@@ -352,6 +363,60 @@ def _labels(
 
 
 # ---------------------------------------------------------------- MP API
+def _query_mp_api(
+    api_key: str,
+    endpoint: str | None,
+    criteria: dict[str, Any],
+    fields: list[str],
+    chunk: int,
+    thermo_type: str | None,
+    progress: bool,
+) -> tuple[str | None, str, list[dict[str, Any]], dict[str, Any], int]:
+    """Summary docs, and energies of one thermo type (if asked), via the real MPRester."""
+    from mp_api.client import MPRester
+
+    # a finite num_chunks keeps the client on the REST path even if the criteria reduce to
+    # no query parameter (it would otherwise switch to S3); the limit is never reached
+    no_s3 = 10**9
+    energies: dict[str, Any] = {}
+    n_thermo = 0
+    with MPRester(
+        api_key=api_key,
+        endpoint=endpoint,
+        use_document_model=False,  # raw dicts: validation and counting are ours
+        mute_progress_bars=not progress,
+    ) as mpr:
+        # db_version comes from GET <endpoint>/heartbeat on construction
+        # (get_database_version() is a deprecated alias of this attribute)
+        db_version = mpr.db_version or None
+        used_endpoint = mpr.endpoint
+        docs = mpr.materials.summary.search(
+            **criteria, fields=fields, chunk_size=chunk, num_chunks=no_s3
+        )
+        ids = list(dict.fromkeys(str(d["material_id"]) for d in docs if d.get("material_id")))
+        for start in range(0, len(ids), chunk) if thermo_type else ():
+            tdocs = mpr.materials.thermo.search(
+                material_ids=ids[start : start + chunk],
+                thermo_types=[thermo_type],
+                fields=["material_id", "energy_per_atom", "thermo_type"],
+                chunk_size=chunk,
+                num_chunks=no_s3,
+            )
+            for t in tdocs:
+                n_thermo += 1
+                ttype = str(getattr(t.get("thermo_type"), "value", t.get("thermo_type")))
+                if ttype != thermo_type:
+                    raise FetchError(
+                        f"the API returned a {ttype} thermo document for {t.get('material_id')}"
+                        f" although {thermo_type} was requested; refusing to mix functionals"
+                    )
+                mid = str(t["material_id"])
+                if mid in energies and energies[mid] != t.get("energy_per_atom"):
+                    raise FetchError(f"two different {thermo_type} energies for {mid}")
+                energies[mid] = t.get("energy_per_atom")
+    return db_version, used_endpoint, docs, energies, n_thermo
+
+
 def _mp_api_candidates(
     params: Params, specs: dict[str, PropertySpec], props: list[str], progress: bool
 ) -> tuple[list[_Candidate], dict[str, Any]]:
@@ -383,49 +448,18 @@ def _mp_api_candidates(
         top = specs[p].field.split(".", 1)[0]
         if specs[p].field != ENERGY_FIELD and top not in fields:
             fields.append(top)
-    # a finite num_chunks keeps the client on the REST path even if the criteria reduce to
-    # no query parameter (it would otherwise switch to S3); the limit is never reached
-    no_s3 = 10**9
+    # imported here: the client takes seconds to import and only this path needs it
+    from mp_api.client.core.exceptions import MPRestError
+    from requests.exceptions import RequestException
 
-    from mp_api.client import MPRester  # imported here: takes seconds, only this path needs it
-
-    with MPRester(
-        api_key=api_key,
-        endpoint=endpoint,
-        use_document_model=False,  # raw dicts: validation and counting are ours
-        mute_progress_bars=not progress,
-    ) as mpr:
-        # db_version comes from GET <endpoint>/heartbeat on construction
-        # (get_database_version() is a deprecated alias of this attribute)
-        db_version = mpr.db_version or None
-        used_endpoint = mpr.endpoint
-        docs = mpr.materials.summary.search(
-            **criteria, fields=fields, chunk_size=chunk, num_chunks=no_s3
+    try:
+        db_version, used_endpoint, docs, energies, n_thermo = _query_mp_api(
+            api_key, endpoint, criteria, fields, chunk, thermo_type if energy_props else None,
+            progress,
         )
-        energies: dict[str, Any] = {}
-        n_thermo = 0
-        ids = list(dict.fromkeys(str(d["material_id"]) for d in docs if d.get("material_id")))
-        if energy_props:
-            for start in range(0, len(ids), chunk):
-                tdocs = mpr.materials.thermo.search(
-                    material_ids=ids[start : start + chunk],
-                    thermo_types=[thermo_type],
-                    fields=["material_id", "energy_per_atom", "thermo_type"],
-                    chunk_size=chunk,
-                    num_chunks=no_s3,
-                )
-                for t in tdocs:
-                    n_thermo += 1
-                    ttype = str(getattr(t.get("thermo_type"), "value", t.get("thermo_type")))
-                    if ttype != thermo_type:
-                        raise FetchError(
-                            f"the API returned a {ttype} thermo document for {t.get('material_id')}"
-                            f" although {thermo_type} was requested; refusing to mix functionals"
-                        )
-                    mid = str(t["material_id"])
-                    if mid in energies and energies[mid] != t.get("energy_per_atom"):
-                        raise FetchError(f"two different {thermo_type} energies for {mid}")
-                    energies[mid] = t.get("energy_per_atom")
+    except (MPRestError, RequestException) as err:
+        where = endpoint or "the default MP endpoint"
+        raise FetchError(f"MP API query failed ({where}): {err}") from err
 
     cands = []
     for i, d in enumerate(docs):
@@ -460,6 +494,22 @@ def _mp_api_candidates(
 
 def _list_source(cands: list[_Candidate]) -> _Source:
     return _Source(lambda: iter(cands), Structure.from_dict, lambda: len(cands))
+
+
+def _build_snapshot(collected: _Collected, labels: np.ndarray, props: list[str]) -> Snapshot:
+    """The same arrays as Snapshot.from_structures, from arrays instead of Structures."""
+    lat, z, frac = zip(*collected.structures, strict=True)
+    offsets = np.zeros(len(z) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in z], out=offsets[1:])
+    return Snapshot(
+        material_id=np.asarray(collected.material_ids, dtype=str),
+        lattice=np.stack(lat),
+        site_offsets=offsets,
+        atomic_numbers=np.concatenate(z).astype(np.int16),
+        frac_coords=np.concatenate(frac).astype(np.float64),
+        labels=labels,
+        property_names=list(props),
+    )
 
 
 # ---------------------------------------------------------------- public API
@@ -541,9 +591,7 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
     meta["subsample"] = collected.subsample
     if not collected.material_ids:
         raise FetchError("no valid records; nothing written\n" + format_fetch_summary(meta))
-    snapshot = Snapshot.from_structures(
-        collected.material_ids, collected.structures, labels, props
-    )
+    snapshot = _build_snapshot(collected, labels, props)
     written = save_snapshot(snapshot, out_dir or params.snapshot_dir(), meta)
     log.info("snapshot written: %d records", written["n_records"])
     return written

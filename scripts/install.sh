@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install mpprop with its test tools. torch is pinned to 2.13.0 in
+# pyproject.toml: on our machines that is the CPU build lying on local disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+echo "installed: $(.venv/bin/mpprop --help | head -1)"

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import require_shared_data
 from mp_api_server import GGA, MPAPIServer, load_records
 from pymatgen.core import Lattice, Structure
 
@@ -20,10 +21,6 @@ from mpprop.snapshot import SnapshotError, load_snapshot, sha256_file
 from mpprop.sources import FetchError, fetch_snapshot, format_fetch_summary
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mp_snapshot.jsonl.gz"
-needs_shared = pytest.mark.skipif(
-    not SHARED.exists(), reason=f"shared MP snapshot not found at {SHARED}"
-)
 PROPS = [
     "formation_energy_per_atom", "energy_per_atom", "efermi", "band_gap",
     "bulk_modulus", "shear_modulus", "poisson_ratio",
@@ -57,17 +54,17 @@ def assert_same_snapshot(a, b) -> None:
 # ---------------------------------------------------------------- real records
 @pytest.fixture(scope="module")
 def real_records() -> list[dict[str, Any]]:
-    """~50 real MP records from the start of the shared file, all that carry an energy."""
-    if not SHARED.exists():
-        pytest.skip(f"shared MP snapshot not found at {SHARED}")
-    head = load_records(SHARED, limit=400)
+    """50 real MP records from the start of the shared file, all that carry an energy.
+
+    The file lies in ../shared/data beside the repo; conftest skips (fails in CI) without it.
+    """
+    head = load_records(require_shared_data(), limit=400)
     with_energy = [r for r in head if r["energy_per_atom"] is not None]
     others = [r for r in head if r["energy_per_atom"] is None][: 50 - len(with_energy)]
     picked = {r["material_id"] for r in with_energy + others}
     return [r for r in head if r["material_id"] in picked]  # file order
 
 
-@needs_shared
 def test_mp_api_fetch_equals_file_source(tmp_path, monkeypatch, real_records):
     recs = real_records
     assert len(recs) == 50 and sum(r["energy_per_atom"] is not None for r in recs) >= 10
@@ -128,9 +125,8 @@ def test_mp_api_fetch_equals_file_source(tmp_path, monkeypatch, real_records):
     assert thermo_q and all(q["thermo_types"] == GGA for q in thermo_q)
 
 
-@needs_shared
 def test_mp_api_long_id_list_is_split_by_client(tmp_path, monkeypatch):
-    recs = load_records(SHARED, limit=250)
+    recs = load_records(require_shared_data(), limit=250)
     ids = [r["material_id"] for r in recs]
     # a URL with 250 ids is refused (414); the client retries in batches of 100
     with MPAPIServer(recs, max_url_length=2500) as srv:
@@ -171,12 +167,16 @@ def test_mp_api_unreachable_endpoint_is_a_fetch_error(tmp_path, monkeypatch):
         fetch_snapshot(params, tmp_path / "s", progress=False)
 
 
-@needs_shared
 def test_mp_api_wrong_thermo_type_is_refused(tmp_path, monkeypatch, real_records):
     recs = [r for r in real_records if r["energy_per_atom"] is not None][:3]
     with MPAPIServer(recs) as srv:
-        for doc in srv.thermo:  # a server that ignores thermo_types
-            doc["thermo_type"] = "R2SCAN"
+        real_filter = srv._filter
+
+        def ignore_thermo_types(docs, params, ranges, thermo):  # a careless server
+            params = {k: v for k, v in params.items() if k != "thermo_types"}
+            return real_filter(docs, params, ranges, thermo)
+
+        srv._filter = ignore_thermo_types
         monkeypatch.setenv("MP_API_ENDPOINT", srv.endpoint)
         monkeypatch.setenv("MP_API_KEY", DUMMY_KEY)
         params = make_params(tmp_path, source="mp-api", mp_api={

@@ -97,6 +97,7 @@ class _Source:
     iterate: Callable[[], Iterator[_Candidate]]
     parse_structure: Callable[[Any], Structure]
     count: Callable[[], int]
+    cheap_count: bool = False  # counting costs nothing (not a pass over a big file)
 
 
 # a validated structure as (lattice (3,3), atomic numbers (n,), fractional coords (n,3)):
@@ -229,7 +230,7 @@ def _cgcnn_source(folder: Path, prop: str, props: list[str]) -> _Source:
         # primitive=False keeps the cell as written, as the original CGCNN reads it
         return Structure.from_str(cif.read_text(encoding="utf-8"), fmt="cif", primitive=False)
 
-    return _Source(iterate, parse, lambda: len(_read_id_prop(folder)))
+    return _Source(iterate, parse, lambda: len(_read_id_prop(folder)), cheap_count=True)
 
 
 def _cgcnn_sha256(folder: Path) -> str:
@@ -256,12 +257,12 @@ def _collect(
     """
     rank: np.ndarray | None = None
     n_total: int | None = None
-    if max_records is not None:
+    if max_records is not None or source.cheap_count:
         n_total = source.count()
-        if max_records < n_total:
-            perm = np.random.default_rng(seed).permutation(n_total)
-            rank = np.empty(n_total, dtype=np.int64)
-            rank[perm] = np.arange(n_total)
+    if max_records is not None and n_total is not None and max_records < n_total:
+        perm = np.random.default_rng(seed).permutation(n_total)
+        rank = np.empty(n_total, dtype=np.int64)
+        rank[perm] = np.arange(n_total)
     out = _Collected([], [], [])
     valid: list[tuple[int, int, str, _Arrays, dict[str, Any]]] = []
     lo, hi = 0, (max_records if rank is not None else None)
@@ -493,7 +494,7 @@ def _mp_api_candidates(
 
 
 def _list_source(cands: list[_Candidate]) -> _Source:
-    return _Source(lambda: iter(cands), Structure.from_dict, lambda: len(cands))
+    return _Source(lambda: iter(cands), Structure.from_dict, lambda: len(cands), True)
 
 
 def _build_snapshot(collected: _Collected, labels: np.ndarray, props: list[str]) -> Snapshot:

@@ -154,5 +154,159 @@ def train(obj: Context, prop: str, preset: str, **overrides: object) -> None:
     click.echo(json.dumps(metrics, indent=2))
 
 
+@main.command()
+@click.option("--property", "prop", required=True, help="Property key, e.g. bulk_modulus.")
+@click.option("--n-trials", type=int, default=None,
+              help="Target total of finished (complete + pruned) trials of the study, across "
+                   "all workers (default: tune.n_trials).")
+@click.option("--epochs", type=int, default=None,
+              help="Epochs per trial (default: tune.epochs; a resumed study keeps its own).")
+@click.option("--storage", default=None,
+              help="Optuna storage URL (default: tune.storage, SQLite); e.g. "
+                   "postgresql://user@host/db for workers on several hosts.")
+@click.option("--study-name", default=None, help="Study name (default: mpprop-<property>).")
+@click.option("--no-pruning", is_flag=True, help="Run every trial to the last epoch.")
+@pass_ctx
+def tune(obj: Context, prop: str, n_trials: int | None, epochs: int | None,
+         storage: str | None, study_name: str | None, no_pruning: bool) -> None:
+    """Tune one property's hyperparameters with Optuna (TPE + percentile pruning), each trial
+    an MLflow run; writes tuned/<property>.yaml for `train --preset tuned`.
+
+    One process is one worker: start more `mpprop tune` processes with the same --storage and
+    study name (on this host or others) to run trials in parallel. Rerunning continues the
+    study up to --n-trials.
+    """
+    from mpprop.tuning import TuneError, tune_property
+
+    params = obj.params
+    check_property(params, prop)
+    try:
+        summary = tune_property(params, prop, n_trials, epochs, storage, study_name,
+                                prune=not no_pruning, echo=click.echo)
+    except (ConfigError, TuneError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--property", "props", multiple=True,
+              help="Properties to promote (default: all in params).")
+@pass_ctx
+def promote(obj: Context, props: tuple[str, ...]) -> None:
+    """Register each property's best model by validation MAE; point `champion` at it."""
+    from mpprop.registry import RegistryError
+    from mpprop.registry import promote as promote_property
+
+    params = obj.params
+    failed = []
+    for prop in props or params.properties:
+        check_property(params, prop)
+        try:
+            p = promote_property(params, prop)
+        except RegistryError as exc:
+            click.echo(f"{prop}: {exc}", err=True)
+            failed.append(prop)
+            continue
+        c = p.candidate
+        test = f", test MAE {c.test_mae:.4g}" if c.test_mae is not None else ""
+        what = "new version" if p.created else "existing version"
+        click.echo(
+            f"{prop}: {p.name}@{p.alias} -> v{p.version} ({what}; was "
+            f"{'v' + p.previous_version if p.previous_version else 'unset'}): {c.kind} "
+            f"{c.preset} run {c.run_id}, val MAE {c.val_mae:.4g}{test}; "
+            f"{p.n_candidates} candidates"
+        )
+    if failed:
+        raise click.ClickException(f"no candidate model for: {', '.join(failed)}")
+
+
+@main.command("import-pretrained")
+@click.option("--property", "props", multiple=True,
+              help="Properties to import (default: all seven published checkpoints).")
+@pass_ctx
+def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
+    """Register the published CGCNN checkpoints (Xie & Grossman 2018) under their alias."""
+    from mpprop.registry import import_pretrained as do_import
+
+    params = obj.params
+    for prop in props:
+        check_property(params, prop)
+    for r in do_import(params, list(props) or None):
+        click.echo(f"{r.name}@{r.alias} -> v{r.version} ({r.status}; "
+                   f"checkpoint sha256 {r.checkpoint_sha256[:12]})")
+
+
+@main.command()
+@click.option("--property", "prop", required=True,
+              help="Property key, or `all` for every property whose model has the alias.")
+@click.option("--input", "inputs", multiple=True, required=True,
+              type=click.Path(path_type=Path),
+              help="Structure folder, list file (.txt), structure file, snapshot folder or "
+                   ".jsonl(.gz) of MP records; repeatable.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="CSV to write (atomically).")
+@click.option("--alias", default=None, help="Registry alias (default: mlflow.champion_alias).")
+@click.option("--version", type=int, default=None, help="Registry version instead of an alias.")
+@click.option("--batch-size", type=int, default=None,
+              help="Structures per model call (default: predict.batch_size).")
+@pass_ctx
+def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
+            alias: str | None, version: int | None, batch_size: int | None) -> None:
+    """Predict properties of structures with registered models; one CSV row per structure."""
+    from mpprop.predict import PredictError, resolve_models, run_prediction
+
+    params = obj.params
+    if prop != "all":
+        check_property(params, prop)
+    if alias and version is not None:
+        raise click.UsageError("give --alias or --version, not both")
+    try:
+        models = resolve_models(params, prop, alias, version)
+    except PredictError as exc:
+        raise click.ClickException(str(exc)) from exc
+    summary = run_prediction(
+        models, list(inputs), output, batch_size or int(params.predict["batch_size"])
+    )
+    click.echo(summary.format())
+
+
+@main.command()
+@click.option("--property", "prop", required=True, help="Property key, e.g. band_gap.")
+@click.option("--preset", "presets", multiple=True,
+              help="Preset whose model to evaluate; repeatable, each required "
+                   "(default: those of evaluate.presets that have a model).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log figures to the training runs.")
+@pass_ctx
+def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool) -> None:
+    """Test-set metrics, parity and screening plots of a property's saved models."""
+    from mpprop.data import SplitError
+    from mpprop.evaluate import EvaluationError, evaluate_property, format_results
+    from mpprop.snapshot import SnapshotError
+
+    params = obj.params
+    check_property(params, prop)
+    try:
+        results = evaluate_property(params, prop, list(presets) or None, not no_mlflow)
+    except (EvaluationError, SplitError, SnapshotError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(format_results(prop, results))
+
+
+@main.command()
+@click.option("--no-mlflow", is_flag=True, help="Do not log the report to MLflow.")
+@pass_ctx
+def report(obj: Context, no_mlflow: bool) -> None:
+    """Table 2 (test MAE, screening; Xie settings vs tuned) as markdown and CSV."""
+    from mpprop.report import ReportError, make_report
+
+    try:
+        markdown, files, run_id = make_report(obj.params, log_mlflow=not no_mlflow)
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(markdown)
+    click.echo("written: " + ", ".join(str(f) for f in files)
+               + (f"; MLflow run {run_id}" if run_id else ""))
+
+
 def run() -> None:  # pragma: no cover
     sys.exit(main())

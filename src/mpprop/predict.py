@@ -1,0 +1,392 @@
+"""Batch prediction with registered models (`mpprop predict`).
+
+Inputs, any mix of:
+- a folder of structure files (CIF, POSCAR/CONTCAR/*.vasp, pymatgen-JSON), searched
+  recursively; hidden files are skipped, every other file becomes a row (unsupported types
+  with an error);
+- a list file (.txt, one path per line; `#` comments and blank lines skipped);
+- a single structure file;
+- a snapshot: a folder written by `mpprop fetch` (snapshot.json + snapshot.npz), or JSON Lines
+  (.jsonl / .jsonl.gz) of MP records with `material_id` and `structure`.
+
+Every input row gives one output row per model: rows in = rows out. A row that cannot be
+read or predicted carries its error and an empty prediction; it never stops the batch.
+Structures reach the model as pymatgen-JSON in its `structure` column (the logged pyfunc's
+signature has only that column).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from mpprop.config import Params, PropertySpec
+
+OUTPUT_COLUMNS = ("id", "property", "prediction", "value", "unit", "model", "error")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+LIST_SUFFIXES = (".txt",)
+CIF_SUFFIXES = (".cif",)
+POSCAR_SUFFIXES = (".vasp", ".poscar")
+POSCAR_PREFIXES = ("poscar", "contcar")
+JSON_SUFFIXES = (".json",)
+
+
+class PredictError(RuntimeError):
+    """Prediction that cannot start (no model, no input)."""
+
+
+@dataclass
+class InputRow:
+    id: str
+    structure_json: str | None = None  # pymatgen Structure.as_dict() as JSON
+    error: str = ""
+
+
+@dataclass
+class Source:
+    """One --input argument: how many rows it has (None: unknown) and its rows."""
+
+    path: Path
+    kind: str
+    count: int | None
+    rows: Iterable[InputRow] = field(repr=False, default=())
+
+
+# ---------------------------------------------------------------- reading inputs
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def structure_file_kind(path: Path) -> str | None:
+    """cif | poscar | json by file name; None for anything else."""
+    name = path.name.lower()
+    if name.endswith(CIF_SUFFIXES):
+        return "cif"
+    if name.endswith(POSCAR_SUFFIXES) or name.startswith(POSCAR_PREFIXES):
+        return "poscar"
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    return None
+
+
+def read_structure_file(path: Path, row_id: str) -> InputRow:
+    """One structure file as a row; any problem goes into the row's error."""
+    from pymatgen.core import Structure
+
+    kind = structure_file_kind(path)
+    try:
+        if kind is None:
+            raise ValueError(
+                f"unsupported file type {path.name!r} (expected CIF, POSCAR/CONTCAR/*.vasp "
+                "or pymatgen JSON)"
+            )
+        text = path.read_text()
+        if kind == "json":
+            data = json.loads(text)
+            # an MP record holds its structure under "structure"
+            if isinstance(data, dict) and isinstance(data.get("structure"), dict):
+                data = data["structure"]
+            structure = Structure.from_dict(data)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pymatgen's CIF parser warns a lot
+                structure = Structure.from_str(text, fmt=kind)
+        return InputRow(row_id, json.dumps(structure.as_dict()))
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return InputRow(row_id, error=_error_text(exc))
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _list_entries(list_file: Path) -> list[str]:
+    lines = (line.strip() for line in list_file.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _open_text(path: Path) -> Any:
+    return gzip.open(path, "rt") if path.name.endswith(".gz") else open(path)
+
+
+def _jsonl_rows(path: Path) -> Iterator[InputRow]:
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            row_id = f"{path.name}:{lineno}"
+            try:
+                record = json.loads(line)
+                row_id = str(record.get("material_id") or row_id)
+                structure = record["structure"]
+                if not isinstance(structure, dict):
+                    raise ValueError("`structure` is not a pymatgen Structure dict")
+                yield InputRow(row_id, json.dumps(structure))
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                yield InputRow(row_id, error=_error_text(exc))
+
+
+def _snapshot_rows(folder: Path) -> tuple[int, Iterator[InputRow]]:
+    from mpprop.snapshot import load_snapshot
+
+    snap, _ = load_snapshot(folder)
+
+    def rows() -> Iterator[InputRow]:
+        for i, mid in enumerate(snap.material_id.tolist()):
+            try:
+                yield InputRow(str(mid), json.dumps(snap.structure(i).as_dict()))
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                yield InputRow(str(mid), error=_error_text(exc))
+
+    return len(snap), rows()
+
+
+def open_source(path: Path) -> Source:
+    """Classify one --input path and prepare its rows."""
+    from mpprop.snapshot import SNAPSHOT_META
+
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / SNAPSHOT_META).exists():
+            n, rows = _snapshot_rows(path)
+            return Source(path, "snapshot", n, rows)
+        files = _folder_files(path)
+        return Source(
+            path, "folder", len(files),
+            (read_structure_file(f, str(f.relative_to(path))) for f in files),
+        )
+    if not path.exists():
+        return Source(path, "missing", 1, [InputRow(str(path), error="file not found")])
+    if name.endswith(JSONL_SUFFIXES):
+        return Source(path, "jsonl", None, _jsonl_rows(path))
+    if name.endswith(LIST_SUFFIXES):
+        entries = _list_entries(path)
+
+        def listed() -> Iterator[InputRow]:
+            for entry in entries:
+                p = Path(entry)
+                p = p if p.is_absolute() else path.parent / p
+                if not p.is_file():
+                    yield InputRow(entry, error=f"file not found: {p}")
+                else:
+                    yield read_structure_file(p, entry)
+
+        return Source(path, "list", len(entries), listed())
+    return Source(path, "file", 1, [read_structure_file(path, path.name)])
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class RegisteredModel:
+    prop: str
+    label: str  # e.g. mpprop-band_gap@champion v3
+    uri: str
+    spec: PropertySpec
+    pyfunc: Any
+
+
+def resolve_models(
+    params: Params, prop: str, alias: str | None = None, version: int | None = None
+) -> list[RegisteredModel]:
+    """Load `<prefix><prop>@alias` (or version N); prop 'all' = every property with the alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from mpprop.registry import get_version_by_alias, registered_name
+
+    mlflow.set_tracking_uri(params.tracking_uri())
+    client = MlflowClient()
+    if prop == "all" and version is not None:
+        raise PredictError("--version needs one --property: versions differ between models")
+    alias = alias or params.mlflow["champion_alias"]
+    props = params.properties if prop == "all" else [prop]
+    models = []
+    for p in props:
+        name = registered_name(params, p)
+        if version is not None:
+            try:
+                mv = client.get_model_version(name, str(version))
+            except MlflowException as exc:
+                raise PredictError(f"{name} has no version {version}: {exc.message}") from exc
+            label = f"{name} v{mv.version}"
+        else:
+            mv = get_version_by_alias(client, name, alias)
+            if mv is None:
+                if prop == "all":
+                    continue
+                raise PredictError(
+                    f"{name} has no version with alias {alias!r}: run `mpprop promote "
+                    f"--property {p}` (alias {params.mlflow['champion_alias']!r}) or "
+                    f"`mpprop import-pretrained` (alias {params.mlflow['pretrained_alias']!r})"
+                )
+            label = f"{name}@{alias} v{mv.version}"
+        # by version number, so the alias moving during the run cannot mix two models
+        uri = f"models:/{name}/{mv.version}"
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        # the model's own target spec (units, transform) is the one it was trained with
+        spec = pyfunc.unwrap_python_model().spec
+        models.append(RegisteredModel(p, label, uri, spec, pyfunc))
+    if not models:
+        raise PredictError(f"no registered model has the alias {alias!r}")
+    return models
+
+
+def natural_unit(spec: PropertySpec) -> str:
+    """Unit of the back-transformed value: log10(GPa) -> GPa."""
+    unit = spec.unit
+    if spec.transform == "log10" and unit.startswith("log10(") and unit.endswith(")"):
+        return unit[len("log10("):-1]
+    return unit
+
+
+def _predict_frame(model: RegisteredModel, structures: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Predictions and per-row errors; a failure of the whole call never escapes."""
+    try:
+        out = model.pyfunc.predict(pd.DataFrame({"structure": structures}))
+        return out["prediction"].to_numpy(dtype=float), out["error"].fillna("").tolist()
+    except Exception as exc:  # noqa: BLE001 - reported in the row(s)
+        if len(structures) == 1:
+            return np.array([np.nan]), [_error_text(exc)]
+    # the whole batch failed (e.g. in graph building): isolate the bad rows one by one
+    preds, errors = np.full(len(structures), np.nan), [""] * len(structures)
+    for i, s in enumerate(structures):
+        p, e = _predict_frame(model, [s])
+        preds[i], errors[i] = p[0], e[0]
+    return preds, errors
+
+
+def predict_rows(
+    models: list[RegisteredModel], rows: list[InputRow]
+) -> list[dict[str, Any]]:
+    """Output rows (one per input row and model, input order) for one batch."""
+    from mpprop.data import inverse_transform
+
+    good = [i for i, r in enumerate(rows) if r.structure_json is not None and not r.error]
+    out_rows: list[list[dict[str, Any]]] = [[] for _ in rows]
+    for model in models:
+        preds = np.full(len(rows), np.nan)
+        errors = [r.error for r in rows]
+        if good:
+            p, e = _predict_frame(model, [rows[i].structure_json for i in good])
+            preds[good] = p
+            for i, err in zip(good, e, strict=True):
+                errors[i] = err
+        values = inverse_transform(preds, model.spec)
+        for i, r in enumerate(rows):
+            ok = not errors[i] and np.isfinite(preds[i])
+            if not errors[i] and not ok:
+                errors[i] = "model returned a non-finite prediction"
+            out_rows[i].append(
+                {
+                    "id": r.id,
+                    "property": model.prop,
+                    "prediction": float(preds[i]) if ok else None,
+                    "value": float(values[i]) if ok else None,
+                    "unit": natural_unit(model.spec),
+                    "model": model.label,
+                    "error": errors[i],
+                }
+            )
+    return [row for per_input in out_rows for row in per_input]
+
+
+def _batches(rows: Iterable[InputRow], size: int) -> Iterator[list[InputRow]]:
+    batch: list[InputRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@dataclass
+class PredictSummary:
+    n_inputs: int
+    n_rows: int
+    ok: dict[str, int]
+    failed: dict[str, int]
+    seconds: float
+    output: Path
+
+    def format(self) -> str:
+        rate = self.n_inputs / max(self.seconds, 1e-9)
+        parts = [f"{p}: {self.ok[p]} ok, {self.failed[p]} failed" for p in self.ok]
+        return (
+            f"{self.n_inputs} structures x {len(self.ok)} model(s) -> {self.n_rows} rows in "
+            f"{self.seconds:.1f} s ({rate:.1f} structures/s); " + "; ".join(parts)
+            + f" -> {self.output}"
+        )
+
+
+def run_prediction(
+    models: list[RegisteredModel],
+    inputs: list[Path],
+    output: Path,
+    batch_size: int,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every input row with every model; write the CSV atomically."""
+    sources = [open_source(p) for p in inputs]
+    total = (
+        sum(s.count for s in sources) if all(s.count is not None for s in sources) else None
+    )
+    rows: Iterator[InputRow] = (r for s in sources for r in s.rows)
+    ok = {m.prop: 0 for m in models}
+    failed = {m.prop: 0 for m in models}
+    n_inputs = n_rows = 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="predict", unit="struct", disable=not progress)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=OUTPUT_COLUMNS)
+            writer.writeheader()
+            for batch in _batches(rows, batch_size):
+                for row in predict_rows(models, batch):
+                    writer.writerow(row)
+                    n_rows += 1
+                    if row["error"]:
+                        failed[row["property"]] += 1
+                    else:
+                        ok[row["property"]] += 1
+                n_inputs += len(batch)
+                bar.update(len(batch))
+        os.chmod(tmp, _default_file_mode())  # mkstemp's 0600 would outlive the rename
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        bar.close()
+    return PredictSummary(n_inputs, n_rows, ok, failed, time.perf_counter() - t0, output)

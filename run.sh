@@ -6,7 +6,7 @@
 # (fetch -> featurize -> split -> tune -> train -> evaluate -> promote -> report) as a DVC
 # experiment with a small budget, then predict every property of the snapshot's structures
 # with the promoted champions. FULL=1 runs `dvc repro` with params.yaml as it is (the
-# paper's protocol: days on a laptop).
+# paper's protocol, on the data.path of params.yaml: days on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")"
 SNAPSHOT=$(realpath "${1:-../shared/data/mp_snapshot.jsonl.gz}")
@@ -16,8 +16,7 @@ export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
 
 mpprop import-pretrained
 if [ "${FULL:-0}" = 1 ]; then
-    mpprop -S "data.path=$SNAPSHOT" fetch   # pins the path in the fetch stage's run
-    dvc repro
+    dvc repro   # reads data.path from params.yaml
 else
     # a budget of minutes on 2 cores; each -S is a params.yaml override recorded by DVC
     dvc exp run \

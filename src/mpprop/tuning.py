@@ -1,0 +1,719 @@
+"""`mpprop tune`: the paper's Optuna search for one property, every trial tracked in MLflow.
+
+One process is one worker. Any number of workers, on any number of hosts, share a study
+through its Optuna storage (SQLite on one machine, PostgreSQL beyond) and put their trials
+under one MLflow parent run, whose id the study keeps in its user attrs.
+
+Per trial: hyperparameters from `tune.search_space` (TPE), a fresh random 8:2 train/val split
+of the property's non-test pool (seed from the sampler seed and the trial number), the val MAE
+reported every epoch to the `PercentilePruner`, and for completed trials the model logged to
+the trial's MLflow run. The test set is never read.
+
+Workers stop at a target total of finished (complete + pruned) trials across all workers.
+Deciding to start a trial and creating it happen under a lock held in the storage's database
+(a PostgreSQL advisory lock, or a file lock next to a SQLite file), so racing workers never
+overshoot the target. A worker that dies is detected by heartbeat; its trial is marked FAIL
+(in Optuna and MLflow) and re-queued with the same hyperparameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+from optuna.samplers import BaseSampler, TPESampler
+from optuna.trial import FrozenTrial, TrialState
+
+from mpprop.config import ConfigError, Hyperparams, Params
+
+# study user attrs: what the study was made from, and where its trials are tracked
+ATTR_PROPERTY = "mpprop.property"
+ATTR_SNAPSHOT = "mpprop.snapshot_sha256"
+ATTR_GRAPH_KEY = "mpprop.graph_cache_key"
+ATTR_EPOCHS = "mpprop.epochs"
+ATTR_PARENT_RUN = "mpprop.mlflow_parent_run_id"
+ATTR_EXPERIMENT = "mpprop.mlflow_experiment_id"
+# trial user attrs (tagged on the trial's MLflow run by MLflowCallback)
+TRIAL_SPLIT_SEED = "split_seed"
+TRIAL_EPOCHS = "epochs"
+TRIAL_MODEL_URI = "model_uri"
+TRIAL_ERROR = "error"
+# MLflow tag with the trial state; the key MLflowCallback uses, so both writers agree
+STATE_TAG = "state"
+
+# independent random streams derived from (sampler seed, trial number)
+_SAMPLER_STREAM = 0
+_SPLIT_STREAM = 1
+_MLFLOW_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_ERROR_CHARS = 500  # an error message kept as a tag / attr is for the eye, not a traceback
+
+# the hyperparameters a search space must cover (everything but epochs and the train.* ones)
+SEARCHED = ("n_conv", "n_h", "atom_fea_len", "h_fea_len", "lr", "lr_decay_epoch", "optimizer")
+DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+Echo = Callable[[str], None]
+
+
+class TuneError(RuntimeError):
+    """A study that cannot be run as asked."""
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def search_space(params: Params) -> dict[str, Any]:
+    """`tune.search_space`, checked: {low, high[, step, log]} ranges or lists of choices."""
+    space = dict(params.tune["search_space"])
+    missing = [k for k in SEARCHED if k not in space]
+    known = {f.name for f in fields(Hyperparams)}
+    unknown = [k for k in space if k not in known or k == "epochs"]
+    if missing or unknown:
+        raise ConfigError(
+            f"tune.search_space must cover {', '.join(SEARCHED)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; not searchable: {', '.join(unknown)}" if unknown else "")
+        )
+    for name, spec in space.items():
+        if isinstance(spec, dict):
+            if not {"low", "high"} <= set(spec) or set(spec) - {"low", "high", "step", "log"}:
+                raise ConfigError(f"tune.search_space.{name}: a range needs low and high only "
+                                  f"(optional step, log), got {sorted(spec)}")
+        elif not isinstance(spec, list) or not spec:
+            raise ConfigError(f"tune.search_space.{name}: give {{low, high}} or a list of choices")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
+    """Sample one point of the search space (ints and floats by the type of low/high)."""
+    values: dict[str, Any] = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            values[name] = trial.suggest_categorical(name, spec)
+        elif all(isinstance(spec[k], int) for k in ("low", "high")) and isinstance(
+            spec.get("step", 1), int
+        ):
+            values[name] = trial.suggest_int(
+                name, spec["low"], spec["high"], step=spec.get("step", 1),
+                log=bool(spec.get("log", False)),
+            )
+        else:
+            values[name] = trial.suggest_float(
+                name, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
+                log=bool(spec.get("log", False)),
+            )
+    return values
+
+
+def trial_hyperparams(params: Params, values: dict[str, Any], epochs: int) -> Hyperparams:
+    """A trial's full configuration: searched values, tuning epochs, and train.* settings."""
+    train = params.train
+    return Hyperparams(
+        **values,
+        epochs=int(epochs),
+        batch_size=train["batch_size"],
+        momentum=train["momentum"],
+        weight_decay=train["weight_decay"],
+    )
+
+
+def derive_seed(base_seed: int, trial_number: int, stream: int) -> int:
+    """A 32-bit seed that is a pure function of (base seed, trial number, stream)."""
+    seq = np.random.SeedSequence([int(base_seed), int(trial_number), int(stream)])
+    return int(seq.generate_state(1)[0])
+
+
+class TrialSeededTPESampler(BaseSampler):
+    """TPE whose random state is reseeded from (seed, trial number) before every trial.
+
+    Why: workers that all seed TPE with the same `tune.sampler_seed` would otherwise draw
+    the same "random" start-up configurations, in lockstep. Reseeding by trial number keeps
+    a single-worker study reproducible and gives every trial of a parallel study its own
+    draw. `constant_liar` makes TPE treat other workers' running trials as bad, so they do
+    not all crowd around the same point.
+    """
+
+    def __init__(self, seed: int, constant_liar: bool = True) -> None:
+        self._seed = int(seed)
+        self._constant_liar = constant_liar
+        self._tpe = self._make(self._seed)
+
+    def _make(self, seed: int) -> TPESampler:
+        return TPESampler(seed=seed, constant_liar=self._constant_liar)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._tpe = self._make(derive_seed(self._seed, trial.number, _SAMPLER_STREAM))
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
+    ) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+
+
+def make_pruner(params: Params, prune: bool = True) -> optuna.pruners.BasePruner:
+    """The paper's PercentilePruner (compares with completed trials at the same epoch)."""
+    if not prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.PercentilePruner(
+        float(params.tune["pruner_percentile"]),
+        n_warmup_steps=int(params.tune["pruner_warmup_steps"]),
+    )
+
+
+# --------------------------------------------------------------------------- storage + locks
+
+
+def redact(url: str) -> str:
+    """A storage URL fit for logs: the password (if any) is masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show it as given
+        return url
+
+
+class StorageLock:
+    """An inter-process lock that lives where the study lives, so it spans hosts.
+
+    PostgreSQL: a session advisory lock (released by the server if the worker dies).
+    SQLite: an flock on a file beside the database (released by the kernel likewise).
+    Other back-ends: no lock; workers may then overshoot the target by a trial or two.
+    acquire/release are idempotent, so a holder may release early (see the objective).
+    """
+
+    def __init__(self, url: str, name: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.name = name
+        self._url = make_url(url)
+        self._key = int.from_bytes(
+            hashlib.sha256(name.encode()).digest()[:8], "big", signed=True
+        )
+        self._conn: Any = None
+        self._fh: Any = None
+        self._engine: Any = None
+        backend = self._url.get_backend_name()
+        self.kind = {"postgresql": "postgresql", "sqlite": "sqlite"}.get(backend, "none")
+        if self.kind == "sqlite" and not self._url.database:
+            self.kind = "none"  # in-memory SQLite: one process anyway
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None or self._fh is not None
+
+    def acquire(self) -> None:
+        if self.held or self.kind == "none":
+            return
+        if self.kind == "sqlite":
+            safe = re.sub(r"[^\w.-]", "_", self.name)  # study names may hold any character
+            path = Path(f"{self._url.database}.{safe}.lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+")  # noqa: SIM115 - held open while the lock is held
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self._fh = fh
+            return
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        if self._engine is None:
+            self._engine = create_engine(self._url, poolclass=NullPool)
+        conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+        self._conn = conn
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+        if self._conn is not None:
+            from sqlalchemy import text
+
+            conn, self._conn = self._conn, None
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            finally:
+                conn.close()  # closing the session frees the lock in any case
+
+    def __enter__(self) -> StorageLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def dispose(self) -> None:
+        self.release()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+def storage_url(url: str) -> str:
+    """`postgresql://` with a driver that is installed.
+
+    SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3; where only psycopg2 is
+    installed (as this project's dependencies pin), name it, so plain URLs work.
+    """
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - let Optuna report a URL it cannot use
+        return url
+    if parsed.drivername != "postgresql":
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+def open_storage(
+    params: Params, url: str, stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None
+) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats: a worker silent for grace_period has its trial failed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=int(params.tune["heartbeat_interval"]),
+            grace_period=int(params.tune["grace_period"]),
+            heartbeat_stale_trial_callback=stale_callback,
+        )
+
+
+def state_counts(study: optuna.Study) -> dict[TrialState, int]:
+    counts = dict.fromkeys(TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def epochs_run(trial: FrozenTrial) -> int:
+    return len(trial.intermediate_values)
+
+
+def study_summary(study: optuna.Study) -> dict[str, Any]:
+    """Counts by state, the best trial, and the epochs spent (complete + pruned trials)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = state_counts(study)
+    done = [t for t in trials if t.state in DONE_STATES]
+    best = _best_trial(study)
+    return {
+        "study_name": study.study_name,
+        "n_trials_complete": counts[TrialState.COMPLETE],
+        "n_trials_pruned": counts[TrialState.PRUNED],
+        "n_trials_failed": counts[TrialState.FAIL],
+        "n_trials_running": counts[TrialState.RUNNING],
+        "n_trials_waiting": counts[TrialState.WAITING],
+        "best_trial": best.number if best else None,
+        "best_val_mae": best.value if best else None,
+        "epochs_run": int(sum(epochs_run(t) for t in done)),
+    }
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return min(complete, key=lambda t: t.value) if complete else None
+
+
+def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | None:
+    """tuned/<prop>.yaml: the best trial's hyperparameters, read by `train --preset tuned`."""
+    best = _best_trial(study)
+    if best is None:
+        return None
+    epochs = int(best.user_attrs.get(TRIAL_EPOCHS, study.user_attrs[ATTR_EPOCHS]))
+    hp = trial_hyperparams(params, {k: best.params[k] for k in best.params}, epochs)
+    summary = study_summary(study)
+    payload = {
+        "hyperparams": {k: hp.as_dict()[k] for k in (*SEARCHED, "epochs")},
+        "best_val_mae": float(best.value),
+        "best_trial": best.number,
+        "study_name": study.study_name,
+        "n_trials_complete": summary["n_trials_complete"],
+        "n_trials_pruned": summary["n_trials_pruned"],
+        "property": prop,
+        "snapshot_sha256": study.user_attrs.get(ATTR_SNAPSHOT),
+        "model_uri": best.user_attrs.get(TRIAL_MODEL_URI),
+    }
+    path = params.best_params_path(prop)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # unique temp name + rename: several workers may write at the end of a study
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(payload, fh, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def format_trial_line(study: optuna.Study, trial: FrozenTrial, target_epochs: int) -> str:
+    """One line per finished trial: number, state, val MAE, best so far, epochs run, time."""
+    if trial.state == TrialState.COMPLETE:
+        mae = f"{trial.value:.4g}"
+    elif trial.intermediate_values:
+        mae = f"{trial.intermediate_values[max(trial.intermediate_values)]:.4g}"
+    else:
+        mae = "-"
+    best = _best_trial(study)
+    best_s = f"{best.value:.4g} (trial {best.number})" if best else "-"
+    secs = (
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.datetime_complete and trial.datetime_start else float("nan")
+    )
+    line = (
+        f"trial {trial.number:>4} {trial.state.name:<8} val_mae {mae:<9} best {best_s:<22} "
+        f"epochs {epochs_run(trial)}/{target_epochs}  {secs:.0f} s"
+    )
+    if trial.state == TrialState.FAIL and TRIAL_ERROR in trial.user_attrs:
+        line += f"  ({trial.user_attrs[TRIAL_ERROR]})"
+    return line
+
+
+class MarkStaleAndRetry:
+    """Heartbeat-stale trials (worker died): re-queue with the same hyperparameters, and
+    mark the dead trial's MLflow run FAILED with state tag FAIL (MLflowCallback never saw it).
+    """
+
+    def __init__(self, max_retry: int, echo: Echo) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self._echo = echo
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        import mlflow
+        from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._retry(study, trial)
+        run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
+        if run_id:
+            client = mlflow.MlflowClient()
+            client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+            client.set_tag(run_id, TRIAL_ERROR, "worker lost (no heartbeat)")
+            client.set_terminated(run_id, status="FAILED")
+        history = trial.system_attrs.get("retry_history", [])
+        self._echo(
+            f"trial {trial.number:>4} FAIL     worker lost (no heartbeat); "
+            f"re-queued (retry {len(history) + 1})"
+        )
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _check_study_attrs(study: optuna.Study, expect: dict[str, Any]) -> None:
+    attrs = study.user_attrs
+    for key, value in expect.items():
+        if key in attrs and attrs[key] != value:
+            raise TuneError(
+                f"study {study.study_name!r} has {key}={attrs[key]!r}, this run has {value!r}; "
+                "continue it with the same data and settings, or pick another --study-name"
+            )
+
+
+def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
+                tags: dict[str, str], storage_url: str, prune: bool) -> str:
+    """The study's MLflow parent run: made by the first worker, found by the others."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = study.user_attrs.get(ATTR_PARENT_RUN)
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            raise TuneError(
+                f"study {study.study_name!r} tracks its trials in MLflow run {run_id}, which "
+                f"{redact(mlflow.get_tracking_uri())} does not have: every worker must use the "
+                "same MLflow tracking server (mlflow.tracking_uri)"
+            ) from exc
+        return run_id
+    run = client.create_run(
+        exp_id, run_name=study.study_name, tags={**tags, "mpprop.kind": "tune-study"}
+    )
+    tune = params.tune
+    client.log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)) for k, v in {
+            "property": prop,
+            "study_name": study.study_name,
+            "epochs": study.user_attrs[ATTR_EPOCHS],
+            "sampler": "TPE(constant_liar, reseeded per trial)",
+            "sampler_seed": tune["sampler_seed"],
+            "pruner": f"Percentile({tune['pruner_percentile']}, "
+                      f"warmup={tune['pruner_warmup_steps']})" if prune else "none",
+            "search_space": yaml.safe_dump(tune["search_space"], default_flow_style=True).strip(),
+            "optuna_storage": redact(storage_url),
+        }.items()
+    ])
+    study.set_user_attr(ATTR_PARENT_RUN, run.info.run_id)
+    study.set_user_attr(ATTR_EXPERIMENT, exp_id)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Our one line per trial replaces Optuna's log; notices that MLflow would repeat for
+    every trial's model (pickling note, artifact progress bars) would drown it."""
+    old_level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    old_pyfunc = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    old_bar = os.environ.get(_MLFLOW_BAR_ENV)
+    os.environ[_MLFLOW_BAR_ENV] = "false"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # MLflowCallback is deprecated in optuna-integration 4.9 (removal in 6.0)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"optuna.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*MLflowCallback.*")
+        try:
+            yield
+        finally:
+            optuna.logging.set_verbosity(old_level)
+            pyfunc_log.setLevel(old_pyfunc)
+            if old_bar is None:
+                os.environ.pop(_MLFLOW_BAR_ENV, None)
+            else:
+                os.environ[_MLFLOW_BAR_ENV] = old_bar
+
+
+def tune_property(
+    params: Params,
+    prop: str,
+    n_trials: int | None = None,
+    epochs: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    prune: bool = True,
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """Run one tuning worker on the study of `prop` until it has `n_trials` finished trials.
+
+    Creates the study (and its MLflow parent run) if it is new, else joins or resumes it.
+    Writes the best hyperparameters to `params.best_params_path(prop)`; returns the summary.
+    """
+    with _quiet():
+        return _tune(params, prop, n_trials, epochs, storage, study_name, prune, echo)
+
+
+def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
+          storage: str | None, study_name: str | None, prune: bool, echo: Echo) -> dict[str, Any]:
+    import mlflow
+    import torch
+    from optuna_integration.mlflow import MLflowCallback
+
+    from mpprop.data import open_workspace, property_data
+    from mpprop.tracking import setup_mlflow
+    from mpprop.training import set_torch_threads
+
+    tune = params.tune
+    n_trials = int(n_trials if n_trials is not None else tune["n_trials"])
+    if n_trials < 1:
+        raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
+    space = search_space(params)
+    study_name = study_name or f"mpprop-{prop}"
+    url = storage_url(params.optuna_storage(storage))
+    set_torch_threads(params.train.get("torch_threads"))
+
+    ws = open_workspace(params)
+    data = property_data(params, ws, prop)
+    graph = params.graph_settings()
+
+    init_lock = StorageLock(url, "mpprop-init")
+    claim = StorageLock(url, f"mpprop-claim-{study_name}")
+    if claim.kind == "none":
+        echo(f"note: no inter-process lock for {redact(url)}; parallel workers may overshoot "
+             "the target by a trial")
+    tags = {
+        "mpprop.property": prop,
+        "mpprop.study": study_name,
+        "snapshot_sha256": ws.snapshot_sha256,
+        "graph_cache_key": ws.cache.key,
+    }
+    # one worker at a time creates tables (Optuna's, MLflow's), the study and its parent run:
+    # concurrent CREATE TABLE / CREATE TYPE on a fresh PostgreSQL database collide
+    with init_lock:
+        storage_obj = open_storage(
+            params, url, MarkStaleAndRetry(int(tune["failed_trial_max_retry"]), echo)
+        )
+        exp_id = setup_mlflow(params)
+        # setup_mlflow does not activate an experiment it has just created; trial runs
+        # (started by MLflowCallback without an experiment id) must not land in Default
+        mlflow.set_experiment(experiment_id=exp_id)
+        study = optuna.create_study(
+            storage=storage_obj, study_name=study_name, direction="minimize",
+            sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
+            pruner=make_pruner(params, prune), load_if_exists=True,
+        )
+        if ATTR_EPOCHS in study.user_attrs and epochs is None:
+            epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
+        epochs = int(epochs if epochs is not None else tune["epochs"])
+        expect = {ATTR_PROPERTY: prop, ATTR_SNAPSHOT: ws.snapshot_sha256,
+                  ATTR_GRAPH_KEY: ws.cache.key, ATTR_EPOCHS: epochs}
+        _check_study_attrs(study, expect)
+        for key, value in expect.items():
+            if key not in study.user_attrs:
+                study.set_user_attr(key, value)
+        parent_id = _parent_run(study, params, prop, exp_id, tags, url, prune)
+
+    mlflc = MLflowCallback(
+        tracking_uri=params.tracking_uri(),
+        metric_name="best_val_mae",
+        create_experiment=False,
+        mlflow_kwargs={"nested": True, "experiment_id": exp_id},
+        tag_trial_user_attrs=True,
+    )
+    seed_base = int(tune["sampler_seed"])
+    val_fraction = float(params.split["val_fraction"])
+
+    @mlflc.track_in_mlflow()
+    def objective(trial: optuna.Trial) -> float:
+        # the trial exists now: other workers may decide whether to start theirs
+        claim.release()
+        from mpprop.data import train_val_split
+        from mpprop.tracking import log_model, save_bundle
+        from mpprop.training import EpochStats, fit
+
+        hp = trial_hyperparams(params, suggest(trial, space), epochs)
+        # a re-queued trial carries its original's user attrs: same split as the original
+        seed = int(trial.user_attrs.get(
+            TRIAL_SPLIT_SEED, derive_seed(seed_base, trial.number, _SPLIT_STREAM)
+        ))
+        trial.set_user_attr(TRIAL_SPLIT_SEED, seed)
+        trial.set_user_attr(TRIAL_EPOCHS, epochs)
+        tr, va = train_val_split(len(data.pool_rows), val_fraction, seed)
+        mlflow.set_tags({**tags, "mpprop.kind": "tune-trial",
+                         "optuna.trial_number": str(trial.number)})
+        mlflow.log_params({
+            **hp.as_dict(), "split_seed": seed, "property": prop, "study_name": study_name,
+            "target_transform": data.spec.transform, "n_train": len(tr), "n_val": len(va),
+        })
+
+        def on_epoch(s: EpochStats) -> None:
+            mlflow.log_metrics(
+                {"val_mae": s.val_mae, "train_mae": s.train_mae, "epoch_seconds": s.seconds},
+                step=s.epoch,
+            )
+            trial.report(s.val_mae, s.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val MAE {s.val_mae:.4g} at epoch {s.epoch}")
+
+        try:
+            result = fit(
+                hp, graph, data.cache,
+                data.pool_rows[tr], data.pool_targets[tr],
+                data.pool_rows[va], data.pool_targets[va],
+                seed=seed, on_epoch=on_epoch, eval_batch_size=params.predict["batch_size"],
+            )
+        except optuna.TrialPruned:
+            mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
+            raise
+        except BaseException as exc:
+            # uncaught errors skip Optuna's callbacks: record the state here too
+            error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+            mlflow.set_tag(STATE_TAG, TrialState.FAIL.name)
+            mlflow.set_tag(TRIAL_ERROR, error)
+            trial.set_user_attr(TRIAL_ERROR, error)
+            raise
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = save_bundle(
+                Path(tmp) / "model.pt", result.model, result.normalizer, data.spec,
+                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
+                       "study_name": study_name, "trial": trial.number},
+            )
+            trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))
+        return result.best_val_mae
+
+    def progress(study: optuna.Study, trial: FrozenTrial) -> None:
+        echo(format_trial_line(study, trial, epochs))
+
+    # a diverged run (NaN loss) or an out-of-memory model is a failed trial, not a dead worker
+    catch = (FloatingPointError, MemoryError, torch.OutOfMemoryError)
+    echo(
+        f"study {study_name} on {redact(url)}: target {n_trials} finished trials of {epochs} "
+        f"epochs; worker {socket.gethostname()}:{os.getpid()}; MLflow parent run {parent_id}"
+    )
+    t0 = time.perf_counter()
+    mlflow.start_run(run_id=parent_id)
+    status = "KILLED"
+    waiting_note = False
+    try:
+        while True:
+            claim.acquire()
+            try:
+                optuna.storages.fail_stale_trials(study)
+                counts = state_counts(study)
+                done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+                if done >= n_trials:
+                    break
+                if counts[TrialState.FAIL] >= n_trials:
+                    raise TuneError(
+                        f"{counts[TrialState.FAIL]} failed trials in study {study_name} "
+                        f"(target {n_trials}); see the failed runs in MLflow"
+                    )
+                if counts[TrialState.WAITING] == 0 and done + counts[TrialState.RUNNING] >= n_trials:
+                    # the rest is running elsewhere: wait, and take over if a worker dies
+                    if not waiting_note:
+                        echo(f"waiting for {counts[TrialState.RUNNING]} trial(s) of other workers")
+                        waiting_note = True
+                    claim.release()
+                    time.sleep(float(tune["heartbeat_interval"]))
+                    continue
+                waiting_note = False
+                study.optimize(objective, n_trials=1, catch=catch, callbacks=[mlflc, progress])
+            finally:
+                claim.release()
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+        claim.dispose()
+        init_lock.dispose()
+        path = write_best_params(params, prop, study)
+    summary = study_summary(study)
+    summary.update(
+        property=prop,
+        target_trials=n_trials,
+        epochs=epochs,
+        best_params_path=str(path) if path else None,
+        mlflow_parent_run_id=parent_id,
+        worker_seconds=time.perf_counter() - t0,
+    )
+    return summary

@@ -23,20 +23,22 @@ STRUCTURE_COLUMNS = ("structure", "cif", "poscar")
 
 
 def setup_mlflow(params: Params, experiment: str | None = None) -> str:
-    """Point MLflow at the configured tracking URI; create the experiment if needed."""
-    mlflow.set_tracking_uri(params.tracking_uri())
+    """Point MLflow at the configured tracking URI and activate the experiment (made if new)."""
+    uri = params.tracking_uri()
+    mlflow.set_tracking_uri(uri)
     name = experiment or params.mlflow["experiment"]
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is None:
-        artifacts = params.path(params.mlflow["artifact_location"]).resolve()
-        artifacts.mkdir(parents=True, exist_ok=True)
+    if mlflow.get_experiment_by_name(name) is None:
+        # a tracking server decides where artifacts go; a local store gets a folder of ours
+        artifacts = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            folder = params.path(params.mlflow["artifact_location"]).resolve()
+            folder.mkdir(parents=True, exist_ok=True)
+            artifacts = folder.as_uri()
         try:
-            return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+            mlflow.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
-            # another worker created it first
-            exp = mlflow.get_experiment_by_name(name)
-    mlflow.set_experiment(name)
-    return exp.experiment_id if exp else mlflow.get_experiment_by_name(name).experiment_id
+            pass  # another worker created it first
+    return mlflow.set_experiment(name).experiment_id
 
 
 def save_bundle(

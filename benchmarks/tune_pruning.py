@@ -13,16 +13,12 @@ The pruner's warmup is the paper's fraction of the epochs (30 of 200) unless giv
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from mpprop.config import load_params
 
@@ -31,56 +27,33 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "mp_snapshot.jsonl.gz"
 PROP = "bulk_modulus"
 
 
-def _dotted(doc: dict, path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(doc, dict) or doc.get(part) is None:
-            return None
-        doc = doc[part]
-    return doc
-
-
 def build_workspace(root: Path, data: Path, n_records: int | None, workers: int) -> dict:
-    """Snapshot + graph cache + test split of the (first n) records with a bulk modulus."""
-    from pymatgen.core import Structure
+    """Snapshot + graph cache + test split of (a seeded subsample of) the elastic records."""
+    from click.testing import CliRunner
 
-    from mpprop.data import ensure_split, open_workspace
-    from mpprop.graphs import build_graphs, cache_key, save_graph_cache
-    from mpprop.snapshot import Snapshot, save_snapshot
+    from mpprop.cli import main as cli
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    params = load_params(root / "params.yaml")
-    specs = params.property_specs()
-    t0 = time.perf_counter()
-    ids, structures, labels = [], [], []
-    with gzip.open(data, "rt") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if _dotted(rec, specs[PROP].field) is None:
-                continue
-            ids.append(rec["material_id"])
-            structures.append(Structure.from_dict(rec["structure"]))
-            labels.append([
-                np.nan if (v := _dotted(rec, s.field)) is None else float(v)
-                for s in specs.values()
-            ])
-            if n_records and len(ids) == n_records:
-                break
-    snap = Snapshot.from_structures(ids, structures, np.array(labels), list(specs))
-    meta = save_snapshot(snap, params.snapshot_dir(),
-                         {"snapshot_date": "benchmark", "source": str(data)})
-    settings = params.graph_settings()
-    t1 = time.perf_counter()
-    cache = build_graphs(snap, settings, workers=workers)
-    cache.key = cache_key(meta["sha256"], settings)
-    save_graph_cache(cache, params.graph_cache_dir(), {"snapshot_sha256": meta["sha256"]})
-    split = ensure_split(params, open_workspace(params, in_memory=False), PROP)
+    sets = ["--params", str(root / "params.yaml"), "-S", f"data.path={data}",
+            "-S", f"data.require_property={PROP}"]
+    if n_records:
+        sets += ["-S", f"data.max_records={n_records}"]
+    seconds = {}
+    for name, command in (("read", ["fetch"]), ("graph", ["featurize", "--workers", str(workers)]),
+                          ("split", ["split", "--property", PROP])):
+        t0 = time.perf_counter()
+        result = CliRunner().invoke(cli, [*sets, *command], catch_exceptions=False)
+        if result.exit_code != 0:
+            raise SystemExit(result.output)
+        seconds[name] = time.perf_counter() - t0
+    split = json.loads((root / "data" / "splits" / f"{PROP}.json").read_text())
     info = {
-        "n_records": len(ids),
+        "n_records": len(split["test"]) + len(split["pool"]),
         "n_test": len(split["test"]),
         "n_pool": len(split["pool"]),
-        "read_seconds": t1 - t0,
-        "graph_seconds": time.perf_counter() - t1,
+        "read_seconds": seconds["read"],
+        "graph_seconds": seconds["graph"],
     }
     (root / "workspace.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

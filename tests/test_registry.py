@@ -46,12 +46,6 @@ SMALL_PRESET = {  # a second preset, different from xie, for the promotion race
 }
 
 
-def _dotted(record: dict, path: str):
-    for part in path.split("."):
-        record = record.get(part) if isinstance(record, dict) else None
-    return record
-
-
 def read_records(n: int, needs: str) -> list[dict]:
     out = []
     with gzip.open(require_shared_data(), "rt") as fh:
@@ -89,31 +83,19 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    from mpprop.graphs import build_graphs, cache_key, save_graph_cache
-    from mpprop.snapshot import Snapshot, save_snapshot
-
     root = tmp_path_factory.mktemp("registry")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["presets"]["small"] = SMALL_PRESET
     raw["train"].update(batch_size=32, torch_threads=1)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     records = read_records(N_RECORDS, PROP)
-    params = load_params(root / "params.yaml")
-    specs = params.property_specs()
-    labels = np.array(
-        [[_dotted(r, specs[p].field) for p in params.properties] for r in records], dtype=float
-    )
-    snap = Snapshot.from_structures(
-        [r["material_id"] for r in records],
-        [Structure.from_dict(r["structure"]) for r in records],
-        labels, params.properties,
-    )
-    meta = save_snapshot(snap, params.snapshot_dir(), {"source": "test"})
-    settings = params.graph_settings()
-    cache = build_graphs(snap, settings, workers=1, progress=False)
-    cache.key = cache_key(meta["sha256"], settings)
-    save_graph_cache(cache, params.graph_cache_dir(), {"snapshot_sha256": meta["sha256"]})
-    return Workspace(root, records)
+    source = root / "records.jsonl.gz"
+    with gzip.open(source, "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    workspace = Workspace(root, records)
+    workspace.cli("-S", f"data.path={source}", "fetch")
+    workspace.cli("featurize", "--workers", "1")
+    return workspace
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ per session; each test works in its own copy of it.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import shutil
 import signal
@@ -19,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import optuna
 import pytest
 import yaml
@@ -41,47 +38,14 @@ MPPROP = str(Path(sys.executable).parent / "mpprop")
 BASE_SETS = ["-S", "train.batch_size=32", "-S", "train.torch_threads=1"]
 
 
-def _dotted(doc: dict, path: str):
-    for part in path.split("."):
-        if not isinstance(doc, dict) or doc.get(part) is None:
-            return None
-        doc = doc[part]
-    return doc
-
-
 def build_workspace(root: Path, n_records: int) -> None:
-    """params.yaml + snapshot + graph cache + fixed split of the first n elastic records."""
-    from pymatgen.core import Structure
-
-    from mpprop.data import ensure_split, open_workspace
-    from mpprop.graphs import build_graphs, cache_key, save_graph_cache
-    from mpprop.snapshot import Snapshot, save_snapshot
-
+    """params.yaml + snapshot + graph cache + fixed split of n real elastic records (the CLI)."""
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    params = load_params(root / "params.yaml")
-    specs = params.property_specs()
-    ids, structures, labels = [], [], []
-    with gzip.open(SHARED_SNAPSHOT, "rt") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if _dotted(rec, specs[PROP].field) is None:
-                continue
-            ids.append(rec["material_id"])
-            structures.append(Structure.from_dict(rec["structure"]))
-            labels.append([
-                np.nan if (v := _dotted(rec, s.field)) is None else float(v)
-                for s in specs.values()
-            ])
-            if len(ids) == n_records:
-                break
-    snap = Snapshot.from_structures(ids, structures, np.array(labels), list(specs))
-    meta = save_snapshot(snap, params.snapshot_dir(),
-                         {"snapshot_date": "test", "source": str(SHARED_SNAPSHOT)})
-    settings = params.graph_settings()
-    cache = build_graphs(snap, settings, workers=1, progress=False)
-    cache.key = cache_key(meta["sha256"], settings)
-    save_graph_cache(cache, params.graph_cache_dir(), {"snapshot_sha256": meta["sha256"]})
-    ensure_split(params, open_workspace(params, in_memory=False), PROP)
+    sets = ["--params", str(root / "params.yaml"), "-S", f"data.path={SHARED_SNAPSHOT}",
+            "-S", f"data.max_records={n_records}", "-S", f"data.require_property={PROP}"]
+    for command in (["fetch"], ["featurize", "--workers", "1"], ["split", "--property", PROP]):
+        result = CliRunner().invoke(main, [*sets, *command], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="session")

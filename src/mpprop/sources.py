@@ -48,6 +48,7 @@ RECORD_REASONS = (
     "disordered_sites",
     "unsupported_species",
     "invalid_geometry",
+    "lacks_required_property",  # data.require_property is set and the record has no value
 )
 # label-level reasons (only that property's label is set to NaN)
 LABEL_REASONS = ("missing", "non_numeric", "non_finite", "non_positive_for_log10")
@@ -246,9 +247,13 @@ def _cgcnn_sha256(folder: Path) -> str:
 
 # ---------------------------------------------------------------- collection
 def _collect(
-    source: _Source, max_records: int | None, seed: int, progress: bool
+    source: _Source, max_records: int | None, seed: int, progress: bool,
+    require: str | None = None,
 ) -> _Collected:
     """Validate candidates; with max_records, keep the first N valid ones of a seeded shuffle.
+
+    With `require`, records without a value for that property are left out (and counted),
+    e.g. an elastic-only snapshot instead of the whole database.
 
     Duplicates are judged over the whole source in its order (keep first), so the same
     record is kept whether or not a subsample is drawn. With a subsample only the candidates
@@ -301,6 +306,9 @@ def _collect(
                 continue
             if not first:
                 exclude("duplicate_material_id", mid)
+                continue
+            if require is not None and cand.values.get(require) is None:
+                exclude("lacks_required_property", mid)
                 continue
             structure, reason = _check_structure(source.parse_structure, cand.structure)
             if reason is not None:
@@ -580,7 +588,13 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
     else:
         raise ConfigError(f"data.source must be 'file' or 'mp-api', not {source_kind!r}")
 
-    collected = _collect(source, max_records, seed, progress)
+    require = data.get("require_property")
+    if require is not None and require not in props:
+        raise ConfigError(
+            f"data.require_property must be null or one of the properties "
+            f"({', '.join(props)}), not {require!r}"
+        )
+    collected = _collect(source, max_records, seed, progress, require)
     labels, counts, label_excl = _labels(collected, props, specs, in_source)
     meta["counts"] = counts
     meta["excluded"] = {
@@ -590,6 +604,7 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
     meta["excluded_examples"] = collected.examples
     meta["n_examined"] = collected.n_examined
     meta["subsample"] = collected.subsample
+    meta["require_property"] = require
     if not collected.material_ids:
         raise FetchError("no valid records; nothing written\n" + format_fetch_summary(meta))
     snapshot = _build_snapshot(collected, labels, props)

@@ -286,6 +286,20 @@ def test_subsample_is_seeded_and_takes_valid_records(tmp_path, bad_file):
     assert len(all_ids) == 7 and not meta_all["subsample"]["applied"]
 
 
+def test_require_property_keeps_only_records_with_that_value(tmp_path, bad_file):
+    params = make_params(tmp_path, source="file", path=str(bad_file),
+                         require_property="poisson_ratio")
+    meta = fetch_snapshot(params, tmp_path / "elastic", progress=False)
+    ids = list(load_snapshot(tmp_path / "elastic")[0].material_id)
+    # mp-10 has no Poisson ratio; the other valid records keep theirs
+    assert ids == ["mp-1", "mp-2", "mp-5", "mp-6", "mp-7", "mp-8"]
+    assert meta["excluded"]["records"]["lacks_required_property"] == 1
+    assert meta["require_property"] == "poisson_ratio"
+    with pytest.raises(ValueError, match="require_property"):
+        fetch_snapshot(make_params(tmp_path, source="file", path=str(bad_file),
+                                   require_property="hardness"), tmp_path / "x", progress=False)
+
+
 # ---------------------------------------------------------------- CGCNN folder
 def test_cgcnn_folder_source(tmp_path):
     folder = tmp_path / "cgcnn"

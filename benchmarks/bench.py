@@ -4,9 +4,9 @@
     python benchmarks/bench.py                    # full: up to the whole shared set, minutes
 
 Figures (each measured in its own subprocess, so its peak RSS is its own):
-  featurize      ours: mpprop.graphs.build_graphs from snapshot arrays (Structure objects
-                 are made from the arrays inside; JSON parsing is NOT included, it is reported
-                 separately as `parse_json`)
+  featurize      ours: mpprop.graphs.build_graphs from snapshot arrays (lattice, Z, fractional
+                 coordinates; JSON parsing is NOT included, it is reported separately as
+                 `parse_json`, and both together as `featurize_from_json_per_s`)
   featurize_orig the original CGCNN: per-structure get_all_neighbors(8) + Python sort per site,
                  12 nearest, original GaussianDistance expansion, per-structure tensors
   train          ours: seconds per training pass (mpprop.training.run_batches with an
@@ -51,9 +51,23 @@ PROPS = ("formation_energy_per_atom", "bulk_modulus")
 
 
 # ============================================================== helpers (run in subprocesses)
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB, else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> dict[str, float]:
-    """ru_maxrss (KiB on Linux) of this process and of its largest finished child."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process (VmHWM: this program only; ru_maxrss would also count the
+    parent's RSS at fork time) and of its largest finished child (ru_maxrss)."""
+    own = _status_mb("VmHWM")
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(kids, 1)}
 
@@ -85,6 +99,13 @@ def load_set(tmp: Path, name: str) -> tuple[Any, np.ndarray, np.ndarray]:
     return snap.subset(rows), rows, y
 
 
+def sample(n: int, limit: int | None) -> np.ndarray:
+    """A seeded random subset of positions (all when limit is None): the same for every task."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(7).choice(n, limit, replace=False))
+
+
 def load_cache(tmp: Path, name: str) -> Any:
     from mpprop.graphs import load_graph_cache
 
@@ -105,7 +126,9 @@ def original_featurizer() -> tuple[Any, Any]:
     )
 
 
-def original_graph(crystal: Any, ari: Any, gdf: Any, radius: float = 8.0, max_nbr: int = 12):
+def original_graph(
+    crystal: Any, ari: Any, gdf: Any, radius: float = 8.0, max_nbr: int = 12
+) -> tuple[tuple[Any, Any, Any], np.ndarray]:
     """cgcnn's CIFData.__getitem__ (Xie's original, = cgcnn2 CIFData._load_item), minus the
     CIF read: per-structure get_all_neighbors, then a Python sort of every site's list."""
     import torch
@@ -187,8 +210,7 @@ def task_featurize(tmp: Path, name: str, workers: int, limit: int | None, save: 
     from mpprop.graphs import build_graphs, cache_key, save_graph_cache
 
     snap, _, _ = load_set(tmp, name)
-    if limit:
-        snap = snap.subset(np.arange(min(limit, len(snap))))
+    snap = snap.subset(sample(len(snap), limit))
     t0 = time.perf_counter()
     cache = build_graphs(snap, graph_settings(), workers=workers, progress=False)
     sec = time.perf_counter() - t0
@@ -210,7 +232,7 @@ def task_featurize_orig(tmp: Path, name: str, limit: int) -> dict:
     from mpprop.graphs import nearest_neighbors
 
     snap, _, _ = load_set(tmp, name)
-    snap = snap.subset(np.arange(min(limit, len(snap))))
+    snap = snap.subset(sample(len(snap), limit))
     ari, gdf = original_featurizer()
     t0 = time.perf_counter()
     dists = []
@@ -241,8 +263,10 @@ def _steady(times: list[float]) -> float:
 
 
 def task_train(
-    tmp: Path, name: str, preset: str, epochs: int, threads: int, batch_size: int
+    tmp: Path, name: str, preset: str, epochs: int, threads: int, batch_size: int,
+    warmup_batches: int = 0,
 ) -> dict:
+    """Training passes; `warmup_batches` untimed steps first (then epoch 1 is steady too)."""
     import torch
 
     from mpprop.model import CrystalGraphConvNet, Normalizer
@@ -259,17 +283,23 @@ def task_train(
     opt = make_optimizer(model.parameters(), hp)
     rng = np.random.default_rng(0)
     rows = np.arange(len(cache))
-    times = []
+    if warmup_batches:
+        warm = rows[: warmup_batches * hp.batch_size]
+        run_batches(model, cache, warm, hp.batch_size, y_norm[warm], opt, rng)
+    times, cpu = [], []
     for _ in range(epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_batches(model, cache, rows, hp.batch_size, y_norm, opt, rng)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     t0 = time.perf_counter()
     run_batches(model, cache, rows, 512)
     eval_sec = time.perf_counter() - t0
-    sec = _steady(times)
+    sec = _steady(times) if not warmup_batches else float(np.median(times))
+    cpu_sec = _steady(cpu) if not warmup_batches else float(np.median(cpu))
     return {"n": len(rows), "preset": preset, "threads": threads, "epoch_seconds": times,
             "steady_epoch_seconds": sec, "per_s": len(rows) / sec,
+            "epoch_cpu_seconds": cpu, "steady_epoch_cpu_seconds": cpu_sec,
             "eval_seconds": eval_sec, "eval_per_s": len(rows) / eval_sec}
 
 
@@ -293,10 +323,10 @@ def task_train_orig(tmp: Path, name: str, preset: str, epochs: int, threads: int
     opt = make_optimizer(model.parameters(), hp)
     criterion = torch.nn.MSELoss()
     loader = DataLoader(items, batch_size=hp.batch_size, shuffle=True, collate_fn=collate_pool)
-    times = []
+    times, cpu = [], []
     for _ in range(epochs):
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for inputs, target, _ids in loader:
             target_normed = norm.norm(target)
             output, _ = model(*inputs)
@@ -308,9 +338,11 @@ def task_train_orig(tmp: Path, name: str, preset: str, epochs: int, threads: int
             loss.backward()
             opt.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     sec = _steady(times)
     return {"n": len(items), "preset": preset, "threads": threads, "epoch_seconds": times,
-            "steady_epoch_seconds": sec, "per_s": len(items) / sec}
+            "steady_epoch_seconds": sec, "per_s": len(items) / sec,
+            "epoch_cpu_seconds": cpu, "steady_epoch_cpu_seconds": _steady(cpu)}
 
 
 def task_equivalence(tmp: Path, name: str, n: int) -> dict:
@@ -345,19 +377,36 @@ def task_equivalence(tmp: Path, name: str, n: int) -> dict:
         lb = torch.nn.functional.mse_loss(b, target)
         la.backward()
         lb.backward()
+        # relative to the largest magnitude of each gradient matrix
         gdiff = max(
-            float((ca.fc_full.weight.grad - cb.fc_full.weight.grad).abs().max())
+            float((ca.fc_full.weight.grad - cb.fc_full.weight.grad).abs().max()
+                  / cb.fc_full.weight.grad.abs().max())
             for ca, cb in zip(ours.convs, orig.convs, strict=True)
         )
+        scale = float(b.abs().max())
         res[mode] = {
             "loss_ours": float(la), "loss_orig": float(lb),
             "max_output_diff": float((a - b).abs().max()),
-            "loss_diff": abs(float(la) - float(lb)),
-            "max_fc_full_grad_diff": gdiff,
+            "max_output_rel_diff": float((a - b).abs().max()) / max(scale, 1e-30),
+            "loss_rel_diff": abs(float(la) - float(lb)) / max(abs(float(lb)), 1e-30),
+            "max_fc_full_grad_rel_diff": gdiff,
         }
+        if mode == "train":
+            with torch.no_grad():  # running statistics away from their initial values
+                for _ in range(3):
+                    ours(batch)
+                    orig(*inputs)
+    with torch.no_grad():  # the inference path (eval, no autograd: bn1 folded into fc_full)
+        ours.eval()
+        orig.eval()
+        a, b = ours(batch), orig(*inputs)[0].squeeze(1)
+        res["infer"] = {"max_output_rel_diff": float((a - b).abs().max() / b.abs().max())}
+    res["tolerance"] = 1e-5
     res["ok"] = all(
-        res[m]["max_output_diff"] < 1e-5 and res[m]["loss_diff"] < 1e-5
-        and res[m]["max_fc_full_grad_diff"] < 1e-5 for m in ("train", "eval")
+        res[m]["max_output_rel_diff"] < 1e-5
+        and res[m].get("loss_rel_diff", 0.0) < 1e-5
+        and res[m].get("max_fc_full_grad_rel_diff", 0.0) < 1e-5
+        for m in ("train", "eval", "infer")
     )
     return res
 
@@ -404,17 +453,17 @@ TASKS = {
 }
 
 
-def run_task(tmp: Path, task: str, **kwargs: Any) -> dict:
+def run_task(tmp: Path, task: str, env: dict[str, str] | None = None, **kwargs: Any) -> dict:
     """Run one task in a fresh interpreter; its result and peak RSS come back as JSON."""
     spec = json.dumps({"task": task, "tmp": str(tmp), "kwargs": kwargs})
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--task", spec],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env={**os.environ, **(env or {})},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"task {task} {kwargs} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    label = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    label = ", ".join(f"{k}={v}" for k, v in {**kwargs, **(env or {})}.items())
     print(f"  {task}({label}): {_brief(result)}", file=sys.stderr, flush=True)
     return result
 
@@ -426,9 +475,16 @@ def _brief(r: dict) -> str:
 
 
 def task_main(spec_json: str) -> None:
+    import pymatgen.core  # noqa: F401 - the libraries every task loads, for the RSS baseline
+    import torch  # noqa: F401
+
+    import mpprop.model  # noqa: F401
+
     spec = json.loads(spec_json)
+    start = _status_mb("VmRSS")
     result = TASKS[spec["task"]](Path(spec["tmp"]), **spec["kwargs"])
     result.update(peak_rss_mb())
+    result["rss_after_imports_mb"] = None if start is None else round(start, 1)
     print(json.dumps(result))
 
 
@@ -451,7 +507,11 @@ def _structure_arrays(sd: dict, z_of: dict[str, int]) -> tuple[np.ndarray, ...] 
     return lattice, np.asarray(zs, dtype=np.int16), frac
 
 
-def prepare(tmp: Path, data: Path, quick: bool, sizes: list[int], n_predict: int,
+def set_name(n: int | None) -> str:
+    return "mp_all" if n is None else f"mp_{n}"
+
+
+def prepare(tmp: Path, data: Path, quick: bool, sizes: list[int | None], n_predict: int,
             n_json: int) -> dict:
     """Read the JSONL once into a snapshot (arrays) in `tmp`; define the benchmark sets."""
     from pymatgen.core import Structure
@@ -514,9 +574,11 @@ def prepare(tmp: Path, data: Path, quick: bool, sizes: list[int], n_predict: int
     bulk_rows = bulk_rows[rng.permutation(len(bulk_rows))]
     # "bulk": the 80% non-test part of the elastic set, as a Xie-preset training set
     n_bulk = 300 if quick else int(round(0.8 * len(bulk_rows)))
-    sets = {"bulk": np.sort(bulk_rows[:n_bulk])}
+    sets = {"bulk": np.sort(bulk_rows[:n_bulk]),
+            # for the largest point of the search space (slow per structure)
+            "bulk_small": np.sort(bulk_rows[: 100 if quick else 500])}
     for n in sizes:
-        sets[f"mp_{n}"] = np.sort(fe_rows[: min(n, len(fe_rows))])
+        sets[set_name(n)] = np.sort(fe_rows[: len(fe_rows) if n is None else n])
     np.savez(tmp / "sets.npz", **sets)
     return {
         "records": len(snap), "read_seconds": read_sec,
@@ -545,6 +607,9 @@ def print_table(res: dict) -> None:
     pj = res["prepare"]["parse_json"]
     add("parse JSON (json.loads + Structure.from_dict)", f"{fmt(pj['per_s'])} struct/s",
         f"n={pj['n']}", None)
+    fj = res["featurize_from_json_per_s"]
+    add("JSON -> graphs, ours 1 process (bulk / mp)", f"{fmt(fj['bulk'])} / {fmt(fj['mp'])}/s",
+        "parse + build_graphs", None)
     for key in ("bulk", "mp"):
         o1, op, base = f[f"{key}_ours_1"], f[f"{key}_ours"], f[f"{key}_orig"]
         add(f"featurize {key} ({base['atoms_per_structure']:.1f} at/struct), original",
@@ -561,11 +626,15 @@ def print_table(res: dict) -> None:
             f"{fmt(b['steady_epoch_seconds'])} s ({fmt(b['per_s'])}/s)", "", b)
         add(f"train epoch {preset}, ours (n={t['n']})",
             f"{fmt(t['steady_epoch_seconds'])} s ({fmt(t['per_s'])}/s)",
-            f"x{b['steady_epoch_seconds'] / t['steady_epoch_seconds']:.1f} vs original", t)
+            f"x{b['steady_epoch_seconds'] / t['steady_epoch_seconds']:.1f} vs original "
+            f"(CPU time x{b['steady_epoch_cpu_seconds'] / t['steady_epoch_cpu_seconds']:.1f})",
+            t)
     for key, t in res["train"].items():
         if key.startswith("threads_"):
-            add(f"train epoch xie, ours, torch threads={t['threads']}",
-                f"{fmt(t['steady_epoch_seconds'])} s", "", t)
+            how = ", OMP_WAIT_POLICY=PASSIVE" if key.endswith("passive") else ""
+            add(f"train epoch xie, ours, torch threads={t['threads']}{how}",
+                f"{fmt(t['steady_epoch_seconds'])} s",
+                f"epochs: {', '.join(fmt(x) for x in t['epoch_seconds'])}", t)
     p = res["predict"]
     add(f"predict end to end ({p['atoms_per_structure']:.1f} at/struct, xie)",
         f"{fmt(p['per_s'])} struct/s", f"1 per call: {p['single_call_ms']:.1f} ms", p)
@@ -575,9 +644,15 @@ def print_table(res: dict) -> None:
             f"{fmt(s['epoch_us_per_structure'])} us/struct/epoch, "
             f"{fmt(s['cache_bytes_per_structure'])} B/struct", s["memory"])
     e = res["equivalence"]
-    add("equivalence (same weights, same batch)", "OK" if e["ok"] else "FAILED",
-        f"train: |dout|={e['train']['max_output_diff']:.1e} |dloss|={e['train']['loss_diff']:.1e}"
-        f" |dgrad|={e['train']['max_fc_full_grad_diff']:.1e}", None)
+    for m in ("train", "eval"):
+        r = e[m]
+        add(f"equivalence {m} mode ({e['n_crystals']} crystals, same weights)",
+            "OK" if e["ok"] else "FAILED",
+            f"loss {r['loss_ours']:.6g} vs {r['loss_orig']:.6g}; rel. diff out "
+            f"{r['max_output_rel_diff']:.0e}, loss {r['loss_rel_diff']:.0e}, "
+            f"fc_full grad {r['max_fc_full_grad_rel_diff']:.0e}", None)
+    add("equivalence inference path (no autograd)", "OK" if e["ok"] else "FAILED",
+        f"rel. diff out {e['infer']['max_output_rel_diff']:.0e}", None)
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     head = ("measurement", "value", "note", "peak MiB")
     w = [max(a, len(b)) for a, b in zip(w, head, strict=True)]
@@ -596,7 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes for CI (< 2 minutes)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MP snapshot JSONL(.gz)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for training and prediction (default 1: robust on a "
+                         "shared machine; the full run also measures all cores)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary work folder")
     ap.add_argument("--task", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -606,9 +683,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     cpus = os.cpu_count() or 1
-    sizes = [150, 300] if quick else [1000, 4000, 16000, 10**9]
+    sizes: list[int | None] = [150, 300] if quick else [1000, 4000, 16000, None]
     epochs = 2 if quick else 4
-    n_orig_feat = 60 if quick else 300
+    n_orig_feat = {"bulk": 60 if quick else 300, "mp": 30 if quick else 150}
     res: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "machine": {"cpus": cpus, "python": platform.python_version(),
@@ -621,8 +698,11 @@ def main(argv: list[str] | None = None) -> int:
                      "epochs after the first",
             "train_orig": "per-structure tensors from the same graphs, cgcnn collate_pool "
                           "every step, cgcnn2 CrystalGraphConvNet; tensor building not timed",
-            "peak_rss": "ru_maxrss of the measuring subprocess (incl. interpreter + torch "
-                        "+ pymatgen imports); children = largest worker process",
+            "peak_rss": "VmHWM of the measuring subprocess (incl. interpreter + torch + "
+                        "pymatgen imports, see rss_after_imports_mb); children = largest "
+                        "worker process (ru_maxrss)",
+            "predict": "CGCNNPyfunc.predict on a DataFrame of Structure.as_dict() dicts: "
+                       "parse, validate, graphs, model, numbers; untrained Xie-preset weights",
         },
     }
     import torch
@@ -635,29 +715,31 @@ def main(argv: list[str] | None = None) -> int:
         res["prepare"] = prepare(tmp, args.data, quick, sizes, n_predict=300 if quick else 2000,
                                  n_json=300 if quick else 2000)
         set_sizes = res["prepare"]["sets"]
-        mp_max = f"mp_{sizes[-1]}"
+        mp_max = set_name(sizes[-1])
 
         # ---- featurization: ours (1 process, all processes) vs the original
         feat: dict[str, Any] = {}
         feat["bulk_ours"] = run_task(tmp, "featurize", name="bulk", workers=cpus, limit=None,
                                      save=True)
+        run_task(tmp, "featurize", name="bulk_small", workers=cpus, limit=None, save=True)
         feat["bulk_ours_1"] = run_task(tmp, "featurize", name="bulk", workers=1,
-                                       limit=n_orig_feat, save=False)
-        feat["bulk_orig"] = run_task(tmp, "featurize_orig", name="bulk", limit=n_orig_feat)
+                                       limit=n_orig_feat["bulk"], save=False)
+        feat["bulk_orig"] = run_task(tmp, "featurize_orig", name="bulk",
+                                     limit=n_orig_feat["bulk"])
         feat["mp_ours_1"] = run_task(tmp, "featurize", name=mp_max, workers=1,
-                                     limit=n_orig_feat, save=False)
-        feat["mp_orig"] = run_task(tmp, "featurize_orig", name=mp_max, limit=n_orig_feat)
+                                     limit=n_orig_feat["mp"], save=False)
+        feat["mp_orig"] = run_task(tmp, "featurize_orig", name=mp_max, limit=n_orig_feat["mp"])
         res["featurize"] = feat
 
         # ---- scaling: featurization and epoch time with data size
         scaling = []
         for n in sizes:
-            name = f"mp_{n}"
+            name = set_name(n)
             fr = run_task(tmp, "featurize", name=name, workers=cpus, limit=None, save=True)
             if name == mp_max:
                 feat["mp_ours"] = fr
-            tr = run_task(tmp, "train", name=name, preset="xie", epochs=2, threads=args.threads,
-                          batch_size=256)
+            tr = run_task(tmp, "train", name=name, preset="xie", epochs=1, threads=args.threads,
+                          batch_size=256, warmup_batches=2)
             scaling.append({
                 "n": set_sizes[name], "featurize_per_s": fr["per_s"],
                 "featurize_seconds": fr["seconds"],
@@ -678,25 +760,37 @@ def main(argv: list[str] | None = None) -> int:
                                 threads=args.threads, batch_size=256)
         train["xie_orig"] = run_task(tmp, "train_orig", name="bulk", preset="xie",
                                      epochs=epochs, threads=args.threads, batch_size=256)
-        big = "bulk" if quick else "mp_1000"
-        train["largest"] = run_task(tmp, "train", name=big, preset="largest", epochs=2,
-                                    threads=args.threads, batch_size=256)
-        train["largest_orig"] = run_task(tmp, "train_orig", name=big, preset="largest",
-                                         epochs=2, threads=args.threads, batch_size=256)
+        train["largest"] = run_task(tmp, "train", name="bulk_small", preset="largest",
+                                    epochs=2, threads=args.threads, batch_size=256)
+        train["largest_orig"] = run_task(tmp, "train_orig", name="bulk_small",
+                                         preset="largest", epochs=2, threads=args.threads,
+                                         batch_size=256)
         if cpus > 1 and not quick:
-            train["threads_1"] = run_task(tmp, "train", name="bulk", preset="xie", epochs=epochs,
-                                          threads=1, batch_size=256)
+            # torch's default: one thread per core; with other load on the cores, OpenMP's
+            # spinning threads can collapse throughput; OMP_WAIT_POLICY=PASSIVE avoids that
+            train[f"threads_{cpus}"] = run_task(tmp, "train", name="bulk", preset="xie",
+                                                epochs=2, threads=cpus, batch_size=256)
+            train[f"threads_{cpus}_passive"] = run_task(
+                tmp, "train", env={"OMP_WAIT_POLICY": "PASSIVE"}, name="bulk", preset="xie",
+                epochs=epochs, threads=cpus, batch_size=256)
         res["train"] = train
 
         # ---- prediction end to end, and the equivalence check
         res["predict"] = run_task(tmp, "predict", threads=args.threads, single=20)
         res["equivalence"] = run_task(tmp, "equivalence", name="bulk", n=64)
+        pj = res["prepare"]["parse_json"]["per_s"]
+        res["featurize_from_json_per_s"] = {
+            # parse + graphs back to back, one process: 1 / (1/parse + 1/graphs)
+            k: 1.0 / (1.0 / pj + 1.0 / feat[f"{k}_ours_1"]["per_s"]) for k in ("bulk", "mp")
+        }
         res["ratios"] = {
             "featurize_bulk_1proc": feat["bulk_ours_1"]["per_s"] / feat["bulk_orig"]["per_s"],
             "featurize_mp_1proc": feat["mp_ours_1"]["per_s"] / feat["mp_orig"]["per_s"],
             "featurize_bulk_parallel": feat["bulk_ours"]["per_s"] / feat["bulk_orig"]["per_s"],
             "train_xie": train["xie_orig"]["steady_epoch_seconds"]
             / train["xie"]["steady_epoch_seconds"],
+            "train_xie_cpu_time": train["xie_orig"]["steady_epoch_cpu_seconds"]
+            / train["xie"]["steady_epoch_cpu_seconds"],
             "train_largest": train["largest_orig"]["steady_epoch_seconds"]
             / train["largest"]["steady_epoch_seconds"],
         }

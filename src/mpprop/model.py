@@ -4,6 +4,12 @@ The gated convolution applies one linear layer `fc_full` to z = [v_i, v_j, u_ij]
 edge. That layer is split exactly: W z = W_i v_i + W_j v_j + W_u u_ij, so the v terms are
 computed once per atom and only the u term per edge. Same function, same parameters (the
 published `*.pth.tar` checkpoints load), about a third of the multiply-adds at the Xie preset.
+
+Further, same numbers for less work (benchmarks/README.md has the measurements): the u term
+is computed once per distinct distance of a batch (symmetric crystals repeat distances); the
+three parts of every edge are summed in one embedding_bag pass; the Gaussian expansion avoids
+the CPU's slow subnormal exp; in inference (eval mode without autograd) bn1 is folded into
+fc_full. tests/test_speed_equivalence.py checks all of it against the original model.
 """
 
 from __future__ import annotations
@@ -92,6 +98,54 @@ class GaussianExpansion(nn.Module):
         return arg.clamp_min_(-87.0).exp_()
 
 
+class _EdgeSum(torch.autograd.Function):
+    """z[e] = edge[idx[e]] + nbr[dst[e]] + self_[src[e]], the fc_full output of every edge.
+
+    Forward: one embedding_bag (a bag of three rows per edge, summed in that order: the same
+    numbers as two gathers and two adds, in one pass instead of five). Backward: plain
+    index_add_ per part (embedding_bag's own backward is slower); with `degree` the centre's
+    part is a sum over a view.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        edge: torch.Tensor,
+        nbr: torch.Tensor,
+        self_: torch.Tensor,
+        idx: torch.Tensor | None,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        degree: int,
+    ) -> torch.Tensor:
+        n_rows, n = edge.shape[0], nbr.shape[0]
+        first = torch.arange(n_rows, device=edge.device) if idx is None else idx
+        bags = torch.stack((first, dst + n_rows, src + (n_rows + n)), dim=1)
+        ctx.save_for_backward(*(t for t in (idx, src, dst) if t is not None))
+        ctx.has_idx, ctx.n_rows, ctx.n, ctx.degree = idx is not None, n_rows, n, degree
+        table = torch.cat((edge, nbr, self_))
+        return nn.functional.embedding_bag(bags, table, mode="sum")
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        idx, src, dst = saved if ctx.has_idx else (None, *saved)
+        grad = grad.contiguous()
+        c, n, degree = grad.shape[1], ctx.n, ctx.degree
+        if idx is None:
+            g_edge = grad
+        else:
+            g_edge = grad.new_zeros(ctx.n_rows, c).index_add_(0, idx, grad)
+        g_nbr = grad.new_zeros(n, c).index_add_(0, dst, grad)
+        if degree:
+            g_self = grad.view(n, degree, c).sum(dim=1)
+        else:
+            g_self = grad.new_zeros(n, c).index_add_(0, src, grad)
+        return g_edge, g_nbr, g_self, None, None, None, None
+
+
 class ConvLayer(nn.Module):
     """Gated graph convolution: v_i <- softplus(v_i + BN(sum_j sigmoid(f) * softplus(s)))."""
 
@@ -130,25 +184,11 @@ class ConvLayer(nn.Module):
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             w = w * scale[:, None]
             bias = (bias - bn.running_mean) * scale + bn.bias
-        # per-atom parts of fc_full ([self | neighbour] in one product), once per atom
-        # instead of once per edge
-        atom_part = atom_fea @ torch.cat((w[:, :a], w[:, a : 2 * a])).t()
-        self_part, nbr_part = atom_part[:, : 2 * a], atom_part[:, 2 * a :]
+        # per-atom parts of fc_full, computed once per atom instead of once per edge
+        self_part = atom_fea @ w[:, :a].t()
+        nbr_part = atom_fea @ w[:, a : 2 * a].t()
         edge_part = torch.addmm(bias, nbr_fea, w[:, 2 * a :].t())
-        if nbr_index is not None:
-            edge_part = edge_part.index_select(0, nbr_index)
-        # index_select, not tensor[idx]: its backward is index_add_, far faster on CPU than
-        # the accumulating index_put_ of advanced indexing
-        gated = edge_part.add_(nbr_part.index_select(0, dst))
-        n = atom_fea.shape[0]
-        if degree and infer:
-            # every atom has `degree` edges, grouped by centre: broadcast over a view
-            gated.view(n, degree, -1).add_(self_part[:, None, :])
-        elif degree:
-            # (out of place: an in-place add into a view costs autograd a CopySlices)
-            gated = (gated.view(n, degree, -1) + self_part[:, None, :]).view(n * degree, -1)
-        else:
-            gated = gated.add_(self_part.index_select(0, src))
+        gated = _EdgeSum.apply(edge_part, nbr_part, self_part, nbr_index, src, dst, degree)
         if not infer:
             gated = self.bn1(gated)
         nbr_filter, nbr_core = gated.chunk(2, dim=1)
@@ -156,6 +196,7 @@ class ConvLayer(nn.Module):
             message = nbr_filter.sigmoid_().mul_(self.softplus1(nbr_core))
         else:
             message = self.sigmoid(nbr_filter) * self.softplus1(nbr_core)
+        n = atom_fea.shape[0]
         if degree:
             summed = message.view(n, degree, -1).sum(dim=1)
         else:

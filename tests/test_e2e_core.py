@@ -7,6 +7,7 @@ import json
 import mlflow
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import require_shared_data
 
@@ -70,6 +71,8 @@ def test_fetch_featurize_train_on_real_records(project):
     )
     pred = model.predict(frame)
     assert np.isfinite(pred["prediction"]).all()
+    # loading and predicting leave the process's autograd state alone
+    assert torch.is_grad_enabled()
     # the same structures as CIF text give the same numbers; garbage is reported, not fatal
     from pymatgen.io.cif import CifWriter
 

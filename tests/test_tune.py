@@ -107,7 +107,11 @@ def check_mlflow(tracking_uri: str, study: optuna.Study, prop: str = PROP) -> di
         assert run.data.params["split_seed"] == str(t.user_attrs["split_seed"])
         assert run.data.params["lr"] == str(t.params["lr"])
         history = client.get_metric_history(run.info.run_id, "val_mae")
-        assert len(history) == len(t.intermediate_values)
+        if t.state == TrialState.FAIL:
+            # a worker killed between logging an epoch to MLflow and reporting it to Optuna
+            assert len(history) - len(t.intermediate_values) in (0, 1)
+        else:
+            assert len(history) == len(t.intermediate_values)
         models = client.search_logged_models(
             experiment_ids=[exp_id], filter_string=f"source_run_id = '{run.info.run_id}'"
         )

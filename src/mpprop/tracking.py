@@ -100,7 +100,6 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.normalizer, self.spec, self.bundle = load_bundle(
             context.artifacts[MODEL_ARTIFACT]
         )
-        torch.set_grad_enabled(False)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):
         from mpprop.graphs import graphs_from_structures, known_elements

@@ -185,3 +185,17 @@ def test_params_overrides_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="optimizer"):
         Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.1, lr_decay_epoch=1,
                     optimizer="LBFGS", epochs=1)
+
+
+def test_structure_problem_reasons():
+    from pymatgen.core import DummySpecies
+
+    from mpprop.snapshot import structure_problem
+
+    assert structure_problem(nacl()) is None
+    disordered = Structure(Lattice.cubic(4.0), [{"Na": 0.5, "K": 0.5}], [[0, 0, 0]])
+    assert structure_problem(disordered) == "disordered_sites"
+    dummy = Structure(Lattice.cubic(4.0), [DummySpecies("X")], [[0, 0, 0]])
+    assert structure_problem(dummy) == "unsupported_species"
+    flat = Structure(Lattice([[1, 0, 0], [0, 1, 0], [0, 0, 0]]), ["Na"], [[0, 0, 0]])
+    assert structure_problem(flat) == "invalid_geometry"

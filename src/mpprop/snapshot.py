@@ -112,6 +112,27 @@ class Snapshot:
         )
 
 
+def structure_problem(structure: Structure) -> str | None:
+    """Why a parsed structure cannot be used (a reason key), or None if it can.
+
+    One check for every way structures come in: snapshot records and prediction inputs.
+    """
+    from pymatgen.core.periodic_table import DummySpecies
+
+    if len(structure) == 0:
+        return "no_sites"
+    if not structure.is_ordered:
+        return "disordered_sites"
+    if any(isinstance(sp, DummySpecies) for sp in structure.species):
+        return "unsupported_species"
+    m = structure.lattice.matrix
+    if not (np.isfinite(m).all() and np.isfinite(structure.frac_coords).all()):
+        return "invalid_geometry"
+    if not abs(np.linalg.det(m)) > 1e-6:
+        return "invalid_geometry"
+    return None
+
+
 def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s+l) for each (s, l), by index arithmetic (no Python loop)."""
     lengths = np.asarray(lengths, dtype=np.int64)

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymatgen.core import DummySpecies, Structure
+from pymatgen.core import Structure
 from tqdm import tqdm
 
 from mpprop.config import ConfigError, Params, PropertySpec
-from mpprop.snapshot import Snapshot, save_snapshot, sha256_file
+from mpprop.snapshot import Snapshot, save_snapshot, sha256_file, structure_problem
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +158,8 @@ def _check_structure(
             s = parse(raw)
     except Exception:  # any malformed input is a counted exclusion, not a crash
         return None, "unparsable_structure"
-    if len(s) == 0:
-        return None, "no_sites"
-    if not s.is_ordered:
-        return None, "disordered_sites"
-    if any(isinstance(sp, DummySpecies) for sp in s.species):
-        return None, "unsupported_species"
-    m = s.lattice.matrix
-    if not (np.isfinite(m).all() and np.isfinite(s.frac_coords).all()):
-        return None, "invalid_geometry"
-    if not abs(np.linalg.det(m)) > 1e-6:
-        return None, "invalid_geometry"
-    return s, None
+    problem = structure_problem(s)
+    return (None, problem) if problem else (s, None)
 
 
 # ---------------------------------------------------------------- file sources

@@ -103,6 +103,7 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):
         from mpprop.graphs import graphs_from_structures, known_elements
+        from mpprop.snapshot import structure_problem
         from mpprop.training import predict
 
         kind = next((c for c in STRUCTURE_COLUMNS if c in model_input.columns), None)
@@ -113,10 +114,9 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
         for i, value in enumerate(model_input[kind].tolist()):
             try:
                 s = parse_structure_cell(value, kind)
-                if len(s) == 0:
-                    raise ValueError("structure has no sites")
-                if not s.is_ordered:
-                    raise ValueError("structure has partially occupied sites")
+                problem = structure_problem(s)
+                if problem:
+                    raise ValueError(f"unusable structure: {problem.replace('_', ' ')}")
                 unknown = {sp.symbol for sp in s.species if sp.Z not in known}
                 if unknown:
                     raise ValueError(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpprop import kernels
 from mpprop.config import GraphSettings, Hyperparams
 from mpprop.graphs import atom_feature_table, gaussian_centers
 
@@ -47,6 +48,9 @@ class Batch:
     # features are computed per distinct distance; None = one row per edge
     distance_values: torch.Tensor | None = None  # (U,) float32
     distance_index: torch.Tensor | None = None  # (E,) int64
+    # edges of atom i are [atom_edge_offsets[i], atom_edge_offsets[i+1]) when edges are
+    # grouped by centre (always, from the cache): what the fused kernel needs; else None
+    atom_edge_offsets: torch.Tensor | None = None  # (N+1,) int64
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], target: np.ndarray | None = None) -> Batch:
@@ -57,6 +61,11 @@ class Batch:
             src, np.repeat(np.arange(n_atoms), degree)
         ):
             degree = 0
+        grouped = len(src) == 0 or bool(np.all(src[1:] >= src[:-1]))
+        offsets = None
+        if grouped:
+            offsets = np.zeros(n_atoms + 1, dtype=np.int64)
+            np.cumsum(np.bincount(src, minlength=n_atoms), out=offsets[1:])
         distance = np.ascontiguousarray(arrays["edge_distance"])
         values, index = np.unique(distance, return_inverse=True)
         dedup = len(values) <= DEDUP_MAX_FRACTION * len(distance)
@@ -71,6 +80,7 @@ class Batch:
             n_crystals=int(arrays["crystal_index"][-1]) + 1 if len(arrays["crystal_index"]) else 0,
             target=None if target is None else torch.as_tensor(target, dtype=torch.float32),
             degree=degree,
+            atom_edge_offsets=None if offsets is None else torch.from_numpy(offsets),
         )
 
 
@@ -168,11 +178,14 @@ class ConvLayer(nn.Module):
         dst: torch.Tensor,
         degree: int = 0,
         nbr_index: torch.Tensor | None = None,
+        edge_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`degree` > 0 promises that edges are grouped by centre, `degree` per atom.
 
         With `nbr_index`, `nbr_fea` holds one row per distinct distance and edge e uses row
         nbr_index[e] (the same numbers as one row per edge, at a fraction of the work).
+        With `edge_offsets` (edges grouped by centre, CSR offsets per atom) the per-edge
+        part runs in the fused kernel (mpprop.kernels) where it is available.
         """
         a = self.atom_fea_len
         w, bias = self.fc_full.weight, self.fc_full.bias
@@ -188,6 +201,13 @@ class ConvLayer(nn.Module):
         self_part = atom_fea @ w[:, :a].t()
         nbr_part = atom_fea @ w[:, a : 2 * a].t()
         edge_part = torch.addmm(bias, nbr_fea, w[:, 2 * a :].t())
+        n = atom_fea.shape[0]
+        if edge_offsets is not None and kernels.can_fuse(edge_part, nbr_part, self_part):
+            summed = kernels.edge_gate(
+                edge_part, nbr_part, self_part, nbr_index, dst, edge_offsets,
+                None if infer else self.bn1,
+            )
+            return self.softplus2(atom_fea + self.bn2(summed))
         gated = _EdgeSum.apply(edge_part, nbr_part, self_part, nbr_index, src, dst, degree)
         if not infer:
             gated = self.bn1(gated)
@@ -196,7 +216,6 @@ class ConvLayer(nn.Module):
             message = nbr_filter.sigmoid_().mul_(self.softplus1(nbr_core))
         else:
             message = self.sigmoid(nbr_filter) * self.softplus1(nbr_core)
-        n = atom_fea.shape[0]
         if degree:
             summed = message.view(n, degree, -1).sum(dim=1)
         else:
@@ -239,7 +258,7 @@ class CrystalGraphConvNet(nn.Module):
         for conv in self.convs:
             atom_fea = conv(
                 atom_fea, nbr_fea, batch.edge_src, batch.edge_dst, batch.degree,
-                batch.distance_index,
+                batch.distance_index, batch.atom_edge_offsets,
             )
         # mean pooling per crystal
         pooled = torch.zeros(

@@ -1,0 +1,183 @@
+"""The fused CPU kernel of the gated convolution (csrc/edge_gate.cpp) and its autograd.
+
+The kernel is compiled on first use with torch's C++ extension loader (g++ and the Python
+headers; about a minute, once per machine and torch version, cached under
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Where it cannot be built, or with
+MPPROP_FUSED_KERNEL=0, the model runs its plain PyTorch path, which computes the same
+function (tests/test_speed_equivalence.py compares the two).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from importlib import resources
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "MPPROP_FUSED_KERNEL"
+# the torch version in the name: a build is only valid for the torch it was compiled against
+EXTENSION_NAME = "mpprop_edge_gate_torch" + "".join(
+    ch if ch.isalnum() else "_" for ch in torch.__version__
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _compile_flags() -> list[str]:
+    # -ffast-math at compile time only (the link does not see it, so the process's floating
+    # point mode is untouched): it lets g++ vectorise exp/log1p with glibc's libmvec.
+    # Non-finite inputs never reach the kernel (EdgeGate checks), which fast-math assumes.
+    flags = ["-O3", "-ffast-math"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def fused_kernel_enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def edge_gate_ops() -> ModuleType | None:
+    """The compiled kernel module, or None where it is switched off or cannot be built."""
+    if not fused_kernel_enabled():
+        return None
+    with _lock:
+        if EXTENSION_NAME not in _loaded:
+            _loaded[EXTENSION_NAME] = _build()
+        return _loaded[EXTENSION_NAME]
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    source = resources.files("mpprop").joinpath("csrc/edge_gate.cpp")
+    try:
+        with resources.as_file(source) as path:
+            return cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(path)],
+                extra_cflags=_compile_flags(),
+                verbose=False,
+            )
+    except Exception as exc:  # a missing compiler or header must not stop training
+        log.warning(
+            "the fused edge kernel could not be built (%s); using the plain PyTorch path "
+            "(same results, about 2x slower training). Set %s=0 to skip this attempt.",
+            str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
+            ENV_SWITCH,
+        )
+        return None
+
+
+class EdgeGate(torch.autograd.Function):
+    """sum_e sigmoid(zn[e, :a]) * softplus(zn[e, a:]) per centre atom, zn = bn1(z), fused.
+
+    z[e] = edge[idx[e]] + nbr[dst[e]] + self_[src[e]] as in model._EdgeSum. `bn` None means
+    bn1 is already folded into the tables (inference). In training mode, bn1's running
+    statistics are updated as nn.BatchNorm1d does.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        edge: torch.Tensor,
+        nbr: torch.Tensor,
+        self_: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        idx: torch.Tensor | None,
+        dst: torch.Tensor,
+        offsets: torch.Tensor,
+        bn: torch.nn.BatchNorm1d | None,
+    ) -> torch.Tensor:
+        ops = edge_gate_ops()
+        assert ops is not None
+        edge, nbr, self_ = edge.contiguous(), nbr.contiguous(), self_.contiguous()
+        idx_t = idx if idx is not None else dst.new_empty(0)
+        channels = self_.shape[1]
+        training = bn is not None and bn.training
+        if bn is None:
+            mean = torch.zeros(channels)
+            invstd = torch.ones(channels)
+            scale, shift = invstd, mean
+        else:
+            if training:
+                n_edges = int(dst.shape[0])
+                if n_edges < 2:
+                    raise ValueError("batch norm in training needs more than one edge")
+                total, total_sq = ops.edge_stats(edge, nbr, self_, idx_t, dst, offsets)
+                mean64 = total / n_edges
+                var64 = (total_sq / n_edges - mean64.square()).clamp_min(0.0)
+                _update_running_stats(bn, mean64, var64 * n_edges / (n_edges - 1))
+                mean, var = mean64.float(), var64.float()
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            invstd = torch.rsqrt(var + bn.eps)
+            scale = (weight * invstd).detach()
+            shift = (bias - mean * scale).detach()
+        with_grad = any(ctx.needs_input_grad[:5])
+        out, local = ops.forward(edge, nbr, self_, idx_t, dst, offsets, scale, shift, with_grad)
+        ctx.save_for_backward(local, edge, nbr, self_, idx_t, dst, offsets, scale, mean, invstd)
+        ctx.training = training
+        ctx.has_bn = bn is not None
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        ops = edge_gate_ops()
+        assert ops is not None
+        local, edge, nbr, self_, idx_t, dst, offsets, scale, mean, invstd = ctx.saved_tensors
+        d_edge, d_nbr, d_self, d_weight, d_bias = ops.backward(
+            grad.contiguous(), local, edge, nbr, self_, idx_t, dst, offsets, scale, mean, invstd,
+            ctx.training,
+        )
+        if not ctx.has_bn:
+            d_weight = d_bias = None
+        return d_edge, d_nbr, d_self, d_weight, d_bias, None, None, None, None
+
+
+def _update_running_stats(bn: torch.nn.BatchNorm1d, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+    """nn.BatchNorm1d's update of running_mean/var in training mode."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - momentum).add_(mean.float(), alpha=momentum)
+        bn.running_var.mul_(1 - momentum).add_(var_unbiased.float(), alpha=momentum)
+
+
+def edge_gate(
+    edge: torch.Tensor,
+    nbr: torch.Tensor,
+    self_: torch.Tensor,
+    idx: torch.Tensor | None,
+    dst: torch.Tensor,
+    offsets: torch.Tensor,
+    bn: torch.nn.BatchNorm1d | None,
+) -> torch.Tensor:
+    """Fused message sum per atom (see EdgeGate); bn None = bn1 folded into the tables."""
+    weight = bn.weight if bn is not None else None
+    bias = bn.bias if bn is not None else None
+    return EdgeGate.apply(edge, nbr, self_, weight, bias, idx, dst, offsets, bn)
+
+
+def can_fuse(*tables: torch.Tensor) -> bool:
+    """The kernel takes float32 CPU tables with finite values (it is compiled for that)."""
+    if edge_gate_ops() is None:
+        return False
+    for t in tables:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+    # one reduction per table: a NaN or infinity anywhere makes the sum non-finite (a finite
+    # sum overflowing only sends a batch to the plain path, which is harmless)
+    with torch.no_grad():
+        return bool(all(torch.isfinite(t.sum()) for t in tables))

@@ -10,12 +10,14 @@ Figures (each measured in its own subprocess, so its peak RSS is its own):
   featurize_orig the original CGCNN: per-structure get_all_neighbors(8) + Python sort per site,
                  12 nearest, original GaussianDistance expansion, per-structure tensors
   train          ours: seconds per training pass (mpprop.training.run_batches with an
-                 optimizer), steady state = median of the epochs after the first
+                 optimizer), steady state = median of the epochs after the first; with the
+                 fused edge kernel (mpprop.kernels) and, as "plain", without it
+                 (MPPROP_FUSED_KERNEL=0: the same model in plain PyTorch ops)
   train_orig     the original: per-structure tensors collated every step by cgcnn's
                  collate_pool, the original dense model (cgcnn2.model.CrystalGraphConvNet)
   predict        CGCNNPyfunc.predict: pymatgen structure dicts in, numbers out
   equivalence    same weights and batch in our model and the original model: outputs, MSE
-                 loss and fc_full gradients agree (train and eval mode)
+                 loss and fc_full gradients agree (train and eval mode), for both our paths
 
 Results: a table on stdout and JSON in benchmarks/results/bench.json (or --out).
 The shared data file is read where it lies; nothing is copied into the repository.
@@ -297,7 +299,10 @@ def task_train(
     eval_sec = time.perf_counter() - t0
     sec = _steady(times) if not warmup_batches else float(np.median(times))
     cpu_sec = _steady(cpu) if not warmup_batches else float(np.median(cpu))
-    return {"n": len(rows), "preset": preset, "threads": threads, "epoch_seconds": times,
+    from mpprop.kernels import edge_gate_ops
+
+    return {"n": len(rows), "preset": preset, "threads": threads,
+            "fused_kernel": edge_gate_ops() is not None, "epoch_seconds": times,
             "steady_epoch_seconds": sec, "per_s": len(rows) / sec,
             "epoch_cpu_seconds": cpu, "steady_epoch_cpu_seconds": cpu_sec,
             "eval_seconds": eval_sec, "eval_per_s": len(rows) / eval_sec}
@@ -408,6 +413,9 @@ def task_equivalence(tmp: Path, name: str, n: int) -> dict:
         and res[m].get("max_fc_full_grad_rel_diff", 0.0) < 1e-5
         for m in ("train", "eval", "infer")
     )
+    from mpprop.kernels import edge_gate_ops
+
+    res["fused_kernel"] = edge_gate_ops() is not None
     return res
 
 
@@ -442,6 +450,9 @@ def task_predict(tmp: Path, threads: int, single: int) -> dict:
             "atoms_per_structure": float(np.mean([len(d["sites"]) for d in dicts])),
             "single_call_ms": single_ms}
 
+
+# our model without the fused kernel: the plain PyTorch path
+PLAIN = {"MPPROP_FUSED_KERNEL": "0"}
 
 TASKS = {
     "featurize": task_featurize,
@@ -621,14 +632,16 @@ def print_table(res: dict) -> None:
             f"{fmt(op['per_s'])} struct/s", f"x{op['per_s'] / base['per_s']:.0f} vs original",
             op)
     for preset in ("xie", "largest"):
-        t, b = res["train"][preset], res["train"][f"{preset}_orig"]
+        b = res["train"][f"{preset}_orig"]
         add(f"train epoch {preset}, original (n={b['n']})",
             f"{fmt(b['steady_epoch_seconds'])} s ({fmt(b['per_s'])}/s)", "", b)
-        add(f"train epoch {preset}, ours (n={t['n']})",
-            f"{fmt(t['steady_epoch_seconds'])} s ({fmt(t['per_s'])}/s)",
-            f"x{b['steady_epoch_seconds'] / t['steady_epoch_seconds']:.1f} vs original "
-            f"(CPU time x{b['steady_epoch_cpu_seconds'] / t['steady_epoch_cpu_seconds']:.1f})",
-            t)
+        for key, how in ((f"{preset}_plain", "ours, plain PyTorch"), (preset, "ours, fused kernel")):
+            t = res["train"][key]
+            add(f"train epoch {preset}, {how} (n={t['n']})",
+                f"{fmt(t['steady_epoch_seconds'])} s ({fmt(t['per_s'])}/s)",
+                f"x{b['steady_epoch_seconds'] / t['steady_epoch_seconds']:.1f} vs original "
+                f"(CPU time x{b['steady_epoch_cpu_seconds'] / t['steady_epoch_cpu_seconds']:.1f})",
+                t)
     for key, t in res["train"].items():
         if key.startswith("threads_"):
             how = ", OMP_WAIT_POLICY=PASSIVE" if key.endswith("passive") else ""
@@ -643,16 +656,17 @@ def print_table(res: dict) -> None:
             f"{fmt(s['featurize_per_s'])}/s / {fmt(s['epoch_seconds'])} s",
             f"{fmt(s['epoch_us_per_structure'])} us/struct/epoch, "
             f"{fmt(s['cache_bytes_per_structure'])} B/struct", s["memory"])
-    e = res["equivalence"]
-    for m in ("train", "eval"):
-        r = e[m]
-        add(f"equivalence {m} mode ({e['n_crystals']} crystals, same weights)",
-            "OK" if e["ok"] else "FAILED",
-            f"loss {r['loss_ours']:.6g} vs {r['loss_orig']:.6g}; rel. diff out "
-            f"{r['max_output_rel_diff']:.0e}, loss {r['loss_rel_diff']:.0e}, "
-            f"fc_full grad {r['max_fc_full_grad_rel_diff']:.0e}", None)
-    add("equivalence inference path (no autograd)", "OK" if e["ok"] else "FAILED",
-        f"rel. diff out {e['infer']['max_output_rel_diff']:.0e}", None)
+    for key, how in (("equivalence", "fused"), ("equivalence_plain", "plain")):
+        e = res[key]
+        for m in ("train", "eval"):
+            r = e[m]
+            add(f"equivalence {how}, {m} mode ({e['n_crystals']} crystals, same weights)",
+                "OK" if e["ok"] else "FAILED",
+                f"loss {r['loss_ours']:.6g} vs {r['loss_orig']:.6g}; rel. diff out "
+                f"{r['max_output_rel_diff']:.0e}, loss {r['loss_rel_diff']:.0e}, "
+                f"fc_full grad {r['max_fc_full_grad_rel_diff']:.0e}", None)
+        add(f"equivalence {how}, inference path (no autograd)", "OK" if e["ok"] else "FAILED",
+            f"rel. diff out {e['infer']['max_output_rel_diff']:.0e}", None)
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     head = ("measurement", "value", "note", "peak MiB")
     w = [max(a, len(b)) for a, b in zip(w, head, strict=True)]
@@ -758,10 +772,15 @@ def main(argv: list[str] | None = None) -> int:
         train: dict[str, Any] = {}
         train["xie"] = run_task(tmp, "train", name="bulk", preset="xie", epochs=epochs,
                                 threads=args.threads, batch_size=256)
+        train["xie_plain"] = run_task(tmp, "train", env=PLAIN, name="bulk", preset="xie",
+                                      epochs=epochs, threads=args.threads, batch_size=256)
         train["xie_orig"] = run_task(tmp, "train_orig", name="bulk", preset="xie",
                                      epochs=epochs, threads=args.threads, batch_size=256)
         train["largest"] = run_task(tmp, "train", name="bulk_small", preset="largest",
                                     epochs=2, threads=args.threads, batch_size=256)
+        train["largest_plain"] = run_task(tmp, "train", env=PLAIN, name="bulk_small",
+                                          preset="largest", epochs=2, threads=args.threads,
+                                          batch_size=256)
         train["largest_orig"] = run_task(tmp, "train_orig", name="bulk_small",
                                          preset="largest", epochs=2, threads=args.threads,
                                          batch_size=256)
@@ -778,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         # ---- prediction end to end, and the equivalence check
         res["predict"] = run_task(tmp, "predict", threads=args.threads, single=20)
         res["equivalence"] = run_task(tmp, "equivalence", name="bulk", n=64)
+        res["equivalence_plain"] = run_task(tmp, "equivalence", env=PLAIN, name="bulk", n=64)
         pj = res["prepare"]["parse_json"]["per_s"]
         res["featurize_from_json_per_s"] = {
             # parse + graphs back to back, one process: 1 / (1/parse + 1/graphs)
@@ -793,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
             / train["xie"]["steady_epoch_cpu_seconds"],
             "train_largest": train["largest_orig"]["steady_epoch_seconds"]
             / train["largest"]["steady_epoch_seconds"],
+            "train_xie_plain": train["xie_orig"]["steady_epoch_seconds"]
+            / train["xie_plain"]["steady_epoch_seconds"],
+            "train_largest_plain": train["largest_orig"]["steady_epoch_seconds"]
+            / train["largest_plain"]["steady_epoch_seconds"],
+            "fused_kernel_xie": train["xie_plain"]["steady_epoch_seconds"]
+            / train["xie"]["steady_epoch_seconds"],
         }
     finally:
         if args.keep_tmp:
@@ -807,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"results: {args.out}  ({res['total_seconds']:.0f} s)")
-    return 0 if res["equivalence"]["ok"] else 1
+    return 0 if res["equivalence"]["ok"] and res["equivalence_plain"]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -9,4 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# compile the fused CPU kernel now (about 30 s, once per machine and torch version) rather
+# than in the first training run, where several tuning workers would wait on one build
+.venv/bin/python -c "from mpprop.kernels import report_build; report_build()"
 echo "installed: $(.venv/bin/mpprop --help | head -1)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from importlib import resources
 from types import ModuleType
@@ -57,6 +58,11 @@ def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     source = resources.files("mpprop").joinpath("csrc/edge_gate.cpp")
+    # torch runs `ninja` from PATH: the one installed beside this interpreter (a venv that
+    # was not activated) counts too
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
         with resources.as_file(source) as path:
             return cpp_extension.load(
@@ -73,6 +79,18 @@ def _build() -> ModuleType | None:
             ENV_SWITCH,
         )
         return None
+
+
+def report_build() -> None:
+    """Build (or load) the kernel and say which path training will take."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    ops = edge_gate_ops()
+    if ops is not None:
+        print(f"fused edge kernel: ready ({ops.__file__})")
+    elif not fused_kernel_enabled():
+        print(f"fused edge kernel: switched off by {ENV_SWITCH}")
+    else:
+        print("fused edge kernel: not available, training uses the plain PyTorch path")
 
 
 class EdgeGate(torch.autograd.Function):

@@ -10,6 +10,11 @@ is computed once per distinct distance of a batch (symmetric crystals repeat dis
 three parts of every edge are summed in one embedding_bag pass; the Gaussian expansion avoids
 the CPU's slow subnormal exp; in inference (eval mode without autograd) bn1 is folded into
 fc_full. tests/test_speed_equivalence.py checks all of it against the original model.
+
+The per-edge rest of a layer (gather of the three parts, bn1, sigmoid x softplus, sum per
+atom, and all of its backward) runs in one fused CPU kernel (mpprop.kernels) where it can
+be built; the plain PyTorch path below computes the same function and is the fallback
+(tests/test_fused_kernel.py compares the two).
 """
 
 from __future__ import annotations

@@ -197,3 +197,29 @@ def test_ungrouped_edges_and_switch_off_take_the_plain_path(monkeypatch: pytest.
         off = model(batch)
     torch.testing.assert_close(fused, plain_order, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, off, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block(tmp_path) -> None:
+    """torch's loader waits forever on a lock file left by a process killed while building;
+    a built kernel is imported directly, and a lock older than a build is removed."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    built = Path(kernels.edge_gate_ops().__file__)
+    copy_dir = tmp_path / built.parent.name
+    copy_dir.mkdir()
+    shutil.copy(built, copy_dir / built.name)
+    lock = copy_dir / "lock"
+    lock.touch()
+    old = time.time() - 2 * kernels.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    code = "from mpprop import kernels; print(kernels.edge_gate_ops().__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path),
+                               kernels.ENV_SWITCH: "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == copy_dir / built.name
+    assert not lock.exists()

@@ -1,19 +1,28 @@
 """The fused CPU kernel of the gated convolution (csrc/edge_gate.cpp) and its autograd.
 
-The kernel is compiled on first use with torch's C++ extension loader (g++ and the Python
-headers; about a minute, once per machine and torch version, cached under
-$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Where it cannot be built, or with
-MPPROP_FUSED_KERNEL=0, the model runs its plain PyTorch path, which computes the same
-function (tests/test_speed_equivalence.py compares the two).
+The kernel is compiled on first use with torch's C++ extension loader (g++, ninja and the
+Python headers; ~30 s, once per machine, source, flags and torch version), into
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a folder named by a hash of all of
+those. Once built it is imported directly: torch's loader takes a lock file on every load,
+and a process killed while holding it (kill -9 of a tuning worker) would leave every later
+process waiting forever. Where it cannot be built, or with MPPROP_FUSED_KERNEL=0, the model
+runs its plain PyTorch path, which computes the same function (tests/test_fused_kernel.py
+compares the two).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
 import logging
 import os
 import sys
 import threading
+import time
 from importlib import resources
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -21,10 +30,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "MPPROP_FUSED_KERNEL"
-# the torch version in the name: a build is only valid for the torch it was compiled against
-EXTENSION_NAME = "mpprop_edge_gate_torch" + "".join(
-    ch if ch.isalnum() else "_" for ch in torch.__version__
-)
+SOURCE = "csrc/edge_gate.cpp"
+# a build lock older than this is left over from a killed build (a build takes ~30 s)
+STALE_LOCK_SECONDS = 600
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
@@ -49,32 +57,61 @@ def edge_gate_ops() -> ModuleType | None:
     if not fused_kernel_enabled():
         return None
     with _lock:
-        if EXTENSION_NAME not in _loaded:
-            _loaded[EXTENSION_NAME] = _build()
-        return _loaded[EXTENSION_NAME]
+        if SOURCE not in _loaded:
+            _loaded[SOURCE] = _build()
+        return _loaded[SOURCE]
+
+
+def _extension_name(source: bytes, flags: list[str]) -> str:
+    """A module name unique to the source, flags, torch and Python it is built for."""
+    key = json.dumps([hashlib.sha256(source).hexdigest(), flags, torch.__version__,
+                      sys.version_info[:2]])
+    return "mpprop_edge_gate_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build_root() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
+
+
+def _import_built(name: str, path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    source = resources.files("mpprop").joinpath("csrc/edge_gate.cpp")
-    # torch runs `ninja` from PATH: the one installed beside this interpreter (a venv that
-    # was not activated) counts too
-    bin_dir = os.path.dirname(sys.executable)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    source = resources.files("mpprop").joinpath(SOURCE)
+    flags = _compile_flags()
+    name = _extension_name(source.read_bytes(), flags)
+    build_dir = _build_root() / name
+    built, lock = build_dir / f"{name}.so", build_dir / "lock"
     try:
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
+        if built.exists() and not lock.exists():  # built, and not being written right now
+            return _import_built(name, built)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # torch runs `ninja` from PATH: the one installed beside this interpreter (a venv
+        # that was not activated) counts too
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        log.warning("building the fused edge kernel (once per machine, ~30 s) in %s", build_dir)
         with resources.as_file(source) as path:
             return cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=[str(path)],
-                extra_cflags=_compile_flags(),
-                verbose=False,
+                name=name, sources=[str(path)], extra_cflags=flags,
+                build_directory=str(build_dir), verbose=False,
             )
     except Exception as exc:  # a missing compiler or header must not stop training
         log.warning(
             "the fused edge kernel could not be built (%s); using the plain PyTorch path "
-            "(same results, about 2x slower training). Set %s=0 to skip this attempt.",
+            "(same results, about 1.6x slower training). Set %s=0 to skip this attempt.",
             str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
             ENV_SWITCH,
         )

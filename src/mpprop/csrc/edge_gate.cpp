@@ -114,6 +114,14 @@ inline void gate_message(const float* __restrict z, const float* __restrict sc,
   }
 }
 
+// Rows of per-thread sums (n_threads x width) added up.
+std::vector<double> sum_over_threads(const std::vector<double>& sums, int n_threads, int64_t width) {
+  std::vector<double> total(width, 0.0);
+  for (int th = 0; th < n_threads; ++th)
+    for (int64_t k = 0; k < width; ++k) total[k] += sums[static_cast<size_t>(th) * width + k];
+  return total;
+}
+
 // Per channel sum and sum of squares of z over all edges (float64).
 std::vector<at::Tensor> edge_stats(const at::Tensor& edge, const at::Tensor& nbr,
                                    const at::Tensor& self, const at::Tensor& idx,
@@ -142,10 +150,9 @@ std::vector<at::Tensor> edge_stats(const at::Tensor& edge, const at::Tensor& nbr
       }
     }
   });
-  auto out = at::zeros({2, c}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int th = 0; th < n_threads; ++th)
-    for (int64_t k = 0; k < 2 * c; ++k) o[k] += sums[static_cast<size_t>(th) * 2 * c + k];
+  const std::vector<double> total = sum_over_threads(sums, n_threads, 2 * c);
+  auto out = at::empty({2, c}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), out.data_ptr<double>());
   return {out[0], out[1]};
 }
 
@@ -240,12 +247,9 @@ std::vector<at::Tensor> edge_gate_backward(
       }
     }
   });
-  std::vector<double> sum_g(c, 0.0), sum_gx(c, 0.0);
-  for (int th = 0; th < n_threads; ++th)
-    for (int64_t k = 0; k < c; ++k) {
-      sum_g[k] += sums[static_cast<size_t>(th) * 2 * c + k];
-      sum_gx[k] += sums[static_cast<size_t>(th) * 2 * c + c + k];
-    }
+  const std::vector<double> total = sum_over_threads(sums, n_threads, 2 * c);
+  const double* sum_g = total.data();
+  const double* sum_gx = total.data() + c;
   auto fopts = self.options();
   auto d_weight = at::empty({c}, fopts), d_bias = at::empty({c}, fopts);
   // dz = scale * (g - mean(g) - xhat * mean(g * xhat)) in training, scale * g otherwise

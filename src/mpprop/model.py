@@ -60,17 +60,15 @@ class Batch:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], target: np.ndarray | None = None) -> Batch:
         n_atoms, src = len(arrays["atomic_numbers"]), arrays["edge_src"]
-        degree = len(src) // n_atoms if n_atoms else 0
-        # edges are stored grouped by centre; the uniform case allows dense views
-        if degree == 0 or len(src) != degree * n_atoms or not np.array_equal(
-            src, np.repeat(np.arange(n_atoms), degree)
-        ):
-            degree = 0
-        grouped = len(src) == 0 or bool(np.all(src[1:] >= src[:-1]))
-        offsets = None
-        if grouped:
+        # edges are stored grouped by centre (CSR offsets per atom); when every atom has the
+        # same number of edges, `degree` allows dense views
+        offsets, degree = None, 0
+        if len(src) == 0 or bool(np.all(src[1:] >= src[:-1])):
+            counts = np.bincount(src, minlength=n_atoms)
             offsets = np.zeros(n_atoms + 1, dtype=np.int64)
-            np.cumsum(np.bincount(src, minlength=n_atoms), out=offsets[1:])
+            np.cumsum(counts, out=offsets[1:])
+            if n_atoms and len(counts) == n_atoms and counts[0] > 0 and np.all(counts == counts[0]):
+                degree = int(counts[0])
         distance = np.ascontiguousarray(arrays["edge_distance"])
         values, index = np.unique(distance, return_inverse=True)
         dedup = len(values) <= DEDUP_MAX_FRACTION * len(distance)
@@ -206,7 +204,6 @@ class ConvLayer(nn.Module):
         self_part = atom_fea @ w[:, :a].t()
         nbr_part = atom_fea @ w[:, a : 2 * a].t()
         edge_part = torch.addmm(bias, nbr_fea, w[:, 2 * a :].t())
-        n = atom_fea.shape[0]
         if edge_offsets is not None and kernels.can_fuse(edge_part, nbr_part, self_part):
             summed = kernels.edge_gate(
                 edge_part, nbr_part, self_part, nbr_index, dst, edge_offsets,
@@ -221,6 +218,7 @@ class ConvLayer(nn.Module):
             message = nbr_filter.sigmoid_().mul_(self.softplus1(nbr_core))
         else:
             message = self.sigmoid(nbr_filter) * self.softplus1(nbr_core)
+        n = atom_fea.shape[0]
         if degree:
             summed = message.view(n, degree, -1).sum(dim=1)
         else:

@@ -119,6 +119,26 @@ class FitResult:
 EpochCallback = Callable[[EpochStats], None]
 
 
+def fit_on_pool(
+    hp: Hyperparams,
+    graph: GraphSettings,
+    data: PropertyData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    seed: int,
+    on_epoch: EpochCallback | None,
+    eval_batch_size: int,
+) -> FitResult:
+    """`fit` on one train/val split of a property's non-test pool (indices into the pool),
+    as both `mpprop train` and every tuning trial do."""
+    return fit(
+        hp, graph, data.cache,
+        data.pool_rows[train_idx], data.pool_targets[train_idx],
+        data.pool_rows[val_idx], data.pool_targets[val_idx],
+        seed=seed, on_epoch=on_epoch, eval_batch_size=eval_batch_size,
+    )
+
+
 def fit(
     hp: Hyperparams,
     graph: GraphSettings,
@@ -247,12 +267,7 @@ def train_property(
             bar.set_postfix(train_mae=f"{s.train_mae:.4f}", val_mae=f"{s.val_mae:.4f}")
             bar.update(1)
 
-        result = fit(
-            hp, graph, data.cache,
-            data.pool_rows[tr], data.pool_targets[tr],
-            data.pool_rows[va], data.pool_targets[va],
-            seed=seed, on_epoch=on_epoch, eval_batch_size=params.predict["batch_size"],
-        )
+        result = fit_on_pool(hp, graph, data, tr, va, seed, on_epoch, params.predict["batch_size"])
         bar.close()
         metrics: dict[str, Any] = {
             "best_val_mae": result.best_val_mae,

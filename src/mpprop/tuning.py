@@ -609,7 +609,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         claim.release()
         from mpprop.data import train_val_split
         from mpprop.tracking import log_model, save_bundle
-        from mpprop.training import EpochStats, fit
+        from mpprop.training import EpochStats, fit_on_pool
 
         hp = trial_hyperparams(params, suggest(trial, space), epochs)
         # a re-queued trial carries its original's user attrs: same split as the original
@@ -636,11 +636,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
                 raise optuna.TrialPruned(f"val MAE {s.val_mae:.4g} at epoch {s.epoch}")
 
         try:
-            result = fit(
-                hp, graph, data.cache,
-                data.pool_rows[tr], data.pool_targets[tr],
-                data.pool_rows[va], data.pool_targets[va],
-                seed=seed, on_epoch=on_epoch, eval_batch_size=params.predict["batch_size"],
+            result = fit_on_pool(
+                hp, graph, data, tr, va, seed, on_epoch, params.predict["batch_size"]
             )
         except optuna.TrialPruned:
             mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)

@@ -1,4 +1,5 @@
-"""Shared test helpers: where the real MP data lies, and a project folder per test."""
+"""Shared test helpers: where the real MP data lies, a project folder per test, and small
+crystals built in the tests."""
 
 from __future__ import annotations
 
@@ -7,19 +8,42 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pymatgen.core import Lattice, Structure
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SHARED_SNAPSHOT = SHARED_DATA / "mp_snapshot.jsonl.gz"
 
 
+def skip_outside_ci(reason: str, ci_reason: str) -> None:
+    """Skip the test with `reason`; under CI (CI=true) fail it with `ci_reason` instead: CI
+    has everything, so a missing piece there is an error."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(ci_reason)
+    pytest.skip(reason)
+
+
 def require_shared_data() -> Path:
     """The shared MP snapshot; skipped with a reason where it is absent, never in CI."""
     if not SHARED_SNAPSHOT.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must have the shared data at {SHARED_SNAPSHOT}")
-        pytest.skip(f"real MP data not found at {SHARED_SNAPSHOT} (../shared/data beside the repo)")
+        skip_outside_ci(f"real MP data not found at {SHARED_SNAPSHOT} (../shared/data beside the repo)",
+                        f"CI must have the shared data at {SHARED_SNAPSHOT}")
     return SHARED_SNAPSHOT
+
+
+def nacl() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                     [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def small_structures() -> list[Structure]:
+    """Rock salt, diamond Si, CsCl and a distorted low-symmetry cell with three elements."""
+    si = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]])
+    cscl = Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    tri = Structure(Lattice.from_parameters(4.1, 5.3, 6.2, 81, 95, 103),
+                    ["Li", "Fe", "O", "O"],
+                    [[0, 0, 0], [0.5, 0.4, 0.3], [0.2, 0.7, 0.1], [0.8, 0.1, 0.6]])
+    return [nacl(), si, cscl, tri]
 
 
 @pytest.fixture

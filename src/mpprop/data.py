@@ -6,8 +6,6 @@ Splits are stored by material id, so every model of a property is judged on the 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 from mpprop.config import PropertySpec
 from mpprop.graphs import GraphCache
 from mpprop.model import Batch
+from mpprop.snapshot import atomic_output
 
 
 class SplitError(ValueError):
@@ -53,12 +52,9 @@ def make_test_split(
 
 
 def write_split(path: Path, split: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp name of its own: workers that make the same split at once must not collide
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(split, indent=1) + "\n")
-    os.replace(tmp, path)
+    # workers that make the same split at once each write their own temp file
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(split, indent=1) + "\n")
 
 
 def read_split(path: Path) -> dict[str, Any]:

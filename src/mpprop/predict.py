@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -322,12 +320,6 @@ def _batches(rows: Iterable[InputRow], size: int) -> Iterator[list[InputRow]]:
         yield batch
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 @dataclass
 class PredictSummary:
     n_inputs: int
@@ -363,12 +355,12 @@ def run_prediction(
     ok = {m.prop: 0 for m in models}
     failed = {m.prop: 0 for m in models}
     n_inputs = n_rows = 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    from mpprop.snapshot import atomic_output
+
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="predict", unit="struct", disable=not progress)
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
+        with atomic_output(output) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=OUTPUT_COLUMNS)
             writer.writeheader()
             for batch in _batches(rows, batch_size):
@@ -381,12 +373,6 @@ def run_prediction(
                         ok[row["property"]] += 1
                 n_inputs += len(batch)
                 bar.update(len(batch))
-        os.chmod(tmp, _default_file_mode())  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         bar.close()
     return PredictSummary(n_inputs, n_rows, ok, failed, time.perf_counter() - t0, output)

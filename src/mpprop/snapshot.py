@@ -15,10 +15,12 @@ npz keys:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +154,26 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename: never a half file."""
+def default_file_mode() -> int:
+    """The mode a newly created file gets under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[str]:
+    """A temp file beside `path` to write to: renamed over `path` when the block ends, removed
+    if it fails, so readers never see a half file. The temp name is unique (several workers
+    may write the same file at once); it gets the mode of a new file, since mkstemp's 0600
+    would outlive the rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -175,29 +190,24 @@ def save_snapshot(snapshot: Snapshot, out_dir: str | Path, metadata: dict[str, A
     if meta_path.exists():
         meta_path.unlink()
 
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                material_id=snapshot.material_id,
-                lattice=snapshot.lattice,
-                site_offsets=snapshot.site_offsets,
-                atomic_numbers=snapshot.atomic_numbers,
-                frac_coords=snapshot.frac_coords,
-                labels=snapshot.labels,
-                property_names=np.asarray(snapshot.property_names, dtype=str),
-            )
-
-    _atomic_write(data_path, write_npz)
+    with atomic_output(data_path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            material_id=snapshot.material_id,
+            lattice=snapshot.lattice,
+            site_offsets=snapshot.site_offsets,
+            atomic_numbers=snapshot.atomic_numbers,
+            frac_coords=snapshot.frac_coords,
+            labels=snapshot.labels,
+            property_names=np.asarray(snapshot.property_names, dtype=str),
+        )
     meta = dict(metadata)
     meta["data_file"] = SNAPSHOT_DATA
     meta["sha256"] = sha256_file(data_path)
     meta["n_records"] = len(snapshot)
 
-    def write_json(tmp: str) -> None:
+    with atomic_output(meta_path) as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-    _atomic_write(meta_path, write_json)
     return meta
 
 

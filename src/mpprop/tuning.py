@@ -369,12 +369,11 @@ def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | 
         "model_uri": best.user_attrs.get(TRIAL_MODEL_URI),
     }
     path = params.best_params_path(prop)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # unique temp name + rename: several workers may write at the end of a study
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    from mpprop.snapshot import atomic_output
+
+    # several workers may write it at the end of a study
+    with atomic_output(path) as tmp, open(tmp, "w") as fh:
         yaml.safe_dump(payload, fh, sort_keys=False)
-    os.replace(tmp, path)
     return path
 
 

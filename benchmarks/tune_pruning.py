@@ -15,48 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from workspace import DEFAULT_DATA, REPO, build_workspace
+
 from mpprop.config import load_params
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "mp_snapshot.jsonl.gz"
 PROP = "bulk_modulus"
-
-
-def build_workspace(root: Path, data: Path, n_records: int | None, workers: int) -> dict:
-    """Snapshot + graph cache + test split of (a seeded subsample of) the elastic records."""
-    from click.testing import CliRunner
-
-    from mpprop.cli import main as cli
-
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    sets = ["--params", str(root / "params.yaml"), "-S", f"data.path={data}",
-            "-S", f"data.require_property={PROP}"]
-    if n_records:
-        sets += ["-S", f"data.max_records={n_records}"]
-    seconds = {}
-    for name, command in (("read", ["fetch"]), ("graph", ["featurize", "--workers", str(workers)]),
-                          ("split", ["split", "--property", PROP])):
-        t0 = time.perf_counter()
-        result = CliRunner().invoke(cli, [*sets, *command], catch_exceptions=False)
-        if result.exit_code != 0:
-            raise SystemExit(result.output)
-        seconds[name] = time.perf_counter() - t0
-    split = json.loads((root / "data" / "splits" / f"{PROP}.json").read_text())
-    info = {
-        "n_records": len(split["test"]) + len(split["pool"]),
-        "n_test": len(split["test"]),
-        "n_pool": len(split["pool"]),
-        "read_seconds": seconds["read"],
-        "graph_seconds": seconds["graph"],
-    }
-    (root / "workspace.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
 
 
 def run_study(root: Path, overrides: list[str], name: str, n_trials: int, epochs: int,
@@ -102,11 +69,7 @@ def main() -> None:
     if args.workdir is None:
         args.workdir = (Path(tempfile.gettempdir())
                         / f"mpprop-bench-tune-pruning-{args.n_records or 'all'}")
-    ws_info_path = args.workdir / "workspace.json"
-    if ws_info_path.exists():
-        ws_info = json.loads(ws_info_path.read_text())
-    else:
-        ws_info = build_workspace(args.workdir, args.data, args.n_records, args.workers or 2)
+    ws_info = build_workspace(args.workdir, args.data, PROP, args.n_records, args.workers or 2)
     print(f"workspace: {ws_info}")
 
     paper = load_params(REPO / "params.yaml").tune

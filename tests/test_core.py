@@ -26,7 +26,7 @@ from mpprop.model import (
     pretrained_path,
 )
 from mpprop.snapshot import Snapshot, gather_ranges
-from mpprop.training import screening_precision
+from mpprop.stats import screening_precision
 
 SETTINGS = GraphSettings()
 XIE = Hyperparams(n_conv=4, n_h=1, atom_fea_len=64, h_fea_len=32, lr=0.02,

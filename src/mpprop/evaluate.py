@@ -99,15 +99,10 @@ def curve_percents(params: Params) -> np.ndarray:
     return np.arange(lo, hi + step / 2, step)
 
 
-def n_top(n: int, top_percent: float) -> int:
-    """Materials in the top N% of n; the same rounding as training.screening_precision."""
-    return max(1, int(np.ceil(n * top_percent / 100.0)))
-
-
 def screening_curve(
     y_true: np.ndarray, y_pred: np.ndarray, percents: Sequence[float], better: str | None
 ) -> list[tuple[float, int, float | None]]:
-    from mpprop.training import screening_precision
+    from mpprop.stats import n_top, screening_precision
 
     return [
         (float(p), n_top(len(y_true), p), screening_precision(y_true, y_pred, p, better))
@@ -138,8 +133,9 @@ def _check_bundle(bundle: dict[str, Any], spec: PropertySpec, ws: Any, path: Pat
 
 def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) -> PresetEvaluation:
     """Predict the test set with the saved model of one preset."""
+    from mpprop.stats import screening_precision
     from mpprop.tracking import load_bundle
-    from mpprop.training import predict, screening_precision
+    from mpprop.training import predict
 
     folder = model_dir(params, prop, preset)
     path = folder / MODEL_FILE

@@ -18,6 +18,7 @@ from mpprop.config import GraphSettings, Hyperparams, Params
 from mpprop.data import PropertyData, iterate_batches
 from mpprop.graphs import GraphCache
 from mpprop.model import CrystalGraphConvNet, Normalizer
+from mpprop.stats import screening_precision
 
 
 def set_torch_threads(n: int | None) -> None:
@@ -67,26 +68,6 @@ def predict(
     """Predictions in target units (after the target transform, e.g. log10 GPa)."""
     rows = np.arange(len(cache)) if rows is None else rows
     return normalizer.denorm(run_batches(model, cache, rows, batch_size))
-
-
-def screening_precision(
-    y_true: np.ndarray, y_pred: np.ndarray, top_percent: float, better: str | None
-) -> float | None:
-    """Percent of the model's top-N% materials that are truly in the top N%.
-
-    "Top" follows the property's better direction; None where there is no screening.
-    Ties at the cut-off are broken by order (stable sort), on both sides alike.
-    """
-    if better is None:
-        return None
-    if better not in ("lower", "higher"):
-        raise ValueError(f"better must be 'lower', 'higher' or None, not {better!r}")
-    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
-    n_top = max(1, int(np.ceil(len(y_true) * top_percent / 100.0)))
-    sign = -1.0 if better == "higher" else 1.0
-    true_top = set(np.argsort(sign * y_true, kind="stable")[:n_top].tolist())
-    pred_top = np.argsort(sign * y_pred, kind="stable")[:n_top]
-    return 100.0 * sum(int(i in true_top) for i in pred_top) / n_top
 
 
 def make_optimizer(model: nn.Module, hp: Hyperparams) -> torch.optim.Optimizer:

@@ -53,6 +53,7 @@ TRIAL_SPLIT_SEED = "split_seed"
 TRIAL_EPOCHS = "epochs"
 TRIAL_MODEL_URI = "model_uri"
 TRIAL_ERROR = "error"
+TRIAL_ENQUEUED = "enqueued_baseline"
 # MLflow tag with the trial state; the key MLflowCallback uses, so both writers agree
 STATE_TAG = "state"
 
@@ -187,6 +188,32 @@ def make_pruner(params: Params, prune: bool = True) -> optuna.pruners.BasePruner
         float(params.tune["pruner_percentile"]),
         n_warmup_steps=int(params.tune["pruner_warmup_steps"]),
     )
+
+
+def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]) -> int:
+    """Queue `tune.enqueue` (baseline points, e.g. the Xie architecture) as a new study's
+    first trials, so the study's best is never worse on validation than those baselines.
+
+    Each entry fixes some searched hyperparameters; the sampler draws the rest. Called once,
+    under the init lock, for a study without trials. Returns the number queued.
+    """
+    entries = params.tune.get("enqueue") or []
+    for i, entry in enumerate(entries):
+        unknown = sorted(set(entry) - set(space))
+        if unknown:
+            raise ConfigError(f"tune.enqueue[{i}]: {', '.join(unknown)} not in tune.search_space")
+        for name, value in entry.items():
+            spec = space[name]
+            inside = (value in spec) if isinstance(spec, list) else spec["low"] <= value <= spec["high"]
+            if not inside:
+                raise ConfigError(
+                    f"tune.enqueue[{i}].{name}={value!r} is outside tune.search_space.{name} ({spec})"
+                )
+    if study.get_trials(deepcopy=False):
+        return 0
+    for entry in entries:
+        study.enqueue_trial(dict(entry), user_attrs={TRIAL_ENQUEUED: True})
+    return len(entries)
 
 
 # --------------------------------------------------------------------------- storage + locks
@@ -590,6 +617,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         for key, value in expect.items():
             if key not in study.user_attrs:
                 study.set_user_attr(key, value)
+        n_queued = enqueue_baselines(study, params, space)
         parent_id = _parent_run(study, params, prop, exp_id, tags, url, prune)
 
     mlflc = MLflowCallback(
@@ -667,6 +695,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         f"study {study_name} on {redact(url)}: target {n_trials} finished trials of {epochs} "
         f"epochs; worker {socket.gethostname()}:{os.getpid()}; MLflow parent run {parent_id}"
     )
+    if n_queued:
+        echo(f"queued {n_queued} baseline trial(s) from tune.enqueue")
     t0 = time.perf_counter()
     mlflow.start_run(run_id=parent_id)
     status = "KILLED"

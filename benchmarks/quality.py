@@ -366,7 +366,7 @@ def table(results: list[dict]) -> str:
         def flag(name: str, m: dict = m) -> str:
             return " (near-constant)" if m[name]["near_constant"] else ""
 
-        def diff(key: str, digits: int = digits) -> str:
+        def diff(key: str, digits: int = digits, p: dict = p) -> str:
             d = p[key]["mae_diff"]
             return _ci(d, digits) + (" *" if d["excludes_zero"] else "")
 

@@ -26,7 +26,8 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
 from mpprop.cli import main
 from mpprop.config import load_params
-from mpprop.tuning import ATTR_PARENT_RUN, storage_url
+from mpprop.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from mpprop.tuning import ATTR_PARENT_RUN, OBJECTIVE_NAME, TRIAL_ENQUEUED, storage_url, study_storage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SNAPSHOT = REPO.parent / "shared" / "data" / "mp_snapshot.jsonl.gz"
@@ -134,7 +135,7 @@ def test_single_worker_prunes_writes_best_params_and_resumes(project):
     assert out.count("trial ") >= 8 and "PRUNED" in out
 
     params = load_params(project / "params.yaml")
-    storage = params.optuna_storage()
+    storage = study_storage(params, PROP)
     study = optuna.load_study(study_name=f"mpprop-{PROP}", storage=storage)
     trials = study.get_trials()
     states = [t.state for t in trials]
@@ -148,6 +149,14 @@ def test_single_worker_prunes_writes_best_params_and_resumes(project):
     assert all(len(t.intermediate_values) < 3 for t in pruned)
     # new split per trial
     assert len({t.user_attrs["split_seed"] for t in trials}) == 8
+    # trial 0 is the enqueued baseline: the Xie architecture of tune.enqueue
+    first = min(trials, key=lambda t: t.number)
+    assert first.user_attrs.get(TRIAL_ENQUEUED) is True
+    assert {k: first.params[k] for k in params.tune["enqueue"][0]} == params.tune["enqueue"][0]
+    assert not any(t.user_attrs.get(TRIAL_ENQUEUED) for t in trials if t.number != first.number)
+    assert study.metric_names == [OBJECTIVE_NAME]
+    # progress inside a trial (tune.progress_every epochs), not only when it ends
+    assert "epoch 3/3 val_mae" in out
 
     tuned = yaml.safe_load(params.best_params_path(PROP).read_text())
     assert tuned["best_trial"] == study.best_trial.number
@@ -159,6 +168,15 @@ def test_single_worker_prunes_writes_best_params_and_resumes(project):
 
     by_state = check_mlflow(params.tracking_uri(), study)
     assert by_state.get("PRUNED", 0) >= 1
+    client = mlflow.MlflowClient()
+    parent = client.get_run(study.user_attrs[ATTR_PARENT_RUN])
+    assert parent.data.metrics["n_trials_complete"] + parent.data.metrics["n_trials_pruned"] == 8
+    assert parent.data.metrics["best_val_mae"] == pytest.approx(study.best_value)
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    best_run = client.get_run(study.best_trial.system_attrs[RUN_ID_ATTRIBUTE_KEY])
+    assert best_run.info.run_name.startswith(f"{PROP} trial {study.best_trial.number} (conv ")
+    assert "Optuna trial" in best_run.data.tags["mlflow.note.content"]
 
     # resume: the same command with a higher target continues the same study and parent run
     invoke(project, *sets, "tune", "--property", PROP, "--n-trials", "10")
@@ -194,7 +212,7 @@ def test_failed_trials_are_tagged_and_bounded(project, monkeypatch):
     summary = tune_property(params, PROP, n_trials=2, epochs=1, echo=lines.append)
     assert (summary["n_trials_failed"], summary["n_trials_complete"]) == (1, 2)
     assert any("FAIL" in line and "FloatingPointError" in line for line in lines)
-    study = optuna.load_study(study_name=f"mpprop-{PROP}", storage=params.optuna_storage())
+    study = optuna.load_study(study_name=f"mpprop-{PROP}", storage=study_storage(params, PROP))
     assert check_mlflow(params.tracking_uri(), study) == {"FAIL": 1, "COMPLETE": 2}
     failed = study.get_trials(states=(TrialState.FAIL,))[0]
     run = mlflow.MlflowClient().get_run(failed.system_attrs[RUN_ID_ATTRIBUTE_KEY])

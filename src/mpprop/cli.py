@@ -12,7 +12,17 @@ import click
 from mpprop.config import ConfigError, Params, load_params
 
 
+class ParamsError(click.ClickException):
+    """A params file (or -S override) that fails validation: `Error: <message>` on stderr and
+    exit code 2, like a usage error, but without the usage text."""
+
+    exit_code = 2
+
+
 class Context:
+    """What every command gets: the params, loaded and validated on first use (before any
+    work), so that a bad params file ends the command with exit code 2."""
+
     def __init__(self, params_file: str, overrides: tuple[str, ...]) -> None:
         self.params_file = params_file
         self.overrides = list(overrides)
@@ -24,7 +34,7 @@ class Context:
             try:
                 self._params = load_params(self.params_file, self.overrides)
             except ConfigError as exc:
-                raise click.ClickException(str(exc)) from exc
+                raise ParamsError(str(exc)) from exc
         return self._params
 
 
@@ -316,6 +326,24 @@ def report(obj: Context, no_mlflow: bool) -> None:
     click.echo(markdown)
     click.echo("written: " + ", ".join(str(f) for f in files)
                + (f"; MLflow run {run_id}" if run_id else ""))
+
+
+@main.command("show-params")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write them to this file instead of printing them.")
+@pass_ctx
+def show_params(obj: Context, out: Path | None) -> None:
+    """The params in effect: params.yaml with the -S overrides, validated, defaults filled in
+    (e.g. to make the params.yaml of another DVC project, as run.sh does)."""
+    import yaml
+
+    text = yaml.safe_dump(obj.params.raw, sort_keys=False, allow_unicode=True)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    click.echo(f"params -> {out}")
 
 
 def run() -> None:  # pragma: no cover

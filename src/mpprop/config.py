@@ -1,6 +1,13 @@
 """The one place where `params.yaml` is read.
 
 Every other module receives typed settings from here; no module opens params.yaml itself.
+
+`load_params` validates the whole file (after the `-S section.key=value` overrides) against
+the schema below: one pydantic model per section, `ParamsSchema` at the top. Unknown keys are
+errors (a typo is never ignored) and values are not coerced ("3" is not a number). To add a
+key, add a field to its section's model, with a default so that older params files still
+load, its range in `Field(...)`, and rules that tie several keys together in the model's
+`_check` validator (raise `Invalid(key, problem)` to name the key in the message).
 """
 
 from __future__ import annotations
@@ -8,13 +15,27 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+Optimizer = Literal["SGD", "RAdam", "Adam"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
 class ConfigError(ValueError):
@@ -66,7 +87,7 @@ class Hyperparams:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("SGD", "RAdam", "Adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be SGD, RAdam or Adam, not {self.optimizer!r}")
         for name in ("n_conv", "n_h", "atom_fea_len", "h_fea_len", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
@@ -190,28 +211,435 @@ class Params:
         return Hyperparams(**base)
 
 
+# =========================================================================== schema
+# One model per section of params.yaml, in the file's order; `ParamsSchema` is the whole file.
+
+
+class Invalid(ValueError):
+    """A rule broken by one key, raised in a validator: `key` (a name or a tuple of names and
+    list indices, relative to the model or field being validated) is added to the error's
+    location, so that the message names the dotted key."""
+
+    def __init__(self, key: str | int | tuple[str | int, ...], problem: str) -> None:
+        super().__init__(problem)
+        self.key = key if isinstance(key, tuple) else (key,)
+        self.problem = problem
+
+
+class Section(BaseModel):
+    """Base of every params model: unknown keys are errors and values keep their YAML type
+    (strict: "3" is not a number, 3.0 is not an integer; an integer is a valid float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _keep_int(value: Any, handler: Any) -> Any:
+    checked = handler(value)
+    return value if type(value) is int else checked
+
+
+# a number where integers stay integers (values shown in reports and file names: 3, not 3.0)
+Number = Annotated[float, WrapValidator(_keep_int)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Name = Annotated[str, Field(min_length=1)]
+Percent = Annotated[Number, Field(gt=0, le=100)]
+
+
+# ---------------------------------------------------------------- data
+class MpApiSection(Section):
+    """`data.mp_api`: the Materials Project API source."""
+
+    criteria: dict[str, Any] = {}  # passed to materials.summary.search
+    energy_thermo_type: Name = "GGA_GGA+U"
+    chunk_size: PositiveInt = 1000
+
+
+class DataSection(Section):
+    """`data`: where the snapshot's records come from and where the snapshot is written."""
+
+    source: Literal["file", "mp-api"]
+    path: str
+    cgcnn_property: str | None = None
+    max_records: PositiveInt | None = None
+    require_property: str | None = None
+    subsample_seed: NonNegativeInt = 0
+    mp_api: MpApiSection = MpApiSection()
+    snapshot_dir: Name
+    vintage: str | None = None  # the data's own date, free text
+
+
+# ---------------------------------------------------------------- properties, property_specs
+class PropertySpecEntry(Section):
+    """`property_specs.<property>`: how an MP field becomes a learning target."""
+
+    field: Name
+    unit: str
+    transform: Literal["none", "log10"]
+    better: Literal["lower", "higher", None]
+
+
+# ---------------------------------------------------------------- graph
+class GraphSection(Section):
+    """`graph`: the crystal-graph settings (GraphSettings) and the cache folder."""
+
+    radius: float = Field(gt=0)
+    max_neighbors: PositiveInt
+    first_search_radius: float = Field(gt=0)
+    gaussian_dmin: float = Field(ge=0)
+    gaussian_step: float = Field(gt=0)
+    gaussian_width: float = Field(gt=0)
+    cache_dir: Name
+
+    @model_validator(mode="after")
+    def _check(self) -> GraphSection:
+        if self.first_search_radius > self.radius:
+            raise Invalid("first_search_radius",
+                          f"must be <= graph.radius ({self.radius:g}) (got {self.first_search_radius:g})")
+        if self.gaussian_dmin >= self.radius:
+            raise Invalid("gaussian_dmin",
+                          f"must be < graph.radius ({self.radius:g}) (got {self.gaussian_dmin:g})")
+        return self
+
+
+# ---------------------------------------------------------------- split
+class SplitSection(Section):
+    """`split`: the fixed test split and the train/val fraction."""
+
+    test_fraction: float = Field(gt=0, lt=1)
+    val_fraction: float = Field(gt=0, lt=1)
+    seed: NonNegativeInt
+    dir: Name
+
+
+# ---------------------------------------------------------------- presets
+class PresetEntry(Section):
+    """`presets.<name>`: a full set of CGCNN hyperparameters (the fields of Hyperparams that
+    train.* does not give)."""
+
+    n_conv: PositiveInt
+    n_h: PositiveInt
+    atom_fea_len: PositiveInt
+    h_fea_len: PositiveInt
+    lr: float = Field(gt=0)
+    lr_decay_epoch: PositiveInt
+    optimizer: Optimizer
+    epochs: PositiveInt
+
+
+# ---------------------------------------------------------------- train
+class TrainSection(Section):
+    """`train`: settings shared by every training run, and the screening metric."""
+
+    batch_size: PositiveInt
+    momentum: float = Field(ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    seed: NonNegativeInt
+    torch_threads: PositiveInt | None = None  # null: torch's default
+    models_dir: Name
+    screening_top_percent: Percent
+
+
+# ---------------------------------------------------------------- tune
+# the Hyperparams fields a study may search (epochs is tune.epochs)
+SEARCHABLE = tuple(f.name for f in fields(Hyperparams) if f.name != "epochs")
+
+
+class SearchRange(Section):
+    """`tune.search_space.<name>: {low, high[, step, log]}` (ints or floats)."""
+
+    low: Number
+    high: Number
+    step: Number | None = Field(default=None, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchRange:
+        if self.low > self.high:
+            raise Invalid("low", f"must be <= high ({self.high:g}) (got {self.low:g})")
+        if self.log and self.low <= 0:
+            raise Invalid("low", f"must be > 0 with log: true (got {self.low:g})")
+        if self.log and self.step is not None:
+            raise Invalid("step", "cannot be combined with log: true")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: Any) -> dict[str, Any]:
+        # dumped as written: a default step or log would change how Optuna samples
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+def _search_kind(value: Any) -> str | None:
+    if isinstance(value, dict | SearchRange):
+        return "range"
+    return "choices" if isinstance(value, list) else None
+
+
+# a range or a non-empty list of choices (the tags are left out of error messages)
+_SEARCH_TAGS = ("range", "choices")
+SearchEntry = Annotated[
+    Annotated[SearchRange, Tag("range")] | Annotated[list[Any], Field(min_length=1), Tag("choices")],
+    Discriminator(_search_kind, custom_error_type="search_entry",
+                  custom_error_message="must be {low, high[, step, log]} or a list of choices"),
+]
+
+
+class TuneSection(Section):
+    """`tune`: the Optuna study (trials, pruner, storage, heartbeat) and its search space."""
+
+    n_trials: PositiveInt
+    epochs: PositiveInt
+    sampler_seed: NonNegativeInt
+    pruner_percentile: Number = Field(ge=0, le=100)
+    pruner_warmup_steps: NonNegativeInt
+    storage: Name  # "{property}" is replaced by the property key
+    progress_every: NonNegativeInt = 0  # epochs between progress lines in a trial; 0 = none
+    heartbeat_interval: PositiveInt  # s
+    grace_period: PositiveInt  # s, > heartbeat_interval
+    failed_trial_max_retry: NonNegativeInt
+    best_params_dir: Name
+    final_epochs: PositiveInt | None = None  # null: presets.xie.epochs
+    # baseline points for a new study; their keys are checked by tuning.enqueue_baselines
+    enqueue: list[dict[str, Any]] = []
+    search_space: dict[str, SearchEntry]
+
+    @field_validator("search_space")
+    @classmethod
+    def _searchable(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for name in space:
+            if name not in SEARCHABLE:
+                raise Invalid(name, f"not a searchable hyperparameter (one of {', '.join(SEARCHABLE)})")
+        return space
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneSection:
+        if self.grace_period <= self.heartbeat_interval:
+            raise Invalid("grace_period", f"must be > tune.heartbeat_interval ({self.heartbeat_interval}) "
+                                          f"(got {self.grace_period})")
+        return self
+
+
+# ---------------------------------------------------------------- mlflow, predict
+class MlflowSection(Section):
+    """`mlflow`: tracking server, experiment and model-registry names."""
+
+    tracking_uri: Name
+    artifact_location: Name
+    experiment: Name
+    registry_prefix: str
+    champion_alias: Name
+    pretrained_alias: Name
+
+
+class PredictSection(Section):
+    """`predict`: inference settings."""
+
+    batch_size: PositiveInt
+
+
+# ---------------------------------------------------------------- evaluate, report
+class EvaluateSection(Section):
+    """`evaluate`: the compared presets, the screening curve and the bootstrap intervals."""
+
+    presets: list[Name] = Field(min_length=1)
+    curve_min_percent: Percent
+    curve_max_percent: Percent
+    curve_step_percent: Number = Field(gt=0)
+    metrics_dir: Name
+    plots_dir: Name
+    bootstrap_resamples: PositiveInt = 1000
+    bootstrap_seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateSection:
+        if self.curve_min_percent > self.curve_max_percent:
+            raise Invalid("curve_min_percent", f"must be <= evaluate.curve_max_percent "
+                          f"({self.curve_max_percent:g}) (got {self.curve_min_percent:g})")
+        return self
+
+
+class ReportSection(Section):
+    """`report`: where Table 2 is written."""
+
+    dir: Name
+
+
+# ---------------------------------------------------------------- the whole file
+class ParamsSchema(Section):
+    """params.yaml: every section, and the rules that tie sections together."""
+
+    data: DataSection
+    properties: list[Name] = Field(min_length=1)
+    property_specs: dict[str, PropertySpecEntry]
+    graph: GraphSection
+    split: SplitSection
+    presets: dict[str, PresetEntry]
+    train: TrainSection
+    tune: TuneSection
+    mlflow: MlflowSection
+    predict: PredictSection
+    evaluate: EvaluateSection
+    report: ReportSection
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamsSchema:
+        for i, prop in enumerate(self.properties):
+            if prop in self.properties[:i]:
+                raise Invalid(("properties", i), f"{prop!r} is listed twice")
+            if prop not in self.property_specs:
+                raise Invalid(("properties", i), f"{prop!r} has no entry in property_specs")
+        if "tuned" in self.presets:
+            raise Invalid(("presets", "tuned"), "is reserved (read from tune.best_params_dir)")
+        for i, preset in enumerate(self.evaluate.presets):
+            if preset != "tuned" and preset not in self.presets:
+                raise Invalid(("evaluate", "presets", i),
+                              f"{preset!r} is not a preset (known: tuned, {', '.join(self.presets)})")
+        req = self.data.require_property
+        if req is not None and req not in self.properties:
+            raise Invalid(("data", "require_property"), f"must be null or one of the properties "
+                                                        f"(got {req!r})")
+        return self
+
+
+# =========================================================================== loading
+
+
+def _show(value: Any) -> str:
+    """A value as the YAML writer wrote it, short."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = repr(value) if isinstance(value, str | int | float) else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bound(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+    "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping",
+    "model_type": "a mapping", "none_required": "null",
+}
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
+           "less_than": ("<", "lt"), "less_than_equal": ("<=", "le")}
+
+
+def _problem(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    """(location, problem) of one pydantic error, in params terms."""
+    loc = tuple(part for part in err["loc"] if part not in _SEARCH_TAGS)
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "value_error" and isinstance(ctx.get("error"), Invalid):
+        return loc + ctx["error"].key, ctx["error"].problem
+    if kind == "extra_forbidden":
+        return loc, "unknown key"
+    if kind == "missing":
+        return loc, "missing (required)"
+    if kind in _BOUNDS:
+        op, name = _BOUNDS[kind]
+        return loc, f"must be {op} {_bound(ctx[name])} (got {_show(got)})"
+    if kind in _TYPE_NAMES:
+        return loc, f"must be {_TYPE_NAMES[kind]} (got {_show(got)})"
+    if kind == "literal_error":
+        return loc, f"must be {ctx['expected'].replace('None', 'null')} (got {_show(got)})"
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return loc, "must not be empty"
+    text = str(err["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+    return loc, f"{text} (got {_show(got)})"
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(exc: ValidationError, source: str, overrides: dict[str, str]) -> str:
+    """One line: `<source>: <dotted.key>: <problem>; ...` (at most 8 problems shown).
+
+    Keys missing from one section are listed together; a problem that an override caused
+    says so, once per override."""
+    problems: list[tuple[str, str]] = []
+    missing: dict[str, list[str]] = {}
+    for err in exc.errors():
+        loc, problem = _problem(err)
+        if err["type"] == "missing" and len(loc) > 1:
+            parent = _dotted(loc[:-1])
+            if parent in missing:
+                missing[parent].append(str(loc[-1]))
+                continue
+            missing[parent] = [str(loc[-1])]
+        if (_dotted(loc), problem) not in problems:
+            problems.append((_dotted(loc) or "(top level)", problem))
+    blamed: set[str] = set()
+    lines = []
+    for key, problem in problems:
+        parent = key.rpartition(".")[0]
+        if problem == "missing (required)" and len(missing.get(parent, ())) > 1:
+            key, problem = parent, f"missing {', '.join(missing[parent])} (required)"
+        for dotted, item in overrides.items():
+            related = dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")
+            if related and item not in blamed:
+                blamed.add(item)
+                problem += f" (set by -S {item})"
+        lines.append(f"{key}: {problem}")
+    more = f"; and {len(lines) - 8} more" if len(lines) > 8 else ""
+    return f"{source}: {'; '.join(lines[:8])}{more}"
+
+
+def validate_params(raw: Any, source: str = DEFAULT_PARAMS_FILE,
+                    overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """`raw` checked against ParamsSchema: a plain dict with the defaults filled in, or a
+    ConfigError naming each bad key (`source` and `overrides` only word the message)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections (got {_show(raw)})")
+    try:
+        model = ParamsSchema.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, overrides or {})) from None
+    return model.model_dump()
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
+    """Set `section.key` (missing keys too: whether the key exists is the schema's call)."""
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {dotted!r}: give section.key=value")
+    node = raw
     for part in parts[:-1]:
-        if part not in node or not isinstance(node[part], dict):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section of params")
-        node = node[part]
-    if parts[-1] not in node:
-        raise ConfigError(f"override {dotted!r}: unknown key {parts[-1]!r}")
     node[parts[-1]] = value
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml; `overrides` are `section.key=value` strings (value parsed as YAML)."""
+    """Read params.yaml; `overrides` are `section.key=value` strings (value parsed as YAML).
+
+    The result is validated against ParamsSchema; `Params.raw` is the validated file (a plain
+    dict, defaults filled in). Every problem is a ConfigError with a one-line message."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path.resolve()}")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     raw = copy.deepcopy(raw)
+    given: dict[str, str] = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    return Params(raw=raw, root=path.resolve().parent)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        if not isinstance(raw, dict):
+            break  # validate_params reports it
+        _set_dotted(raw, key.strip(), parsed)
+        given[key.strip()] = item
+    return Params(raw=validate_params(raw, str(path), given), root=path.resolve().parent)

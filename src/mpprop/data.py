@@ -37,6 +37,14 @@ def inverse_transform(values: np.ndarray, spec: PropertySpec) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def natural_unit(spec: PropertySpec) -> str:
+    """Unit of the back-transformed value: log10(GPa) -> GPa."""
+    unit = spec.unit
+    if spec.transform == "log10" and unit.startswith("log10(") and unit.endswith(")"):
+        return unit[len("log10("):-1]
+    return unit
+
+
 def make_test_split(
     material_ids: np.ndarray, labelled: np.ndarray, test_fraction: float, seed: int
 ) -> dict[str, list[str]]:

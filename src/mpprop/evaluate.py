@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mpprop import stats
 from mpprop.config import Params, PropertySpec
 
 MODEL_FILE = "model.pt"
@@ -63,6 +64,22 @@ class PresetEvaluation:
             "best_val_mae": self.best_val_mae,
             "n_test": self.n_test,
         }
+
+    def quality(self, resamples: np.ndarray, top_percent: float, better: str | None) -> dict[str, Any]:
+        """Intervals and flags: what Table 2 needs to say how far a number can be trusted."""
+        out: dict[str, Any] = {}
+        ci = stats.bootstrap_metric(self.y_true, self.y_pred, stats.mae, resamples)
+        out.update(test_mae_low=ci.low, test_mae_high=ci.high)
+        if better is not None:
+            ci = stats.bootstrap_metric(self.y_true, self.y_pred,
+                                        stats.screening_metric(top_percent, better), resamples)
+            out.update(test_screening_low=ci.low, test_screening_high=ci.high)
+        out.update(
+            n_top=stats.n_top(self.n_test, top_percent),
+            prediction_spread_ratio=stats.prediction_spread_ratio(self.y_true, self.y_pred),
+            near_constant=stats.is_near_constant(self.y_true, self.y_pred),
+        )
+        return out
 
 
 def model_dir(params: Params, prop: str, preset: str) -> Path:
@@ -279,8 +296,14 @@ def evaluate_property(
     out_plots = plots_dir(params, prop)
     out_plots.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    evaluations: dict[str, PresetEvaluation] = {}
+    resamples = stats.bootstrap_resamples(
+        len(data.test_rows), int(params.raw["evaluate"]["bootstrap_resamples"]),
+        int(params.raw["evaluate"]["bootstrap_seed"]),
+    )
     for preset in presets:
         ev = evaluate_preset(params, ws, data, prop, preset)
+        evaluations[preset] = ev
         parity, curve, figure = (
             out_plots / f"parity_{preset}.csv",
             out_plots / f"screening_{preset}.csv",
@@ -291,16 +314,70 @@ def evaluate_property(
         plot_figure(figure, ev, spec, top_percent)
         if log_mlflow:
             log_to_training_run(params, ev, [figure, parity, curve])
-        results[preset] = ev.metrics()
+        results[preset] = {**ev.metrics(), **ev.quality(resamples, top_percent, spec.better),
+                           "budget": training_budget(params, prop, preset)}
+    results.update(paired_differences(evaluations, resamples, top_percent, spec.better))
     out = metrics_path(params, prop)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
+PAIRED_PREFIX = "paired:"  # metrics/<prop>.json keys of the paired differences
+
+
+def paired_differences(
+    evaluations: dict[str, PresetEvaluation], resamples: np.ndarray, top_percent: float,
+    better: str | None,
+) -> dict[str, dict[str, Any]]:
+    """Each preset minus the first (the baseline, e.g. tuned - xie), on the same resampled
+    test materials: MAE and screening differences with their intervals."""
+    names = list(evaluations)
+    out: dict[str, dict[str, Any]] = {}
+    base = evaluations[names[0]]
+    for name in names[1:]:
+        ev = evaluations[name]
+        d = stats.bootstrap_paired_difference(ev.y_true, ev.y_pred, base.y_pred, stats.mae,
+                                              resamples)
+        entry: dict[str, Any] = {"mae_diff": d.value, "mae_diff_low": d.low,
+                                 "mae_diff_high": d.high, "mae_diff_excludes_zero": d.excludes_zero}
+        if better is not None:
+            d = stats.bootstrap_paired_difference(
+                ev.y_true, ev.y_pred, base.y_pred, stats.screening_metric(top_percent, better),
+                resamples)
+            entry.update(screening_diff=d.value, screening_diff_low=d.low,
+                         screening_diff_high=d.high)
+        out[f"{PAIRED_PREFIX}{name}-{names[0]}"] = entry
+    return out
+
+
+def training_budget(params: Params, prop: str, preset: str) -> dict[str, Any]:
+    """What the preset's model cost: final epochs, train/val sizes, and for a tuned model the
+    study's trials and epochs per trial (from models/<prop>/<preset>/metrics.json and
+    tuned/<prop>.yaml)."""
+    import yaml
+
+    path = model_dir(params, prop, preset) / TRAIN_METRICS_FILE
+    train = json.loads(path.read_text()) if path.exists() else {}
+    budget: dict[str, Any] = {k: train.get(k) for k in ("epochs", "n_train", "n_val")}
+    tuned_file = params.best_params_path(prop)
+    if preset == "tuned" and tuned_file.exists():
+        tuned = yaml.safe_load(tuned_file.read_text())
+        budget.update(
+            tune_trials=(tuned.get("n_trials_complete") or 0) + (tuned.get("n_trials_pruned") or 0),
+            tune_trials_pruned=tuned.get("n_trials_pruned"),
+            tune_epochs_per_trial=tuned["hyperparams"].get("epochs"),
+        )
+    return budget
+
+
 def format_results(prop: str, results: dict[str, dict[str, Any]]) -> str:
     lines = [f"{prop}:"]
     for preset, m in results.items():
+        if preset.startswith(PAIRED_PREFIX):
+            lines.append(f"  {preset[len(PAIRED_PREFIX):]}: test MAE difference {m['mae_diff']:+.4g} "
+                         f"(95% {m['mae_diff_low']:+.4g} to {m['mae_diff_high']:+.4g}, paired)")
+            continue
         scr = m["test_screening_precision"]
         lines.append(
             f"  {preset:<8} test MAE {m['test_mae']:.4g}  screening "

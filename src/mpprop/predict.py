@@ -11,8 +11,9 @@ Inputs, any mix of:
 
 Every input row gives one output row per model: rows in = rows out. A row that cannot be
 read or predicted carries its error and an empty prediction; it never stops the batch.
-Structures reach the model as pymatgen-JSON in its `structure` column (the logged pyfunc's
-signature has only that column).
+Each structure is parsed and checked once and featurized once per graph setting, then every
+requested model runs on the same graphs (mpprop.inference); models are read from their
+bundle files only (no MLflow model loading, no unpickling).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -28,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
+from mpprop.bundle import BundleError, LoadedModel, load_model
 from mpprop.config import Params, PropertySpec
+from mpprop.data import inverse_transform, natural_unit
+from mpprop.inference import predict_structures
 
 OUTPUT_COLUMNS = ("id", "property", "prediction", "value", "unit", "model", "error")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -49,7 +53,7 @@ class PredictError(RuntimeError):
 @dataclass
 class InputRow:
     id: str
-    structure_json: str | None = None  # pymatgen Structure.as_dict() as JSON
+    structure: Any = None  # pymatgen Structure, parsed once for every model
     error: str = ""
 
 
@@ -104,7 +108,7 @@ def read_structure_file(path: Path, row_id: str) -> InputRow:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pymatgen's CIF parser warns a lot
                 structure = Structure.from_str(text, fmt=kind)
-        return InputRow(row_id, json.dumps(structure.as_dict()))
+        return InputRow(row_id, structure)
     except Exception as exc:  # noqa: BLE001 - reported in the row
         return InputRow(row_id, error=_error_text(exc))
 
@@ -126,20 +130,30 @@ def _open_text(path: Path) -> Any:
 
 
 def _jsonl_rows(path: Path) -> Iterator[InputRow]:
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            row_id = f"{path.name}:{lineno}"
-            try:
-                record = json.loads(line)
-                row_id = str(record.get("material_id") or row_id)
-                structure = record["structure"]
-                if not isinstance(structure, dict):
-                    raise ValueError("`structure` is not a pymatgen Structure dict")
-                yield InputRow(row_id, json.dumps(structure))
-            except Exception as exc:  # noqa: BLE001 - reported in the row
-                yield InputRow(row_id, error=_error_text(exc))
+    """One row per line; a file that cannot be read on (truncated or corrupt gzip, bytes
+    that are not UTF-8) ends with one error row naming the file and line, and the batch
+    goes on with the next input."""
+    from pymatgen.core import Structure
+
+    lineno = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                row_id = f"{path.name}:{lineno}"
+                try:
+                    record = json.loads(line)
+                    row_id = str(record.get("material_id") or row_id)
+                    structure = record["structure"]
+                    if not isinstance(structure, dict):
+                        raise ValueError("`structure` is not a pymatgen Structure dict")
+                    yield InputRow(row_id, Structure.from_dict(structure))
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    yield InputRow(row_id, error=_error_text(exc))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        yield InputRow(f"{path.name}:{lineno + 1}",
+                       error=f"cannot read {path} after line {lineno}: {_error_text(exc)}")
 
 
 def _snapshot_rows(folder: Path) -> tuple[int, Iterator[InputRow]]:
@@ -150,7 +164,7 @@ def _snapshot_rows(folder: Path) -> tuple[int, Iterator[InputRow]]:
     def rows() -> Iterator[InputRow]:
         for i, mid in enumerate(snap.material_id.tolist()):
             try:
-                yield InputRow(str(mid), json.dumps(snap.structure(i).as_dict()))
+                yield InputRow(str(mid), snap.structure(i))
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 yield InputRow(str(mid), error=_error_text(exc))
 
@@ -197,21 +211,32 @@ def open_source(path: Path) -> Source:
 @dataclass
 class RegisteredModel:
     prop: str
-    label: str  # e.g. mpprop-band_gap@champion v3
     uri: str
-    spec: PropertySpec
-    pyfunc: Any
+    loaded: LoadedModel  # label, weights, normalizer, spec: read with load_bundle only
+
+    @property
+    def label(self) -> str:
+        return self.loaded.label
+
+    @property
+    def spec(self) -> PropertySpec:
+        return self.loaded.spec
 
 
 def resolve_models(
     params: Params, prop: str, alias: str | None = None, version: int | None = None
 ) -> list[RegisteredModel]:
-    """Load `<prefix><prop>@alias` (or version N); prop 'all' = every property with the alias."""
+    """Load `<prefix><prop>@alias` (or version N); prop 'all' = every property with the alias.
+
+    Only the bundle file of each version is downloaded and read (torch weights_only): no
+    code or pickle from the model store runs.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from mpprop.registry import get_version_by_alias, registered_name
+    from mpprop.tracking import download_bundle
 
     mlflow.set_tracking_uri(params.tracking_uri())
     client = MlflowClient()
@@ -241,61 +266,33 @@ def resolve_models(
             label = f"{name}@{alias} v{mv.version}"
         # by version number, so the alias moving during the run cannot mix two models
         uri = f"models:/{name}/{mv.version}"
-        pyfunc = mlflow.pyfunc.load_model(uri)
-        # the model's own target spec (units, transform) is the one it was trained with
-        spec = pyfunc.unwrap_python_model().spec
-        models.append(RegisteredModel(p, label, uri, spec, pyfunc))
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                loaded = load_model(download_bundle(uri, tmp), label)
+            except BundleError as exc:
+                raise PredictError(f"{label}: {exc}") from exc
+        models.append(RegisteredModel(p, uri, loaded))
     if not models:
         raise PredictError(f"no registered model has the alias {alias!r}")
     return models
 
 
-def natural_unit(spec: PropertySpec) -> str:
-    """Unit of the back-transformed value: log10(GPa) -> GPa."""
-    unit = spec.unit
-    if spec.transform == "log10" and unit.startswith("log10(") and unit.endswith(")"):
-        return unit[len("log10("):-1]
-    return unit
-
-
-def _predict_frame(model: RegisteredModel, structures: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Predictions and per-row errors; a failure of the whole call never escapes."""
-    try:
-        out = model.pyfunc.predict(pd.DataFrame({"structure": structures}))
-        return out["prediction"].to_numpy(dtype=float), out["error"].fillna("").tolist()
-    except Exception as exc:  # noqa: BLE001 - reported in the row(s)
-        if len(structures) == 1:
-            return np.array([np.nan]), [_error_text(exc)]
-    # the whole batch failed (e.g. in graph building): isolate the bad rows one by one
-    preds, errors = np.full(len(structures), np.nan), [""] * len(structures)
-    for i, s in enumerate(structures):
-        p, e = _predict_frame(model, [s])
-        preds[i], errors[i] = p[0], e[0]
-    return preds, errors
-
-
 def predict_rows(
     models: list[RegisteredModel], rows: list[InputRow]
 ) -> list[dict[str, Any]]:
-    """Output rows (one per input row and model, input order) for one batch."""
-    from mpprop.data import inverse_transform
-
-    good = [i for i, r in enumerate(rows) if r.structure_json is not None and not r.error]
-    out_rows: list[list[dict[str, Any]]] = [[] for _ in rows]
-    for model in models:
-        preds = np.full(len(rows), np.nan)
-        errors = [r.error for r in rows]
-        if good:
-            p, e = _predict_frame(model, [rows[i].structure_json for i in good])
-            preds[good] = p
-            for i, err in zip(good, e, strict=True):
-                errors[i] = err
+    """Output rows (one per input row and model, input order) for one batch: structures are
+    checked and featurized once per graph setting, whatever the number of models."""
+    out = predict_structures([m.loaded for m in models], [r.structure for r in rows],
+                             [r.error for r in rows])
+    per_input: list[list[dict[str, Any]]] = [[] for _ in rows]
+    for model, preds in zip(models, out.values, strict=True):
         values = inverse_transform(preds, model.spec)
         for i, r in enumerate(rows):
-            ok = not errors[i] and np.isfinite(preds[i])
-            if not errors[i] and not ok:
-                errors[i] = "model returned a non-finite prediction"
-            out_rows[i].append(
+            error = out.errors[i]
+            ok = not error and np.isfinite(preds[i])
+            if not error and not ok:
+                error = "model returned a non-finite prediction"
+            per_input[i].append(
                 {
                     "id": r.id,
                     "property": model.prop,
@@ -303,10 +300,10 @@ def predict_rows(
                     "value": float(values[i]) if ok else None,
                     "unit": natural_unit(model.spec),
                     "model": model.label,
-                    "error": errors[i],
+                    "error": error,
                 }
             )
-    return [row for per_input in out_rows for row in per_input]
+    return [row for rows_of_input in per_input for row in rows_of_input]
 
 
 def _batches(rows: Iterable[InputRow], size: int) -> Iterator[list[InputRow]]:

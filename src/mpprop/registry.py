@@ -29,7 +29,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mpprop.bundle import BundleError, load_bundle
 from mpprop.config import GraphSettings, Params
+from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path
+from mpprop.snapshot import SnapshotError, load_metadata, sha256_file
+from mpprop.tracking import download_bundle, log_model, save_bundle, setup_mlflow
 
 TAG_PROPERTY = "mpprop.property"
 TAG_KIND = "mpprop.kind"
@@ -64,7 +68,6 @@ def registered_name(params: Params, prop: str) -> str:
 
 def current_snapshot_sha256(params: Params) -> str | None:
     """SHA-256 of the snapshot in data.snapshot_dir, or None where there is none here."""
-    from mpprop.snapshot import SnapshotError, load_metadata
 
     try:
         return str(load_metadata(params.snapshot_dir())["sha256"])
@@ -247,16 +250,20 @@ class Promotion:
 
 
 def _bundle_of(model_uri: str) -> dict[str, Any]:
-    """The bundle (hyperparams, graph settings, property) inside a logged pyfunc model.
+    """The bundle (hyperparams, graph settings, property) of a logged model, read from its
+    bundle file alone with torch weights_only (no model code or pickle from the store runs).
 
-    Loading it also proves the model loads before it is promoted.
+    Loading it also proves the weights load before the model is promoted.
     """
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().bundle
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return load_bundle(download_bundle(model_uri, tmp))[3]
+        except BundleError as exc:
+            raise RegistryError(f"candidate {model_uri} cannot be promoted: {exc}") from exc
 
 
 def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Promotion:
     """Register `prop`'s best model by validation MAE and point the champion alias at it."""
-    from mpprop.tracking import setup_mlflow
 
     setup_mlflow(params)
     client = client or MlflowClient()
@@ -341,9 +348,6 @@ def import_pretrained(
     Idempotent by checkpoint SHA-256: a checkpoint that already has a version is not
     registered again (the alias is pointed back at it if needed).
     """
-    from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path
-    from mpprop.snapshot import sha256_file
-    from mpprop.tracking import log_model, save_bundle, setup_mlflow
 
     setup_mlflow(params)
     client = client or MlflowClient()

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from mpprop.config import Params
+from mpprop.stats import MIN_TOP_MATERIALS, NEAR_CONSTANT_SPREAD
 
 MARKDOWN_FILE = "table2.md"
 CSV_FILE = "table2.csv"
 PROMOTED_FILE = "promoted.json"  # written by `mpprop promote`
+# per preset, the numbers of metrics/<prop>.json that the CSV carries
+CSV_METRICS = ("test_mae", "test_mae_low", "test_mae_high", "test_screening_precision",
+               "test_screening_low", "test_screening_high", "best_val_mae", "n_top",
+               "prediction_spread_ratio", "near_constant")
 # display precision: the paper's Table 2 gives MAEs to 3 decimals, screening to 2
 MAE_DECIMALS = 3
 SCREENING_DECIMALS = 2
@@ -58,6 +63,7 @@ class Row:
     n_test: int
     by_preset: dict[str, dict[str, Any]]  # preset -> metrics/<prop>.json entry
     champion: dict[str, Any] = field(default_factory=dict)
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # "tuned-xie" -> diffs
 
 
 def report_dir(params: Params) -> Path:
@@ -72,7 +78,7 @@ def _fmt(value: float | None, decimals: int) -> str:
 
 def collect_rows(params: Params) -> list[Row]:
     """One row per property of params `properties`, from metrics/<prop>.json."""
-    from mpprop.evaluate import default_presets, metrics_path
+    from mpprop.evaluate import PAIRED_PREFIX, default_presets, metrics_path
 
     presets = default_presets(params)
     promoted_file = report_dir(params) / PROMOTED_FILE
@@ -94,8 +100,10 @@ def collect_rows(params: Params) -> list[Row]:
         if len(n_tests) != 1:
             # every preset of a property is judged on the same fixed test set
             raise ReportError(f"{path}: presets were tested on different sets ({n_tests})")
+        paired = {k[len(PAIRED_PREFIX):]: v for k, v in results.items()
+                  if k.startswith(PAIRED_PREFIX)}
         rows.append(Row(prop, params.property_spec(prop).unit, n_tests.pop(),
-                        {p: results[p] for p in presets}, promoted.get(prop) or {}))
+                        {p: results[p] for p in presets}, promoted.get(prop) or {}, paired))
     if missing:
         raise ReportError(
             "no evaluation results for: " + ", ".join(missing) + "; run `mpprop evaluate`"
@@ -108,7 +116,10 @@ def _champion_text(champion: dict[str, Any]) -> str:
         return "-"
     text = f"v{champion.get('version', '?')}"
     source = champion.get("preset") or champion.get("kind")
-    return f"{text} ({source})" if source else text
+    text = f"{text} ({source})" if source else text
+    if champion.get("test_mae") is not None:
+        text += f", test MAE {champion['test_mae']:.{MAE_DECIMALS}f}"
+    return text
 
 
 def table_records(rows: list[Row], presets: list[str]) -> list[dict[str, Any]]:
@@ -116,10 +127,14 @@ def table_records(rows: list[Row], presets: list[str]) -> list[dict[str, Any]]:
     records = []
     for r in rows:
         rec: dict[str, Any] = {"property": r.prop, "unit": r.unit, "n_test": r.n_test}
-        for metric in ("test_mae", "test_screening_precision", "best_val_mae"):
+        for metric in CSV_METRICS:
             for p in presets:
                 rec[f"{metric}_{p}"] = r.by_preset[p].get(metric)
+        for pair, diffs in r.paired.items():
+            for key in ("mae_diff", "mae_diff_low", "mae_diff_high", "screening_diff"):
+                rec[f"{key}_{pair}"] = diffs.get(key)
         rec["champion_version"] = r.champion.get("version")
+        rec["champion_test_mae"] = r.champion.get("test_mae")
         rec["champion_run_id"] = r.champion.get("run_id")
         records.append(rec)
     return records
@@ -141,12 +156,52 @@ def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
+def _interval(m: dict[str, Any], key: str, low: str, high: str, decimals: int) -> str:
+    text = _fmt(m.get(key), decimals)
+    if m.get(low) is not None and m.get(high) is not None:
+        text += f" [{_fmt(m[low], decimals)}, {_fmt(m[high], decimals)}]"
+    return text
+
+
+def _budget_text(m: dict[str, Any]) -> str:
+    b = m.get("budget") or {}
+    parts = []
+    if b.get("tune_trials"):
+        parts.append(f"{b['tune_trials']} trials x {b.get('tune_epochs_per_trial', '?')} ep")
+    if b.get("epochs"):
+        parts.append(f"{b['epochs']} ep final")
+    return ", ".join(parts) or "-"
+
+
+def data_vintage(snapshot: dict[str, Any]) -> str:
+    """The data's own date where known (not the day it was read)."""
+    if snapshot.get("database_version"):
+        return f"MP database {snapshot['database_version']}"
+    if snapshot.get("data_vintage"):
+        return str(snapshot["data_vintage"])
+    return f"unknown (read {snapshot.get('snapshot_date', '?')})"
+
+
+def row_warnings(r: Row, presets: list[str], top_percent: float) -> list[str]:
+    """What makes a row's numbers weak: too few top materials, near-constant predictions."""
+    notes = []
+    n_top = next((r.by_preset[p].get("n_top") for p in presets if r.by_preset[p].get("n_top")), None)
+    screened = any(r.by_preset[p].get("test_screening_precision") is not None for p in presets)
+    if screened and n_top is not None and n_top < MIN_TOP_MATERIALS:
+        notes.append(f"only {n_top} materials in the top {top_percent:g}%: screening is noise")
+    flat = [p for p in presets if r.by_preset[p].get("near_constant")]
+    if flat:
+        notes.append(f"near-constant predictions: {', '.join(flat)} (spread < "
+                     f"{100 * NEAR_CONSTANT_SPREAD:g}% of the targets')")
+    return notes
+
+
 def to_markdown(
     rows: list[Row], presets: list[str], top_percent: float, test_fraction: float,
     snapshot: dict[str, Any],
 ) -> str:
     where = (
-        f"MP snapshot {snapshot.get('snapshot_date', '?')} "
+        f"Data: {data_vintage(snapshot)}; snapshot read {snapshot.get('snapshot_date', '?')} "
         f"(sha256 {str(snapshot.get('sha256', '?'))[:12]}, {snapshot.get('n_records', '?')} "
         f"records, source {snapshot.get('source', '?')})"
         if snapshot else "MP snapshot: unknown"
@@ -158,21 +213,34 @@ def to_markdown(
         "records. "
         f"Screening: of the materials a model puts in the top {top_percent:g}% (by the "
         "property's better direction), the percentage truly in the top "
-        f"{top_percent:g}%. MAE in the unit column.",
+        f"{top_percent:g}%. MAE in the unit column. [a, b]: 95% bootstrap interval over the "
+        "test materials; differences are paired (both models on the same resampled "
+        "materials), * where the interval excludes zero.",
         "",
     ]
-    header = ["property", "unit", "n_test"]
-    header += [f"MAE {p}" for p in presets] + [f"screening {p} (%)" for p in presets]
-    header += ["champion"]
-    body = []
+    pairs = sorted({k for r in rows for k in r.paired})
+    header = ["property", "unit", "n_test"] + [f"budget {p}" for p in presets]
+    header += [f"MAE {p}" for p in presets] + [f"MAE {k}" for k in pairs]
+    header += [f"screening {p} (%)" for p in presets] + ["champion"]
+    body, notes = [], []
     for r in rows:
         cells = [r.prop, r.unit, str(r.n_test)]
-        cells += [_fmt(r.by_preset[p]["test_mae"], MAE_DECIMALS) for p in presets]
-        cells += [_fmt(r.by_preset[p]["test_screening_precision"], SCREENING_DECIMALS)
-                  for p in presets]
+        cells += [_budget_text(r.by_preset[p]) for p in presets]
+        cells += [_interval(r.by_preset[p], "test_mae", "test_mae_low", "test_mae_high",
+                            MAE_DECIMALS) for p in presets]
+        for k in pairs:
+            d = r.paired.get(k)
+            cells.append("-" if d is None else (
+                f"{d['mae_diff']:+.{MAE_DECIMALS}f} [{d['mae_diff_low']:+.{MAE_DECIMALS}f}, "
+                f"{d['mae_diff_high']:+.{MAE_DECIMALS}f}]" + (" *" if d["mae_diff_excludes_zero"] else "")))
+        cells += [_interval(r.by_preset[p], "test_screening_precision", "test_screening_low",
+                            "test_screening_high", SCREENING_DECIMALS - 1) for p in presets]
         cells.append(_champion_text(r.champion))
         body.append(cells)
+        notes += [f"- {r.prop}: {w}" for w in row_warnings(r, presets, top_percent)]
     lines += _md_table(header, body)
+    if notes:
+        lines += ["", "Warnings:", "", *notes]
     lines += [
         "",
         "## Reference: the paper's Table 2",
@@ -218,15 +286,18 @@ def log_report(params: Params, rows: list[Row], presets: list[str], files: list[
     for r in rows:
         metrics[f"{r.prop}.n_test"] = float(r.n_test)
         for p in presets:
-            for metric in ("test_mae", "test_screening_precision", "best_val_mae"):
+            for metric in CSV_METRICS:
                 value = r.by_preset[p].get(metric)
                 if value is not None:
                     metrics[f"{r.prop}.{p}.{metric}"] = float(value)
+        for pair, diffs in r.paired.items():
+            metrics[f"{r.prop}.{pair}.mae_diff"] = float(diffs["mae_diff"])
     with mlflow.start_run(run_name="report") as run:
         mlflow.set_tags({
             "mpprop.kind": "report",
             "snapshot_sha256": snapshot.get("sha256", ""),
             "snapshot_date": snapshot.get("snapshot_date", ""),
+            "data_vintage": data_vintage(snapshot) if snapshot else "",
         })
         mlflow.log_params({
             "properties": ",".join(r.prop for r in rows),

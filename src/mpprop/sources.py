@@ -20,7 +20,9 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,12 +35,14 @@ from pymatgen.core import Structure
 from tqdm import tqdm
 
 from mpprop.config import ConfigError, Params, PropertySpec
+from mpprop.graphs import known_elements
 from mpprop.snapshot import Snapshot, save_snapshot, sha256_file, structure_problem
 
 log = logging.getLogger(__name__)
 
 # record-level reasons (the whole record is left out), in report order
 RECORD_REASONS = (
+    "unreadable_line",  # not UTF-8 text: the example says file:line
     "unparsable_record",
     "missing_material_id",
     "duplicate_material_id",
@@ -47,6 +51,7 @@ RECORD_REASONS = (
     "no_sites",
     "disordered_sites",
     "unsupported_species",
+    "unsupported_element",  # no CGCNN atom features (elements 101-118)
     "invalid_geometry",
     "lacks_required_property",  # data.require_property is set and the record has no value
 )
@@ -64,6 +69,12 @@ KNOWN_FILE_FUNCTIONALS = {
 }
 # search() arguments that fetch sets itself; criteria must not override them
 RESERVED_CRITERIA = {"fields", "all_fields", "num_chunks", "chunk_size"}
+# HTTP answers worth retrying: the client's own list (429, 502, 504) plus 503, which MP's
+# gateway gives while it is overloaded or restarting; urllib3 sleeps
+# backoff * 2**(retry - 1) between tries (none before the first), or what Retry-After says
+MP_API_RETRY_STATUSES = (429, 502, 503, 504)
+MP_API_MAX_RETRIES = 4
+MP_API_BACKOFF_FACTOR = 0.5  # seconds; tests make it small
 
 
 class FetchError(RuntimeError):
@@ -89,6 +100,8 @@ class _Candidate:
     structure: Any  # Structure.as_dict(), a CIF path, or None
     values: dict[str, Any]  # property key -> raw value as found (None = absent)
     unparsable: bool = False  # the record itself could not be read
+    reason: str = "unparsable_record"  # why, for an unparsable record
+    where: str | None = None  # "file:line" of a file record, for the examples
 
 
 @dataclass
@@ -136,7 +149,10 @@ def _label(value: Any, spec: PropertySpec) -> tuple[float, str | None]:
     # bool is an int subclass; a True/False label is a data error, not 1/0
     if isinstance(value, bool) or not isinstance(value, int | float):
         return math.nan, "non_numeric"
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer literal beyond float range (json gives an int)
+        return math.nan, "non_finite"
     if not math.isfinite(v):
         return math.nan, "non_finite"
     if spec.transform == "log10" and v <= 0:
@@ -164,39 +180,82 @@ def _check_structure(
 
 # ---------------------------------------------------------------- file sources
 def _open_text(path: Path) -> Any:
+    # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its line instead
+    # of ending the whole read, so that line alone is counted (see _read_lines)
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+    return open(path, encoding="utf-8", errors="surrogateescape")
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of the non-blank lines; text None for a line that is not UTF-8.
+
+    A file that cannot be read to its end (not gzip although named .gz, a gzip stream cut
+    short, corrupt compressed data, an I/O error) is a FetchError naming the file and how far
+    it got: a snapshot of part of a file would look complete.
+    """
+    n_records, lineno = 0, 0
+    try:
+        with _open_text(path) as fh:  # streamed: one line in memory at a time
+            for lineno, line in enumerate(fh, 1):  # noqa: B007 - lineno is used below
+                if not line.strip():
+                    continue
+                n_records += 1
+                try:
+                    line.encode("utf-8")  # lone surrogates (escaped bad bytes) refuse this
+                except UnicodeEncodeError:
+                    yield lineno, None
+                    continue
+                yield lineno, line
+    except EOFError as err:
+        raise FetchError(
+            f"{path}: the gzip stream ends early (truncated file?): {n_records} records "
+            f"read before the end (line {lineno}); nothing written"
+        ) from err
+    except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        if isinstance(err, gzip.BadGzipFile):
+            what = "not a valid gzip file"
+        elif isinstance(err, zlib.error):
+            what = "corrupt gzip data"
+        else:
+            what = "read error"
+        raise FetchError(
+            f"{path}: {what} ({err}) after {n_records} records (line {lineno}); "
+            "nothing written"
+        ) from err
 
 
 def _jsonl_source(path: Path, specs: dict[str, PropertySpec]) -> _Source:
     def iterate() -> Iterator[_Candidate]:
-        with _open_text(path) as fh:  # streamed: one line in memory at a time
-            index = 0
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    rec = None
-                if not isinstance(rec, dict):
-                    yield _Candidate(index, None, None, {}, unparsable=True)
-                else:
-                    values = {k: _dotted(rec, s.field) for k, s in specs.items()}
-                    yield _Candidate(index, rec.get("material_id"), rec.get("structure"), values)
-                index += 1
+        for index, (lineno, line) in enumerate(_read_lines(path)):
+            where = f"{path.name}:{lineno}"
+            if line is None:
+                yield _Candidate(index, None, None, {}, unparsable=True,
+                                 reason="unreadable_line", where=where)
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:  # also an integer literal beyond int() digit limits
+                rec = None
+            if not isinstance(rec, dict):
+                yield _Candidate(index, None, None, {}, unparsable=True, where=where)
+            else:
+                values = {k: _dotted(rec, s.field) for k, s in specs.items()}
+                yield _Candidate(index, rec.get("material_id"), rec.get("structure"), values)
 
     def count() -> int:
-        with _open_text(path) as fh:
-            return sum(1 for line in fh if line.strip())
+        return sum(1 for _ in _read_lines(path))
 
     return _Source(iterate, Structure.from_dict, count)
 
 
 def _read_id_prop(folder: Path) -> list[list[str]]:
-    with open(folder / "id_prop.csv", newline="", encoding="utf-8") as fh:
-        return [row for row in csv.reader(fh) if row and any(c.strip() for c in row)]
+    path = folder / "id_prop.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return [row for row in csv.reader(fh) if row and any(c.strip() for c in row)]
+    except UnicodeDecodeError as err:
+        raise FetchError(f"{path}: not UTF-8 text ({err}); nothing written") from err
 
 
 def _csv_value(text: str | None) -> Any:
@@ -260,6 +319,8 @@ def _collect(
         rank[perm] = np.arange(n_total)
     out = _Collected([], [], [])
     valid: list[tuple[int, int, str, _Arrays, dict[str, Any]]] = []
+    known = np.zeros(256, dtype=bool)  # atomic numbers with CGCNN atom features
+    known[known_elements()] = True
     lo, hi = 0, (max_records if rank is not None else None)
 
     def exclude(reason: str, example: str) -> None:
@@ -280,7 +341,7 @@ def _collect(
             if cand.unparsable:
                 if in_window:
                     out.n_examined += 1
-                    exclude("unparsable_record", f"#{cand.index}")
+                    exclude(cand.reason, cand.where or f"#{cand.index}")
                 continue
             mid = None if cand.material_id is None else str(cand.material_id).strip() or None
             if mid is not None and mid not in seen:
@@ -305,9 +366,13 @@ def _collect(
                 exclude(reason, mid)
                 continue
             assert structure is not None
+            z = np.array([sp.Z for sp in structure.species], dtype=np.int16)
+            if not known[z].all():  # featurize could not make its graph
+                exclude("unsupported_element", mid)
+                continue
             arrays = (
                 np.array(structure.lattice.matrix, dtype=np.float64),
-                np.array([sp.Z for sp in structure.species], dtype=np.int16),
+                z,
                 np.array(structure.frac_coords, dtype=np.float64),
             )
             valid.append((r, cand.index, mid, arrays, cand.values))
@@ -534,6 +599,8 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
         "properties": props,
         "property_fields": {p: specs[p].field for p in props},
         "database_version": None,
+        # the data's own date (the day it was read is snapshot_date): from params for a file
+        "data_vintage": data.get("vintage"),
     }
     in_source = list(props)
 

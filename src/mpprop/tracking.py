@@ -4,22 +4,27 @@ structures (what the registry serves and `mlflow models serve` answers with)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from mpprop.config import GraphSettings, Hyperparams, Params, PropertySpec
-from mpprop.model import CrystalGraphConvNet, Normalizer
+from mpprop.bundle import BundleError, load_bundle, load_model, save_bundle
+from mpprop.config import Params
 
 MODEL_ARTIFACT = "checkpoint"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# the reviewed file MLflow logs as the model's code (models-from-code)
+PYFUNC_CODE = PACKAGE_DIR / "mlflow_model.py"
+# re-exported: the stages save and load bundles through the run contract's module
+__all__ = ["BundleError", "load_bundle", "save_bundle"]
 STRUCTURE_COLUMNS = ("structure", "cif", "poscar")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def setup_mlflow(params: Params, experiment: str | None = None) -> str:
@@ -38,41 +43,12 @@ def setup_mlflow(params: Params, experiment: str | None = None) -> str:
             mlflow.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
             pass  # another worker created it first
-    return mlflow.set_experiment(name).experiment_id
-
-
-def save_bundle(
-    path: str | Path,
-    model: CrystalGraphConvNet,
-    normalizer: Normalizer,
-    spec: PropertySpec,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Everything needed to predict: weights, normalizer, hyperparameters, graph settings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "normalizer": normalizer.state_dict(),
-            "hyperparams": model.hyperparams.as_dict(),
-            "graph_settings": asdict(model.graph_settings),
-            "property": asdict(spec),
-            "extra": extra or {},
-        },
-        path,
-    )
-    return path
-
-
-def load_bundle(path: str | Path) -> tuple[CrystalGraphConvNet, Normalizer, PropertySpec, dict]:
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    model = CrystalGraphConvNet(
-        Hyperparams(**data["hyperparams"]), GraphSettings(**data["graph_settings"])
-    )
-    model.load_state_dict(data["state_dict"])
-    model.eval()
-    return model, Normalizer(**data["normalizer"]), PropertySpec(**data["property"]), data
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        # the MLflow UI opens the experiment in its model-training view (runs, metrics)
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def parse_structure_cell(value: Any, kind: str):
@@ -88,70 +64,97 @@ def parse_structure_cell(value: Any, kind: str):
 
 
 class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
-    """Predicts a property from crystal structures.
+    """Predicts a property from crystal structures (what `mlflow models serve` answers with).
 
     Input: a DataFrame with one of the columns `structure` (pymatgen Structure dict or its
     JSON text), `cif` or `poscar` (file text). Output: a DataFrame with `prediction` in the
-    model's target units (e.g. log10 GPa for moduli) and `error` (empty where it worked);
-    a structure that cannot be parsed or featurized gets NaN and its error, the rest go on.
+    model's target units (e.g. log10 GPa for moduli), `value` and `unit` in natural units
+    (GPa), and `error` (empty where it worked); a structure that cannot be parsed or
+    featurized gets NaN and its error, the rest go on.
+
+    Logged as code (models-from-code: src/mpprop/mlflow_model.py), never as a pickle; the
+    weights come from the bundle artifact through `load_bundle` (weights_only=True).
     """
 
     def load_context(self, context: Any) -> None:
-        self.model, self.normalizer, self.spec, self.bundle = load_bundle(
-            context.artifacts[MODEL_ARTIFACT]
-        )
+        self.loaded = load_model(context.artifacts[MODEL_ARTIFACT], label="pyfunc")
+        self.spec = self.loaded.spec
+        self.bundle = self.loaded.bundle
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):
-        from mpprop.graphs import graphs_from_structures, known_elements
-        from mpprop.snapshot import structure_problem
-        from mpprop.training import predict
+        from mpprop.data import inverse_transform, natural_unit
+        from mpprop.inference import predict_structures
 
         kind = next((c for c in STRUCTURE_COLUMNS if c in model_input.columns), None)
         if kind is None:
             raise ValueError(f"input needs one of the columns {', '.join(STRUCTURE_COLUMNS)}")
-        known = set(known_elements().tolist())
-        structures, rows, errors = [], [], [""] * len(model_input)
-        for i, value in enumerate(model_input[kind].tolist()):
+        structures: list[Any] = []
+        errors: list[str] = []
+        for value in model_input[kind].tolist():
             try:
-                s = parse_structure_cell(value, kind)
-                problem = structure_problem(s)
-                if problem:
-                    raise ValueError(f"unusable structure: {problem.replace('_', ' ')}")
-                unknown = {sp.symbol for sp in s.species if sp.Z not in known}
-                if unknown:
-                    raise ValueError(
-                        f"element(s) {', '.join(sorted(unknown))} outside the CGCNN feature table"
-                    )
-                structures.append(s)
-                rows.append(i)
+                structures.append(parse_structure_cell(value, kind))
+                errors.append("")
             except Exception as exc:  # noqa: BLE001 - reported per row, the batch goes on
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        preds = np.full(len(model_input), np.nan)
-        if structures:
-            cache = graphs_from_structures(structures, self.model.graph_settings)
-            preds[rows] = predict(self.model, self.normalizer, cache)
-        return pd.DataFrame({"prediction": preds, "error": errors})
+                structures.append(None)
+                errors.append(f"{type(exc).__name__}: {exc}")
+        out = predict_structures([self.loaded], structures, errors)
+        preds = out.values[0]
+        return pd.DataFrame({
+            "prediction": preds,
+            "value": inverse_transform(preds, self.spec),
+            "unit": natural_unit(self.spec),
+            "error": out.errors,
+        })
 
 
 def model_signature() -> ModelSignature:
     """One of the structure columns is given per request; each is optional in the schema."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", c, required=False) for c in STRUCTURE_COLUMNS]),
-        outputs=Schema([ColSpec("double", "prediction"), ColSpec("string", "error")]),
+        outputs=Schema([ColSpec("double", "prediction"), ColSpec("double", "value"),
+                        ColSpec("string", "unit"), ColSpec("string", "error")]),
     )
+
+
+def served_requirements() -> list[str]:
+    """What a served environment installs; mpprop itself travels as code (code_paths)."""
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pymatgen",
+            "pyyaml", "pydantic>=2", "tqdm", f"mlflow=={mlflow.__version__}", "ninja"]
 
 
 def log_model(bundle_path: Path, name: str = "model") -> str:
-    """Log the bundle as an MLflow pyfunc model in the active run; returns its URI."""
+    """Log the bundle as an MLflow pyfunc model (models-from-code) in the active run."""
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=CGCNNPyfunc(),
+        python_model=str(PYFUNC_CODE),
         artifacts={MODEL_ARTIFACT: str(bundle_path)},
+        code_paths=[str(PACKAGE_DIR)],
         signature=model_signature(),
         input_example=pd.DataFrame({"structure": [_example_structure_json()]}),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pymatgen", "mpprop"],
+        pip_requirements=served_requirements(),
     )
     return info.model_uri
+
+
+def download_bundle(model_uri: str, dst: str | Path) -> Path:
+    """The bundle file of a logged model, downloaded into `dst`, without loading the model.
+
+    mpprop's own paths (promote, predict) read only this file, with `load_bundle`: whatever
+    else a run in the store holds (a pickle, another MLmodel) is never executed. The MLmodel
+    file is read with yaml.safe_load to find the bundle's path.
+    """
+    import yaml
+
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    mlmodel = yaml.safe_load((root / "MLmodel").read_text())
+    try:
+        rel = mlmodel["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{model_uri} is not an mpprop model (no {MODEL_ARTIFACT} artifact)") from exc
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleError(f"{model_uri}: artifact path {rel!r} leaves the model folder")
+    return path
 
 
 def _example_structure_json() -> str:

@@ -6,7 +6,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -185,6 +185,25 @@ def evaluate(
     }
 
 
+def final_hyperparams(params: Params, prop: str, preset: str,
+                      overrides: dict[str, Any] | None = None) -> Hyperparams:
+    """The hyperparameters `mpprop train` uses for a preset.
+
+    The tuned preset trains for `tune.final_epochs` (null: the Xie preset's epochs), so both
+    columns of Table 2 have the same final-training budget; its LR decay epoch, found for the
+    study's epochs per trial, moves in proportion. Explicit overrides win.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    hp = params.hyperparams(preset, prop, **overrides)
+    if preset != "tuned" or "epochs" in overrides:
+        return hp
+    final = params.tune.get("final_epochs") or params.raw["presets"]["xie"]["epochs"]
+    decay = hp.lr_decay_epoch
+    if "lr_decay_epoch" not in overrides:
+        decay = max(1, round(hp.lr_decay_epoch * final / hp.epochs))
+    return replace(hp, epochs=int(final), lr_decay_epoch=int(decay))
+
+
 def train_property(
     params: Params,
     prop: str,
@@ -202,7 +221,7 @@ def train_property(
     from mpprop.tracking import log_model, save_bundle, setup_mlflow
 
     set_torch_threads(params.train.get("torch_threads"))
-    hp = params.hyperparams(preset, prop, **(overrides or {}))
+    hp = final_hyperparams(params, prop, preset, overrides)
     graph = params.graph_settings()
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
@@ -253,6 +272,9 @@ def train_property(
         metrics: dict[str, Any] = {
             "best_val_mae": result.best_val_mae,
             "best_epoch": result.best_epoch,
+            "epochs": hp.epochs,
+            "n_train": len(tr),
+            "n_val": len(va),
             "seconds_per_epoch": float(np.mean([h.seconds for h in result.history])),
             **evaluate(result, data, params.train["screening_top_percent"],
                        params.predict["batch_size"]),

@@ -54,6 +54,8 @@ TRIAL_EPOCHS = "epochs"
 TRIAL_MODEL_URI = "model_uri"
 TRIAL_ERROR = "error"
 TRIAL_ENQUEUED = "enqueued_baseline"
+# what the study minimises (shown by optuna-dashboard and in `study.metric_names`)
+OBJECTIVE_NAME = "best_val_mae"
 # MLflow tag with the trial state; the key MLflowCallback uses, so both writers agree
 STATE_TAG = "state"
 
@@ -327,6 +329,16 @@ def storage_url(url: str) -> str:
     return url
 
 
+def study_storage(params: Params, prop: str, override: str | None = None) -> str:
+    """The study's storage URL: `--storage` or `tune.storage`, `{property}` filled in; the
+    folder of a SQLite file is made."""
+    url = params.optuna_storage(override).replace("{property}", prop)
+    prefix = "sqlite:///"
+    if url.startswith(prefix):
+        Path(url[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
 def open_storage(
     params: Params, url: str, stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None
 ) -> optuna.storages.RDBStorage:
@@ -513,6 +525,46 @@ def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
     return run.info.run_id
 
 
+def trial_run_name(prop: str, trial: FrozenTrial) -> str:
+    """`<property> trial <n> (searched values)`: readable in the MLflow run list."""
+    p = trial.params
+    if not p:
+        return f"{prop} trial {trial.number}"
+    arch = "/".join(str(p.get(k, "?")) for k in ("atom_fea_len", "h_fea_len"))
+    return (f"{prop} trial {trial.number} (conv {p.get('n_conv', '?')}, h {p.get('n_h', '?')}, "
+            f"{arch}, {p.get('optimizer', '?')} lr {p.get('lr', '?')}, decay "
+            f"{p.get('lr_decay_epoch', '?')})")
+
+
+def name_trial_run(trial: FrozenTrial, prop: str) -> None:
+    """Name the trial's MLflow run and describe it (MLflowCallback names it by number only)."""
+    import mlflow
+    from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
+
+    run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
+    if not run_id:
+        return
+    client = mlflow.MlflowClient()
+    client.update_run(run_id, name=trial_run_name(prop, trial))
+    described = ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items()))
+    baseline = " Enqueued baseline (tune.enqueue)." if trial.user_attrs.get(TRIAL_ENQUEUED) else ""
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"Optuna trial {trial.number}, {trial.state.name}: {described}.{baseline}")
+
+
+def log_study_summary(study: optuna.Study) -> None:
+    """The study's parent run (active): best value and trial counts so far."""
+    import mlflow
+
+    summary = study_summary(study)
+    metrics = {k: float(summary[k]) for k in (
+        "n_trials_complete", "n_trials_pruned", "n_trials_failed", "epochs_run")}
+    if summary["best_val_mae"] is not None:
+        metrics["best_val_mae"] = float(summary["best_val_mae"])
+        mlflow.set_tag("best_trial", str(summary["best_trial"]))
+    mlflow.log_metrics(metrics)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Our one line per trial replaces Optuna's log; notices that MLflow would repeat for
@@ -575,7 +627,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     space = search_space(params)
     study_name = study_name or f"mpprop-{prop}"
-    url = storage_url(params.optuna_storage(storage))
+    url = storage_url(study_storage(params, prop, storage))
     set_torch_threads(params.train.get("torch_threads"))
 
     ws = open_workspace(params)
@@ -608,6 +660,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
             sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
             pruner=make_pruner(params, prune), load_if_exists=True,
         )
+        if not study.metric_names:
+            study.set_metric_names([OBJECTIVE_NAME])
         if ATTR_EPOCHS in study.user_attrs and epochs is None:
             epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
         epochs = int(epochs if epochs is not None else tune["epochs"])
@@ -628,6 +682,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         tag_trial_user_attrs=True,
     )
     seed_base = int(tune["sampler_seed"])
+    every = int(tune.get("progress_every") or 0)
     val_fraction = float(params.split["val_fraction"])
 
     @mlflc.track_in_mlflow()
@@ -658,6 +713,9 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
                 {"val_mae": s.val_mae, "train_mae": s.train_mae, "epoch_seconds": s.seconds},
                 step=s.epoch,
             )
+            if every and (s.epoch % every == 0 or s.epoch == epochs):
+                echo(f"  trial {trial.number:>4} epoch {s.epoch}/{epochs} val_mae {s.val_mae:.4g} "
+                     f"({s.seconds:.1f} s/epoch)")
             trial.report(s.val_mae, s.epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val MAE {s.val_mae:.4g} at epoch {s.epoch}")
@@ -687,6 +745,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         return result.best_val_mae
 
     def progress(study: optuna.Study, trial: FrozenTrial) -> None:
+        name_trial_run(trial, prop)
         echo(format_trial_line(study, trial, epochs))
 
     # a diverged run (NaN loss) or an out-of-memory model is a failed trial, not a dead worker
@@ -729,6 +788,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
                 claim.release()
         status = "FINISHED"
     finally:
+        with contextlib.suppress(Exception):  # a summary must not hide why the worker stopped
+            log_study_summary(study)
         mlflow.end_run(status=status)
         claim.dispose()
         init_lock.dispose()

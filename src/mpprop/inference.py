@@ -1,0 +1,94 @@
+"""Inference below MLflow: structures checked once, graphs built once per graph setting,
+every model run on them. Used by `mpprop predict` and by the served MLflow model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pymatgen.core import Structure
+
+from mpprop.bundle import LoadedModel
+from mpprop.config import GraphSettings
+from mpprop.graphs import graphs_from_structures, known_elements
+from mpprop.snapshot import structure_problem
+from mpprop.training import predict
+
+
+@dataclass
+class Predictions:
+    """Per model (in the order given) predictions in model units; NaN where a structure
+    failed; `errors[i]` says why structure i failed ('' where it worked)."""
+
+    values: list[np.ndarray]
+    errors: list[str]
+
+
+def structure_error(structure: Structure) -> str:
+    """Why a structure cannot be predicted ('' if it can): the fetch checks plus the
+    elements the CGCNN feature table covers."""
+    problem = structure_problem(structure)
+    if problem:
+        return f"unusable structure: {problem.replace('_', ' ')}"
+    known = _known_elements()
+    unknown = {sp.symbol for sp in structure.species if sp.Z not in known}
+    if unknown:
+        return f"element(s) {', '.join(sorted(unknown))} outside the CGCNN feature table"
+    return ""
+
+
+def _known_elements() -> set[int]:
+    return set(known_elements().tolist())
+
+
+def _graphs(structures: list[Structure], settings: GraphSettings, rows: list[int],
+            errors: list[str]):
+    """Graphs of structures[rows]; a structure whose graph fails gets its error, not the batch."""
+    try:
+        return graphs_from_structures([structures[i] for i in rows], settings), rows
+    except Exception:  # noqa: BLE001 - isolate the bad structure(s) one by one
+        pass
+    kept = []
+    for i in rows:
+        try:
+            graphs_from_structures([structures[i]], settings)
+            kept.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            errors[i] = f"graph: {type(exc).__name__}: {exc}"
+    if not kept:
+        return None, kept
+    return graphs_from_structures([structures[i] for i in kept], settings), kept
+
+
+def predict_structures(
+    models: Sequence[LoadedModel], structures: Sequence[Structure | None],
+    errors: Sequence[str] | None = None, batch_size: int = 512,
+) -> Predictions:
+    """Every model on every usable structure; None entries (unreadable input) and given
+    errors are passed through as failed rows."""
+    errs = list(errors) if errors is not None else [""] * len(structures)
+    items = list(structures)
+    for i, s in enumerate(items):
+        if s is None:
+            errs[i] = errs[i] or "no structure"
+        elif not errs[i]:
+            errs[i] = structure_error(s)
+    usable = [i for i, s in enumerate(items) if s is not None and not errs[i]]
+    values = [np.full(len(items), np.nan) for _ in models]
+    by_setting: dict[GraphSettings, list[int]] = {}
+    for k, m in enumerate(models):
+        by_setting.setdefault(m.graph_settings, []).append(k)
+    for settings, model_ids in by_setting.items():
+        setting_errors = list(errs)
+        cache, rows = _graphs(items, settings, usable, setting_errors)
+        for i in usable:
+            if setting_errors[i]:
+                errs[i] = setting_errors[i]
+        if cache is None:
+            continue
+        for k in model_ids:
+            m = models[k]
+            values[k][rows] = predict(m.model, m.normalizer, cache, batch_size=batch_size)
+    return Predictions(values, errs)

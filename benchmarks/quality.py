@@ -138,6 +138,7 @@ def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict,
     import torch
 
     from mpprop.data import open_workspace, property_data, train_val_split
+    from mpprop.losses import LossSettings
     from mpprop.training import EpochStats, fit_on_pool, predict
 
     torch.set_num_threads(1)
@@ -155,7 +156,7 @@ def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict,
 
     t0 = time.perf_counter()
     result = fit_on_pool(hparams, params.graph_settings(), data, tr, va, seed, progress,
-                         params.predict["batch_size"])
+                         params.predict["batch_size"], LossSettings.from_train(params.train))
     pred = predict(result.model, result.normalizer, data.cache, data.test_rows,
                    params.predict["batch_size"])
     record = {"preset": preset, "seed": seed, "hyperparams": hp,

@@ -17,6 +17,8 @@ envelope as the client expects (read from mp_api 0.46.5, `client/core/client.py`
 - The data endpoints require an `x-api-key` header of 32 characters (HTTP 401 otherwise).
 - URLs longer than `max_url_length` get HTTP 414, as from MP's gateway; the client then
   splits comma-separated lists into batches (its `_submit_requests`).
+- `busy={path: n}`: the first n requests to that path (e.g. "/materials/summary/",
+  "/heartbeat") get HTTP 503 Service Unavailable, as from a busy or restarting gateway.
 
 Documents are built from records with MP summary field names (the shared snapshot's format).
 To model the functional trap of current MP summary documents (DESIGN.md §4), the summary
@@ -204,11 +206,14 @@ class MPAPIServer:
         db_version: str = "2020_09_08",
         summary_energy_shift: float = -10.0,
         max_url_length: int = 8190,
+        busy: dict[str, int] | None = None,
     ) -> None:
         if records is None:
             records = load_records(limit=500)
         self.db_version = db_version
         self.max_url_length = max_url_length
+        self.busy = dict(busy or {})  # path -> 503 answers still to give
+        self.statuses: list[tuple[str, int]] = []  # (path, status) as answered
         self.summary = [summary_doc(r, summary_energy_shift) for r in records]
         self.thermo = [d for r in records for d in thermo_docs(r, summary_energy_shift)]
         self.requests: list[tuple[str, dict[str, str]]] = []  # (path, params) as received
@@ -256,6 +261,8 @@ class MPAPIServer:
 
     # ---- request handling
     def _reply(self, h: BaseHTTPRequestHandler, status: int, body: Any) -> None:
+        with self._lock:
+            self.statuses.append((urlsplit(h.path).path, status))
         payload = json.dumps(body).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
@@ -268,6 +275,12 @@ class MPAPIServer:
         params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         with self._lock:
             self.requests.append((url.path, params))
+            busy = self.busy.get(url.path, 0) > 0
+            if busy:
+                self.busy[url.path] -= 1
+        if busy:
+            self._reply(h, 503, {"detail": "Service Unavailable"})
+            return
         try:
             if len(h.path) > self.max_url_length:
                 raise _BadRequest(414, "Request-URI Too Long")

@@ -16,6 +16,7 @@ from conftest import require_shared_data
 from mp_api_server import GGA, MPAPIServer, load_records
 from pymatgen.core import Lattice, Structure
 
+from mpprop import sources
 from mpprop.config import Params, load_params
 from mpprop.snapshot import SnapshotError, load_snapshot, sha256_file
 from mpprop.sources import FetchError, fetch_snapshot, format_fetch_summary
@@ -384,3 +385,42 @@ def test_default_out_dir_and_no_valid_records(tmp_path):
     params.raw["data"]["path"] = str(ok)
     fetch_snapshot(params, progress=False)
     assert (tmp_path / "data" / "snapshot" / "snapshot.json").exists()
+
+
+# ---------------------------------------------------------------- MP API: busy server
+def _api_records(n: int = 3) -> list[dict[str, Any]]:
+    return [_rec(f"mp-{i}", _structure(["Na", "Cl"], 5.6 + 0.1 * i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("path", ["/materials/summary/", "/materials/thermo/", "/heartbeat"])
+def test_mp_api_busy_503_is_retried_with_backoff(tmp_path, monkeypatch, path):
+    monkeypatch.setattr(sources, "MP_API_BACKOFF_FACTOR", 0.01)  # keep the test fast
+    recs = _api_records()
+    ids = [r["material_id"] for r in recs]
+    with MPAPIServer(recs, busy={path: 2}) as srv:  # 503 twice, then answers
+        monkeypatch.setenv("MP_API_ENDPOINT", srv.endpoint)
+        monkeypatch.setenv("MP_API_KEY", DUMMY_KEY)
+        params = make_params(tmp_path, source="mp-api", mp_api={
+            "criteria": {"material_ids": ids}, "energy_thermo_type": GGA})
+        meta = fetch_snapshot(params, tmp_path / "api", progress=False)
+        answers = [status for p, status in srv.statuses if p == path]
+    assert answers[:3] == [503, 503, 200]
+    assert 503 not in answers[3:]
+    snap, _ = load_snapshot(tmp_path / "api", verify=True)
+    assert list(snap.material_id) == ids and meta["n_records"] == 3
+    assert meta["counts"]["energy_per_atom"] == 3  # the thermo answers came through
+
+
+def test_mp_api_503_that_does_not_end_is_a_fetch_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MP_API_BACKOFF_FACTOR", 0.01)
+    recs = _api_records()
+    with MPAPIServer(recs, busy={"/materials/summary/": 1000}) as srv:
+        monkeypatch.setenv("MP_API_ENDPOINT", srv.endpoint)
+        monkeypatch.setenv("MP_API_KEY", DUMMY_KEY)
+        params = make_params(tmp_path, source="mp-api", mp_api={
+            "criteria": {"material_ids": [r["material_id"] for r in recs]}})
+        with pytest.raises(FetchError, match="MP API query failed.*503"):
+            fetch_snapshot(params, tmp_path / "api", progress=False)
+        tries = [s for p, s in srv.statuses if p == "/materials/summary/"]
+    assert tries == [503] * (sources.MP_API_MAX_RETRIES + 1)  # retried, then given up
+    assert not (tmp_path / "api").exists()

@@ -189,3 +189,12 @@ def test_cli_bad_params_exit_2_before_any_work(tmp_path, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("Error: params.yaml: graph.radus: unknown key"), lines
     assert "Usage" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_builtin_defaults_are_the_shipped_params() -> None:
+    """Outside a project folder mpprop uses a packaged copy of params.yaml: keep it equal."""
+    from mpprop.config import BUILTIN_PARAMS
+
+    assert BUILTIN_PARAMS.read_text() == (REPO / "params.yaml").read_text(), (
+        "src/mpprop/defaults.yaml differs from params.yaml: cp params.yaml src/mpprop/defaults.yaml"
+    )

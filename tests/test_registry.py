@@ -249,7 +249,8 @@ def test_predict_folder_and_list_with_all_pretrained(ws, pretrained, tmp_path):
     text = ws.cli("predict", "--property", "all", "--alias", "xie-2018",
                   "--input", str(tmp_path / "in"), "--input", str(lst), "--output", str(out))
     rows = read_csv(out)
-    assert list(rows[0]) == ["id", "property", "prediction", "value", "unit", "model", "error"]
+    assert list(rows[0]) == ["id", "property", "prediction", "value", "unit", "model", "error",
+                             "warning"]
     assert len(rows) == len(expect) * len(PRETRAINED_FILES)  # rows in = rows out
     for r in rows:
         good = expect[r["id"]]
@@ -266,6 +267,49 @@ def test_predict_folder_and_list_with_all_pretrained(ws, pretrained, tmp_path):
     n_good = sum(expect.values())
     assert f"band_gap: {n_good} ok, {len(expect) - n_good} failed" in text
     assert "structures/s" in text
+
+
+def test_predict_robust_input(ws, pretrained, tmp_path):
+    """Truncated gzip, multi-block CIF, odd structures: rows with errors or warnings, and
+    the batch goes on; no input or a missing one is a usage error; --fail-on-error."""
+    from pymatgen.io.cif import CifWriter
+
+    good = [Structure.from_dict(r["structure"]) for r in ws.records[:3]]
+    (tmp_path / "in").mkdir()
+    full = gzip.compress("".join(json.dumps(r) + "\n" for r in ws.records[:20]).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])  # truncated
+    blocks = [str(CifWriter(s)).replace("data_", f"data_b{i}_", 1) for i, s in enumerate(good)]
+    (tmp_path / "in" / "three.cif").write_text("\n".join(blocks))
+    overlap = Structure(Lattice.cubic(5.6), ["Na", "Cl", "Cl"],
+                        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.52]])
+    overlap.to(filename=str(tmp_path / "in" / "overlap.vasp"), fmt="poscar")
+    out = tmp_path / "p.csv"
+    args = ["predict", "--property", "bulk_modulus", "--alias", "xie-2018",
+            "--input", str(tmp_path / "in"), "--input", str(tmp_path / "cut.jsonl.gz"),
+            "--output", str(out)]
+    ws.cli(*args)
+    rows = {r["id"]: r for r in read_csv(out)}
+    cif_ids = sorted(k for k in rows if k.startswith("three.cif#"))
+    assert len(cif_ids) == 3 and all(rows[k]["error"] == "" for k in cif_ids)
+    cut_errors = [r for k, r in rows.items() if r["error"].startswith("cannot read")]
+    assert len(cut_errors) == 1 and "cut.jsonl.gz" in cut_errors[0]["error"]
+    assert sum(1 for r in rows.values() if r["error"] == "" and r["id"].startswith("mp-")) >= 1
+    assert "closer than 0.5" in rows["overlap.vasp"]["warning"]
+    assert rows["overlap.vasp"]["error"] == ""
+    # --fail-on-error: the CSV is written, the exit code says some rows failed
+    result = CliRunner().invoke(main, ["--params", str(ws.params_file), *args, "--fail-on-error"])
+    assert result.exit_code == 1 and "row(s) with an error" in result.output
+    assert out.exists()
+    # a missing input and an input without structures are usage errors; nothing written
+    for bad in (tmp_path / "nope.cif", tmp_path / "empty"):
+        if bad.name == "empty":
+            bad.mkdir()
+        target = tmp_path / f"{bad.name}.csv"
+        result = CliRunner().invoke(main, ["--params", str(ws.params_file), "predict",
+                                           "--property", "bulk_modulus", "--alias", "xie-2018",
+                                           "--input", str(bad), "--output", str(target)])
+        assert result.exit_code == 2, result.output
+        assert not target.exists()
 
 
 def test_predict_jsonl_snapshot_matches_labels(ws, pretrained, tmp_path):
@@ -372,21 +416,129 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def test_a_batch_that_fails_is_split_to_isolate_the_bad_row():
-    from mpprop.config import PropertySpec
+def test_a_structure_whose_graph_fails_is_isolated(monkeypatch):
+    """One structure that breaks graph building fails its own row, not the batch."""
+    import mpprop.inference as inference
+    from mpprop.bundle import LoadedModel
+    from mpprop.config import GraphSettings, Hyperparams, PropertySpec
+    from mpprop.model import CrystalGraphConvNet, Normalizer
     from mpprop.predict import InputRow, RegisteredModel, predict_rows
 
-    class Flaky:  # fails any call that contains the poisoned structure
-        def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-            if "poison" in frame["structure"].tolist():
-                raise RuntimeError("graph building failed")
-            return pd.DataFrame({"prediction": [1.0] * len(frame), "error": [""] * len(frame)})
+    real = inference.graphs_from_structures
+    poison = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
+    def flaky(structures, settings):
+        if any(s is poison for s in structures):
+            raise RuntimeError("graph building failed")
+        return real(structures, settings)
+
+    monkeypatch.setattr(inference, "graphs_from_structures", flaky)
     spec = PropertySpec("bulk_modulus", "bulk_modulus.vrh", "log10(GPa)", "log10", "higher")
-    model = RegisteredModel("bulk_modulus", "m@a v1", "models:/m/1", spec, Flaky())
-    rows = [InputRow("a", "ok"), InputRow("b", "poison"), InputRow("c", error="unreadable"),
-            InputRow("d", "ok")]
+    hp = Hyperparams(1, 1, 8, 8, 0.01, 10, "SGD", 1)
+    net = CrystalGraphConvNet(hp, GraphSettings()).eval()
+    model = RegisteredModel("bulk_modulus", "models:/m/1",
+                            LoadedModel("m@a v1", net, Normalizer(1.0, 0.0), spec, {}))
+    ok = Structure(Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    rows = [InputRow("a", ok), InputRow("b", poison), InputRow("c", error="unreadable"),
+            InputRow("d", ok)]
     out = predict_rows([model], rows)
     assert [r["id"] for r in out] == ["a", "b", "c", "d"]
-    assert [r["value"] for r in out] == [10.0, None, None, 10.0]
+    values = [r["value"] for r in out]
+    assert values[1] is None and values[2] is None
+    assert np.isfinite(values[0]) and values[0] == pytest.approx(values[3])
     assert "graph building failed" in out[1]["error"] and out[2]["error"] == "unreadable"
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the proof that code from the store ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def _champion_artifacts(ws: Workspace) -> Path:
+    client = ws.client()
+    mv = client.get_model_version_by_alias(f"mpprop-{PROP}", "champion")
+    from mpprop.registry import version_model_id
+
+    model_id = version_model_id(mv)
+    location = client.get_logged_model(model_id).artifact_location
+    return Path(location.removeprefix("file://"))
+
+
+def test_a_planted_pickle_is_never_run_by_predict_or_promote(ws, champion, tmp_path):
+    """A model whose MLmodel is rewritten to load a malicious pickle (what anyone who can
+    write to the tracking server could publish): mpprop reads only the bundle."""
+    import cloudpickle
+
+    from mpprop.registry import _bundle_of
+
+    marker = tmp_path / "marker"
+    folder = _champion_artifacts(ws)
+    mlmodel_file = folder / "MLmodel"
+    original = mlmodel_file.read_text()
+    try:
+        (folder / "python_model.pkl").write_bytes(cloudpickle.dumps(_Payload(marker)))
+        mlmodel = yaml.safe_load(original)
+        pyfunc = mlmodel["flavors"]["python_function"]
+        pyfunc.pop("model_code_path", None)
+        pyfunc["python_model"] = "python_model.pkl"
+        pyfunc["loader_module"] = "mlflow.pyfunc.model"
+        mlmodel_file.write_text(yaml.safe_dump(mlmodel))
+        # the plant is real: MLflow's own loader runs it
+        uri = ws.params.tracking_uri()
+        subprocess.run([sys.executable, "-c", "import mlflow; mlflow.set_tracking_uri("
+                        f"{uri!r}); mlflow.pyfunc.load_model('models:/mpprop-{PROP}@champion')"],
+                       cwd=tmp_path, capture_output=True, check=False)
+        assert marker.exists(), "the planted pickle should run under mlflow.pyfunc.load_model"
+        marker.unlink()
+        out = tmp_path / "p.csv"
+        ws.cli("predict", "--property", PROP, "--input", str(ws.params.snapshot_dir()),
+               "--output", str(out))
+        assert len(read_csv(out)) == N_RECORDS and not marker.exists()
+        mv = ws.client().get_model_version_by_alias(f"mpprop-{PROP}", "champion")
+        assert _bundle_of(f"models:/{mv.name}/{mv.version}")["property"]["key"] == PROP
+        assert not marker.exists()
+    finally:
+        mlmodel_file.write_text(original)
+        (folder / "python_model.pkl").unlink(missing_ok=True)
+
+
+def test_a_bundle_holding_a_pickle_is_refused(ws, champion, tmp_path):
+    """weights_only=True: a model.pt that needs unpickling is an error, and nothing runs."""
+    import torch
+
+    marker = tmp_path / "marker"
+    bundle = _champion_artifacts(ws) / "artifacts" / "model.pt"
+    original = bundle.read_bytes()
+    try:
+        torch.save({"state_dict": _Payload(marker)}, bundle)
+        out = ws.cli("predict", "--property", PROP, "--input", str(ws.params.snapshot_dir()),
+                     "--output", str(tmp_path / "p.csv"), ok=False)
+        assert "not a loadable mpprop model bundle" in out
+        assert not marker.exists() and not (tmp_path / "p.csv").exists()
+    finally:
+        bundle.write_bytes(original)
+
+
+def test_import_and_predict_outside_a_project_folder(tmp_path, monkeypatch):
+    """No params.yaml: built-in defaults; MLflow at MLFLOW_TRACKING_URI when set."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    runner = CliRunner()
+    result = runner.invoke(main, ["import-pretrained", "--property", "band_gap"])
+    assert result.exit_code == 0, result.output
+    Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
+        filename=str(tmp_path / "NaCl.cif"))
+    result = runner.invoke(main, ["predict", "--property", "band_gap", "--alias", "xie-2018",
+                                  "--input", "NaCl.cif", "--output", "out.csv"])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "out.csv")
+    assert rows[0]["error"] == "" and float(rows[0]["value"]) > 1.0  # NaCl is an insulator
+    assert (tmp_path / "elsewhere" / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()

@@ -90,7 +90,7 @@ def fetch(obj: Context, source: str | None, path: str | None, out_dir: str | Non
 def featurize(obj: Context, workers: int | None) -> None:
     """Build the crystal-graph cache of the snapshot (keyed by snapshot hash + settings)."""
     from mpprop.graphs import GraphError, build_graphs, cache_key, save_graph_cache
-    from mpprop.snapshot import SnapshotError, load_snapshot
+    from mpprop.snapshot import SnapshotError, atomic_output, load_snapshot
 
     params = obj.params
     try:
@@ -110,9 +110,10 @@ def featurize(obj: Context, workers: int | None) -> None:
         cache, params.graph_cache_dir(), {"snapshot_sha256": meta["sha256"], "seconds": seconds}
     )
     # a stable pointer for DVC and for people: which cache belongs to the current snapshot
-    (params.graph_cache_dir() / "current.json").write_text(
-        json.dumps({"key": key, "snapshot_sha256": meta["sha256"]}, indent=2) + "\n"
-    )
+    with atomic_output(params.graph_cache_dir() / "current.json") as tmp:
+        Path(tmp).write_text(
+            json.dumps({"key": key, "snapshot_sha256": meta["sha256"]}, indent=2) + "\n"
+        )
     click.echo(
         f"{len(cache)} graphs, {int(cache.edge_offsets[-1])} edges in {seconds:.1f} s "
         f"({len(cache) / max(seconds, 1e-9):.0f} structures/s); "
@@ -269,9 +270,12 @@ def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
 @click.option("--version", type=int, default=None, help="Registry version instead of an alias.")
 @click.option("--batch-size", type=int, default=None,
               help="Structures per model call (default: predict.batch_size).")
+@click.option("--fail-on-error", is_flag=True,
+              help="Exit non-zero (1) if any row has an error (the CSV is still written).")
 @pass_ctx
 def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
-            alias: str | None, version: int | None, batch_size: int | None) -> None:
+            alias: str | None, version: int | None, batch_size: int | None,
+            fail_on_error: bool) -> None:
     """Predict properties of structures with registered models; one CSV row per structure."""
     from mpprop.predict import PredictError, resolve_models, run_prediction
 
@@ -284,10 +288,16 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
         models = resolve_models(params, prop, alias, version)
     except PredictError as exc:
         raise click.ClickException(str(exc)) from exc
-    summary = run_prediction(
-        models, list(inputs), output, batch_size or int(params.predict["batch_size"])
-    )
+    try:
+        summary = run_prediction(
+            models, list(inputs), output, batch_size or int(params.predict["batch_size"])
+        )
+    except PredictError as exc:
+        raise click.UsageError(str(exc)) from exc
     click.echo(summary.format())
+    n_failed = sum(summary.failed.values())
+    if fail_on_error and n_failed:
+        raise click.ClickException(f"{n_failed} row(s) with an error (--fail-on-error)")
 
 
 @main.command()

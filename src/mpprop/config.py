@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -34,8 +36,24 @@ from pydantic import (
 )
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+# a copy of the repository's params.yaml shipped in the package (tests keep them equal): the
+# settings of `mpprop predict` / `import-pretrained` in a folder without a params.yaml
+BUILTIN_PARAMS = resources.files("mpprop").joinpath("defaults.yaml")
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 Optimizer = Literal["SGD", "RAdam", "Adam"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+# training loss on standardised targets; "huber" with delta train.huber_delta
+Loss = Literal["mse", "l1", "huber"]
+LOSSES: tuple[str, ...] = get_args(Loss)
+# step: LR x 0.1 once at lr_decay_epoch (the paper); cosine: cosine decay to 0 over the epochs
+LrSchedule = Literal["step", "cosine"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+# keys of Hyperparams that come from `train:` unless a preset, tuned set or trial gives them
+TRAIN_DEFAULTS = ("batch_size", "momentum", "weight_decay", "loss", "lr_schedule", "rank_weight")
+# graph settings a study may search (each value its own graph cache, built on demand)
+GRAPH_SEARCHABLE = ("radius", "max_neighbors", "gaussian_step")
+# percentile: the paper's PercentilePruner; hyperband: Optuna's HyperbandPruner (budget-aware)
+Pruner = Literal["percentile", "hyperband"]
 
 
 class ConfigError(ValueError):
@@ -85,10 +103,21 @@ class Hyperparams:
     batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 0.0
+    loss: str = "mse"
+    lr_schedule: str = "step"
+    # weight of the pairwise ranking term (losses.ranking_loss) added to the regression loss
+    rank_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be SGD, RAdam or Adam, not {self.optimizer!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"not {self.lr_schedule!r}")
+        if self.rank_weight < 0 or self.weight_decay < 0:
+            raise ConfigError("rank_weight and weight_decay must be >= 0")
         for name in ("n_conv", "n_h", "atom_fea_len", "h_fea_len", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -168,8 +197,9 @@ class Params:
         return self.path(self.tune["best_params_dir"]) / f"{prop}.yaml"
 
     def tracking_uri(self) -> str:
-        """MLflow tracking URI; relative sqlite paths are anchored at the params folder."""
-        uri = self.mlflow["tracking_uri"]
+        """MLflow tracking URI: MLFLOW_TRACKING_URI where set (MLflow's own convention), else
+        mlflow.tracking_uri; relative sqlite paths are anchored at the params folder."""
+        uri = os.environ.get(TRACKING_URI_ENV) or self.mlflow["tracking_uri"]
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             db = self.path(uri[len(prefix):])
@@ -184,14 +214,13 @@ class Params:
             return prefix + str(self.path(uri[len(prefix):]))
         return uri
 
+    def train_defaults(self) -> dict[str, Any]:
+        """The Hyperparams keys that `train:` gives every run (TRAIN_DEFAULTS)."""
+        return {k: self.train[k] for k in TRAIN_DEFAULTS}
+
     def hyperparams(self, preset: str, prop: str, **overrides: Any) -> Hyperparams:
         """Hyperparameters of a preset ("xie" or "tuned"), with command-line overrides."""
-        train = self.train
-        base: dict[str, Any] = {
-            "batch_size": train["batch_size"],
-            "momentum": train["momentum"],
-            "weight_decay": train["weight_decay"],
-        }
+        base: dict[str, Any] = self.train_defaults()
         if preset == "tuned":
             path = self.best_params_path(prop)
             if not path.exists():
@@ -325,6 +354,17 @@ class PresetEntry(Section):
     lr_decay_epoch: PositiveInt
     optimizer: Optimizer
     epochs: PositiveInt
+    # optional: default from train.*
+    loss: Loss | None = None
+    lr_schedule: LrSchedule | None = None
+    rank_weight: float | None = Field(default=None, ge=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+    batch_size: PositiveInt | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        # a preset without `loss` takes train.loss: leave it out of Params.raw
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 # ---------------------------------------------------------------- train
@@ -338,11 +378,19 @@ class TrainSection(Section):
     torch_threads: PositiveInt | None = None  # null: torch's default
     models_dir: Name
     screening_top_percent: Percent
+    loss: Loss = "mse"
+    huber_delta: float = Field(default=1.0, gt=0)  # in standard deviations of the target
+    lr_schedule: LrSchedule = "step"
+    # pairwise ranking term (screening-aware training): weight (0 = off), the top share of
+    # the train targets whose pairs with the rest it orders, and the margin (std units)
+    rank_weight: float = Field(default=0.0, ge=0)
+    rank_top_percent: Percent = 10
+    rank_margin: float = Field(default=0.5, ge=0)
 
 
 # ---------------------------------------------------------------- tune
 # the Hyperparams fields a study may search (epochs is tune.epochs)
-SEARCHABLE = tuple(f.name for f in fields(Hyperparams) if f.name != "epochs")
+SEARCHABLE = tuple(f.name for f in fields(Hyperparams) if f.name != "epochs") + GRAPH_SEARCHABLE
 
 
 class SearchRange(Section):
@@ -399,11 +447,16 @@ class TuneSection(Section):
     failed_trial_max_retry: NonNegativeInt
     best_params_dir: Name
     final_epochs: PositiveInt | None = None  # null: presets.xie.epochs
+    pruner: Pruner = "percentile"
+    hyperband_reduction_factor: PositiveInt = 3  # keep 1/factor of the trials per rung
+    # opt-in: keys merged over search_space when extend_search_space is true
+    extend_search_space: bool = False
+    extended_search_space: dict[str, SearchEntry] = {}
     # baseline points for a new study; their keys are checked by tuning.enqueue_baselines
     enqueue: list[dict[str, Any]] = []
     search_space: dict[str, SearchEntry]
 
-    @field_validator("search_space")
+    @field_validator("search_space", "extended_search_space")
     @classmethod
     def _searchable(cls, space: dict[str, Any]) -> dict[str, Any]:
         for name in space:
@@ -620,10 +673,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | N
     The result is validated against ParamsSchema; `Params.raw` is the validated file (a plain
     dict, defaults filled in). Every problem is a ConfigError with a one-line message."""
     path = Path(path)
+    text, root = None, path.resolve().parent
     if not path.exists():
-        raise ConfigError(f"params file not found: {path.resolve()}")
+        if str(path) != DEFAULT_PARAMS_FILE:
+            raise ConfigError(f"params file not found: {path.resolve()}")
+        # outside a project folder: the shipped params.yaml, paths relative to the cwd
+        text = BUILTIN_PARAMS.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text if text is not None else path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -642,4 +699,4 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | N
             break  # validate_params reports it
         _set_dotted(raw, key.strip(), parsed)
         given[key.strip()] = item
-    return Params(raw=validate_params(raw, str(path), given), root=path.resolve().parent)
+    return Params(raw=validate_params(raw, str(path), given), root=root)

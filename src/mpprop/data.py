@@ -6,6 +6,7 @@ Splits are stored by material id, so every model of a property is judged on the 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from mpprop.config import PropertySpec
-from mpprop.graphs import GraphCache
+from mpprop.config import GraphSettings, PropertySpec
+from mpprop.graphs import GraphCache, build_graphs, cache_key, load_graph_cache, save_graph_cache
 from mpprop.model import Batch
-from mpprop.snapshot import atomic_output
+from mpprop.outputs import OutputBusyError
+from mpprop.snapshot import atomic_output, load_snapshot
+
+# how long a process waits for another one that is building the same graph cache
+CACHE_WAIT_SECONDS = 600
 
 
 class SplitError(ValueError):
@@ -149,16 +154,41 @@ class Workspace:
         return self.labels[:, self.property_names.index(prop)]
 
 
-def open_workspace(params: Any, in_memory: bool = True) -> Workspace:
-    """Load snapshot labels and the graph cache that belongs to this snapshot and settings."""
-    from mpprop.graphs import load_graph_cache
-    from mpprop.snapshot import load_snapshot
-
+def open_workspace(params: Any, in_memory: bool = True, graph: GraphSettings | None = None,
+                   build: bool = False) -> Workspace:
+    """Load snapshot labels and the graph cache that belongs to this snapshot and the graph
+    settings (default: params `graph`); with build=True a cache that is absent is built and
+    saved first (a study that searches graph settings: one cache per setting, by key)."""
     snap, meta = load_snapshot(params.snapshot_dir())
-    cache = load_graph_cache(params.graph_cache_dir(), meta["sha256"], params.graph_settings())
+    settings = graph or params.graph_settings()
+    root = params.graph_cache_dir()
+    try:
+        cache = load_graph_cache(root, meta["sha256"], settings)
+    except FileNotFoundError:
+        if not build:
+            raise
+        cache = _build_cache(snap, meta["sha256"], settings, root)
     if in_memory:
         cache = cache.in_memory()
     return Workspace(meta, snap.labels, snap.property_names, cache)
+
+
+def _build_cache(snap: Any, sha256: str, settings: GraphSettings, root: Path) -> GraphCache:
+    """Build and save the cache of `settings`; if another process is writing it, wait for it."""
+    cache = build_graphs(snap, settings, workers=1, progress=False)
+    cache.key = cache_key(sha256, settings)
+    try:
+        save_graph_cache(cache, root, {"snapshot_sha256": sha256, "built_by": "on demand"})
+    except OutputBusyError:
+        deadline = time.monotonic() + CACHE_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                return load_graph_cache(root, sha256, settings)
+            except FileNotFoundError:
+                continue
+        raise
+    return load_graph_cache(root, sha256, settings)
 
 
 def split_path(params: Any, prop: str) -> Path:

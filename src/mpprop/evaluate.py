@@ -281,6 +281,8 @@ def evaluate_property(
     given presets must all have a model.
     """
     from mpprop.data import open_workspace, property_data
+    from mpprop.outputs import output_dir
+    from mpprop.snapshot import atomic_output
 
     if presets is None:
         presets = available_presets(params, prop)
@@ -293,33 +295,33 @@ def evaluate_property(
     ws = open_workspace(params, in_memory=False)  # only the test rows are read
     data = property_data(params, ws, prop)
     top_percent = params.train["screening_top_percent"]
-    out_plots = plots_dir(params, prop)
-    out_plots.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     evaluations: dict[str, PresetEvaluation] = {}
     resamples = stats.bootstrap_resamples(
         len(data.test_rows), int(params.raw["evaluate"]["bootstrap_resamples"]),
         int(params.raw["evaluate"]["bootstrap_seed"]),
     )
-    for preset in presets:
-        ev = evaluate_preset(params, ws, data, prop, preset)
-        evaluations[preset] = ev
-        parity, curve, figure = (
-            out_plots / f"parity_{preset}.csv",
-            out_plots / f"screening_{preset}.csv",
-            out_plots / f"{preset}.png",
-        )
-        write_parity_csv(parity, ev)
-        write_screening_csv(curve, ev)
-        plot_figure(figure, ev, spec, top_percent)
-        if log_mlflow:
-            log_to_training_run(params, ev, [figure, parity, curve])
-        results[preset] = {**ev.metrics(), **ev.quality(resamples, top_percent, spec.better),
-                           "budget": training_budget(params, prop, preset)}
-    results.update(paired_differences(evaluations, resamples, top_percent, spec.better))
-    out = metrics_path(params, prop)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    # plots/<prop>/ is one unit (outputs.output_dir): swapped in whole once every preset is
+    # done, so a kill leaves the previous plots; metrics/<prop>.json is replaced atomically
+    with output_dir(plots_dir(params, prop), "evaluate") as out_plots:
+        for preset in presets:
+            ev = evaluate_preset(params, ws, data, prop, preset)
+            evaluations[preset] = ev
+            parity, curve, figure = (
+                out_plots / f"parity_{preset}.csv",
+                out_plots / f"screening_{preset}.csv",
+                out_plots / f"{preset}.png",
+            )
+            write_parity_csv(parity, ev)
+            write_screening_csv(curve, ev)
+            plot_figure(figure, ev, spec, top_percent)
+            if log_mlflow:
+                log_to_training_run(params, ev, [figure, parity, curve])
+            results[preset] = {**ev.metrics(), **ev.quality(resamples, top_percent, spec.better),
+                               "budget": training_budget(params, prop, preset)}
+        results.update(paired_differences(evaluations, resamples, top_percent, spec.better))
+    with atomic_output(metrics_path(params, prop)) as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -266,6 +264,37 @@ class GraphCache:
         }
 
 
+def check_elements(snapshot: Snapshot, max_named: int = 5) -> None:
+    """A GraphError naming the structures with elements that have no CGCNN atom features."""
+    z = np.asarray(snapshot.atomic_numbers, dtype=np.int64)
+    known = np.zeros(max(int(z.max(initial=0)) + 1, 256), dtype=bool)
+    known[known_elements()] = True
+    bad_sites = np.flatnonzero(~known[np.clip(z, 0, None)])
+    if not len(bad_sites):
+        return
+    from pymatgen.core import Element
+
+    def symbol(number: int) -> str:
+        try:
+            return Element.from_Z(number).symbol
+        except ValueError:
+            return f"Z={number}"
+
+    rows = np.unique(np.searchsorted(snapshot.site_offsets, bad_sites, side="right") - 1)
+    named = []
+    for i in rows[:max_named]:
+        lo, hi = snapshot.site_offsets[i], snapshot.site_offsets[i + 1]
+        zi = z[lo:hi]
+        names = ", ".join(sorted({symbol(int(b)) for b in zi[~known[np.clip(zi, 0, None)]]}))
+        named.append(f"{snapshot.material_id[i]} ({names})")
+    more = f" and {len(rows) - max_named} more" if len(rows) > max_named else ""
+    raise GraphError(
+        f"{len(rows)} structure(s) have elements outside the CGCNN atom feature table "
+        f"(elements 1-100 of the original atom_init.json): {', '.join(named)}{more} "
+        "(a snapshot from `mpprop fetch` leaves such records out as unsupported_element)"
+    )
+
+
 def build_graphs(
     snapshot: Snapshot,
     settings: GraphSettings,
@@ -273,7 +302,13 @@ def build_graphs(
     chunk_size: int = 256,
     progress: bool = True,
 ) -> GraphCache:
-    """Build the graphs of every structure in a snapshot, in parallel chunks."""
+    """Build the graphs of every structure in a snapshot, in parallel chunks.
+
+    Structures with elements outside the atom feature table are a GraphError naming them
+    all, found before any graph is built (`mpprop fetch` leaves them out, as
+    unsupported_element; a snapshot from elsewhere may still have them).
+    """
+    check_elements(snapshot)
     n = len(snapshot)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     bounds = [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size)]
@@ -333,12 +368,12 @@ def graphs_from_structures(
 
 
 def save_graph_cache(cache: GraphCache, root: str | Path, meta: dict[str, Any]) -> Path:
-    """Write the cache to root/<key>/ atomically (temp folder + rename)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / cache.key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.key}.", dir=root))
-    try:
+    """Write the cache to root/<key>/ as one unit (outputs.output_dir: temp folder swapped in
+    whole; killed writers' temp folders are removed by the next one)."""
+    from mpprop.outputs import output_dir
+
+    final = Path(root) / cache.key
+    with output_dir(final, "featurize") as tmp:
         for name in CACHE_ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(cache, name), allow_pickle=False)
         full_meta = dict(meta)
@@ -351,12 +386,6 @@ def save_graph_cache(cache: GraphCache, root: str | Path, meta: dict[str, Any]) 
             nbytes=cache.nbytes(),
         )
         (tmp / CACHE_META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -364,8 +393,10 @@ def load_graph_cache(
     root: str | Path, snapshot_sha256: str, settings: GraphSettings, mmap: bool = True
 ) -> GraphCache:
     """Load the cache for this snapshot and these settings; a clear error if it is absent."""
+    from mpprop.outputs import readable_dir
+
     key = cache_key(snapshot_sha256, settings)
-    folder = Path(root) / key
+    folder = readable_dir(Path(root) / key)
     meta_path = folder / CACHE_META
     if not meta_path.exists():
         raise FileNotFoundError(

@@ -12,9 +12,12 @@ from pymatgen.core import Structure
 
 from mpprop.bundle import LoadedModel
 from mpprop.config import GraphSettings
-from mpprop.graphs import graphs_from_structures, known_elements
+from mpprop.graphs import GraphCache, graphs_from_structures, known_elements
 from mpprop.snapshot import structure_problem
 from mpprop.training import predict
+
+# atoms closer than this are almost surely a broken structure (shortest MP bonds: ~0.74 Å, H2)
+OVERLAP_DISTANCE = 0.5  # Å
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Predictions:
 
     values: list[np.ndarray]
     errors: list[str]
+    warnings: list[str]  # predicted, but look at the structure ('' where nothing odd)
 
 
 def structure_error(structure: Structure) -> str:
@@ -37,6 +41,28 @@ def structure_error(structure: Structure) -> str:
     if unknown:
         return f"element(s) {', '.join(sorted(unknown))} outside the CGCNN feature table"
     return ""
+
+
+def graph_warnings(cache: GraphCache) -> list[str]:
+    """Per crystal of the cache: overlapping atoms (an edge shorter than OVERLAP_DISTANCE) and
+    atoms with no neighbour within the radius (the convolution cannot see them)."""
+    n_edges = np.diff(cache.edge_offsets)
+    crystal_of_edge = np.repeat(np.arange(len(cache)), n_edges)
+    atom_of_edge = cache.atom_offsets[:-1][crystal_of_edge] + cache.edge_src
+    edges_per_atom = np.bincount(atom_of_edge, minlength=int(cache.atom_offsets[-1]))
+    lonely = np.add.reduceat(edges_per_atom == 0, cache.atom_offsets[:-1]) if len(cache) else []
+    short = np.zeros(len(cache), bool)
+    np.logical_or.at(short, crystal_of_edge, cache.edge_distance < OVERLAP_DISTANCE)
+    out = []
+    for i in range(len(cache)):
+        notes = []
+        if short[i]:
+            notes.append(f"atoms closer than {OVERLAP_DISTANCE} Å")
+        if cache.n_atoms[i] and lonely[i]:
+            notes.append(f"{int(lonely[i])} atom(s) without a neighbour within "
+                         f"{cache.settings.radius:g} Å")
+        out.append("; ".join(notes))
+    return out
 
 
 def _known_elements() -> set[int]:
@@ -77,6 +103,7 @@ def predict_structures(
             errs[i] = structure_error(s)
     usable = [i for i, s in enumerate(items) if s is not None and not errs[i]]
     values = [np.full(len(items), np.nan) for _ in models]
+    warns = [""] * len(items)
     by_setting: dict[GraphSettings, list[int]] = {}
     for k, m in enumerate(models):
         by_setting.setdefault(m.graph_settings, []).append(k)
@@ -88,7 +115,10 @@ def predict_structures(
                 errs[i] = setting_errors[i]
         if cache is None:
             continue
+        for i, w in zip(rows, graph_warnings(cache), strict=True):
+            if w and w not in warns[i]:
+                warns[i] = f"{warns[i]}; {w}" if warns[i] else w
         for k in model_ids:
             m = models[k]
             values[k][rows] = predict(m.model, m.normalizer, cache, batch_size=batch_size)
-    return Predictions(values, errs)
+    return Predictions(values, errs, warns)

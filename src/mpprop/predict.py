@@ -37,7 +37,7 @@ from mpprop.config import Params, PropertySpec
 from mpprop.data import inverse_transform, natural_unit
 from mpprop.inference import predict_structures
 
-OUTPUT_COLUMNS = ("id", "property", "prediction", "value", "unit", "model", "error")
+OUTPUT_COLUMNS = ("id", "property", "prediction", "value", "unit", "model", "error", "warning")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 LIST_SUFFIXES = (".txt",)
 CIF_SUFFIXES = (".cif",)
@@ -86,8 +86,9 @@ def structure_file_kind(path: Path) -> str | None:
     return None
 
 
-def read_structure_file(path: Path, row_id: str) -> InputRow:
-    """One structure file as a row; any problem goes into the row's error."""
+def read_structure_file(path: Path, row_id: str) -> list[InputRow]:
+    """The rows of one structure file (one per data block of a CIF); any problem goes into
+    a row's error."""
     from pymatgen.core import Structure
 
     kind = structure_file_kind(path)
@@ -103,14 +104,33 @@ def read_structure_file(path: Path, row_id: str) -> InputRow:
             # an MP record holds its structure under "structure"
             if isinstance(data, dict) and isinstance(data.get("structure"), dict):
                 data = data["structure"]
-            structure = Structure.from_dict(data)
-        else:
+            return [InputRow(row_id, Structure.from_dict(data))]
+        if kind == "cif":
+            return _cif_rows(text, row_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [InputRow(row_id, Structure.from_str(text, fmt=kind))]
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return [InputRow(row_id, error=_error_text(exc))]
+
+
+def _cif_rows(text: str, row_id: str) -> list[InputRow]:
+    """One row per data block (`file.cif#block` where there are several), each parsed on
+    its own so one bad block does not hide the others."""
+    from pymatgen.io.cif import CifFile, CifParser
+
+    blocks = CifFile.from_str(text).data
+    rows = []
+    for name, block in blocks.items():
+        block_id = row_id if len(blocks) == 1 else f"{row_id}#{name}"
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pymatgen's CIF parser warns a lot
-                structure = Structure.from_str(text, fmt=kind)
-        return InputRow(row_id, structure)
-    except Exception as exc:  # noqa: BLE001 - reported in the row
-        return InputRow(row_id, error=_error_text(exc))
+                structure = CifParser.from_str(str(block)).parse_structures(primitive=False)[0]
+            rows.append(InputRow(block_id, structure))
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            rows.append(InputRow(block_id, error=_error_text(exc)))
+    return rows or [InputRow(row_id, error="no CIF data block")]
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -183,10 +203,11 @@ def open_source(path: Path) -> Source:
         files = _folder_files(path)
         return Source(
             path, "folder", len(files),
-            (read_structure_file(f, str(f.relative_to(path))) for f in files),
+            (r for f in files for r in read_structure_file(f, str(f.relative_to(path)))),
         )
     if not path.exists():
-        return Source(path, "missing", 1, [InputRow(str(path), error="file not found")])
+        raise PredictError(f"input not found: {path}" + (" (a dangling symlink)"
+                                                         if path.is_symlink() else ""))
     if name.endswith(JSONL_SUFFIXES):
         return Source(path, "jsonl", None, _jsonl_rows(path))
     if name.endswith(LIST_SUFFIXES):
@@ -199,10 +220,10 @@ def open_source(path: Path) -> Source:
                 if not p.is_file():
                     yield InputRow(entry, error=f"file not found: {p}")
                 else:
-                    yield read_structure_file(p, entry)
+                    yield from read_structure_file(p, entry)
 
         return Source(path, "list", len(entries), listed())
-    return Source(path, "file", 1, [read_structure_file(path, path.name)])
+    return Source(path, "file", 1, read_structure_file(path, path.name))
 
 
 # ---------------------------------------------------------------- models
@@ -301,6 +322,7 @@ def predict_rows(
                     "unit": natural_unit(model.spec),
                     "model": model.label,
                     "error": error,
+                    "warning": out.warnings[i] if ok else "",
                 }
             )
     return [row for rows_of_input in per_input for row in rows_of_input]
@@ -370,6 +392,9 @@ def run_prediction(
                         ok[row["property"]] += 1
                 n_inputs += len(batch)
                 bar.update(len(batch))
+            if n_inputs == 0:
+                # raised inside the block: no CSV is written
+                raise PredictError("no structures in the input(s): " + ", ".join(map(str, inputs)))
     finally:
         bar.close()
     return PredictSummary(n_inputs, n_rows, ok, failed, time.perf_counter() - t0, output)

@@ -313,6 +313,7 @@ def log_report(params: Params, rows: list[Row], presets: list[str], files: list[
 def make_report(params: Params, log_mlflow: bool = True) -> tuple[str, list[Path], str | None]:
     """Write reports/table2.{md,csv}; returns the markdown, the files and the MLflow run id."""
     from mpprop.evaluate import default_presets
+    from mpprop.snapshot import atomic_output
 
     presets = default_presets(params)
     rows = collect_rows(params)
@@ -320,9 +321,10 @@ def make_report(params: Params, log_mlflow: bool = True) -> tuple[str, list[Path
     markdown = to_markdown(rows, presets, params.train["screening_top_percent"],
                            params.split["test_fraction"], snapshot)
     out = report_dir(params)
-    out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / MARKDOWN_FILE, out / CSV_FILE
-    md_path.write_text(markdown)
-    csv_path.write_text(to_csv(table_records(rows, presets)))
+    # each file replaced atomically (temp file + rename): a kill leaves the previous one whole
+    for path, text in ((md_path, markdown), (csv_path, to_csv(table_records(rows, presets)))):
+        with atomic_output(path) as tmp:
+            Path(tmp).write_text(text)
     run_id = log_report(params, rows, presets, [md_path, csv_path], snapshot) if log_mlflow else None
     return markdown, [md_path, csv_path], run_id

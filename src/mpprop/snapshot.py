@@ -16,9 +16,11 @@ npz keys:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
+
+from mpprop.faults import process_alive
 
 SNAPSHOT_DATA = "snapshot.npz"
 SNAPSHOT_META = "snapshot.json"
@@ -161,15 +165,35 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_file_prefix(path: Path, pid: int | None = None) -> str:
+    """`.<name>.tmp-<host>-<pid>-`: a temp file of `path` by process `pid` of this host (with
+    pid None: the prefix of all of this host's)."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+    return f".{path.name}.tmp-{host}-" + ("" if pid is None else f"{pid}-")
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove the temp files of `path` that writers on this host left when they were killed
+    (their pid no longer runs); other hosts' temp files (a shared folder) are left alone."""
+    prefix = _temp_file_prefix(path)
+    for stale in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[str]:
     """A temp file beside `path` to write to: renamed over `path` when the block ends, removed
     if it fails, so readers never see a half file. The temp name is unique (several workers
-    may write the same file at once); it gets the mode of a new file, since mkstemp's 0600
-    would outlive the rename."""
+    may write the same file at once) and names the writer's host and pid, so the temp files of
+    killed writers are removed by the next one; it gets the mode of a new file, since mkstemp's
+    0600 would outlive the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_file_prefix(path, os.getpid()), dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -182,60 +206,101 @@ def atomic_output(path: str | Path) -> Iterator[str]:
 
 
 def save_snapshot(snapshot: Snapshot, out_dir: str | Path, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Write snapshot.npz then snapshot.json (metadata last: its presence marks completeness)."""
-    out_dir = Path(out_dir)
-    data_path = out_dir / SNAPSHOT_DATA
-    meta_path = out_dir / SNAPSHOT_META
-    # a stale metadata file must not vouch for new, half-written data
-    if meta_path.exists():
-        meta_path.unlink()
+    """Write snapshot.npz and snapshot.json as one unit (outputs.output_dir): a temp folder
+    beside `out_dir`, swapped in whole, so a kill at any moment leaves the previous snapshot
+    intact, and a second fetch into the same folder fails instead of mixing files."""
+    from mpprop.outputs import output_dir
 
-    with atomic_output(data_path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            material_id=snapshot.material_id,
-            lattice=snapshot.lattice,
-            site_offsets=snapshot.site_offsets,
-            atomic_numbers=snapshot.atomic_numbers,
-            frac_coords=snapshot.frac_coords,
-            labels=snapshot.labels,
-            property_names=np.asarray(snapshot.property_names, dtype=str),
-        )
-    meta = dict(metadata)
-    meta["data_file"] = SNAPSHOT_DATA
-    meta["sha256"] = sha256_file(data_path)
-    meta["n_records"] = len(snapshot)
-
-    with atomic_output(meta_path) as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with output_dir(out_dir, "fetch") as tmp:
+        data_path = tmp / SNAPSHOT_DATA
+        with open(data_path, "wb") as fh:
+            np.savez(
+                fh,
+                material_id=snapshot.material_id,
+                lattice=snapshot.lattice,
+                site_offsets=snapshot.site_offsets,
+                atomic_numbers=snapshot.atomic_numbers,
+                frac_coords=snapshot.frac_coords,
+                labels=snapshot.labels,
+                property_names=np.asarray(snapshot.property_names, dtype=str),
+            )
+        meta = dict(metadata)
+        meta["data_file"] = SNAPSHOT_DATA
+        meta["sha256"] = sha256_file(data_path)
+        meta["n_records"] = len(snapshot)
+        (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
+def _missing_metadata(meta_path: Path) -> SnapshotError:
+    return SnapshotError(
+        f"no snapshot metadata at {meta_path}: the snapshot is missing or incomplete; "
+        "run `mpprop fetch`"
+    )
+
+
 def load_metadata(snapshot_dir: str | Path) -> dict[str, Any]:
-    meta_path = Path(snapshot_dir) / SNAPSHOT_META
+    from mpprop.outputs import readable_dir
+
+    meta_path = readable_dir(snapshot_dir) / SNAPSHOT_META
     if not meta_path.exists():
-        raise SnapshotError(
-            f"no snapshot metadata at {meta_path}: the snapshot is missing or incomplete; "
-            "run `mpprop fetch`"
-        )
+        raise _missing_metadata(Path(snapshot_dir) / SNAPSHOT_META)
     return json.loads(meta_path.read_text())
 
 
 def load_snapshot(snapshot_dir: str | Path, verify: bool = False) -> tuple[Snapshot, dict[str, Any]]:
-    """Load a snapshot folder; with verify=True the data hash is checked against the metadata."""
-    snapshot_dir = Path(snapshot_dir)
-    meta = load_metadata(snapshot_dir)
-    data_path = snapshot_dir / meta.get("data_file", SNAPSHOT_DATA)
-    if verify and sha256_file(data_path) != meta["sha256"]:
-        raise SnapshotError(f"{data_path} does not match the SHA-256 in its metadata")
-    with np.load(data_path, allow_pickle=False) as npz:
-        snap = Snapshot(
-            material_id=npz["material_id"],
-            lattice=npz["lattice"],
-            site_offsets=npz["site_offsets"],
-            atomic_numbers=npz["atomic_numbers"],
-            frac_coords=npz["frac_coords"],
-            labels=npz["labels"],
-            property_names=[str(p) for p in npz["property_names"]],
-        )
+    """Load a snapshot folder; with verify=True the data hash is checked against the metadata.
+
+    Both files are read through one handle on the folder, so a `mpprop fetch` swapping in a
+    new snapshot meanwhile cannot pair this metadata with that data; if the swap removed the
+    old files before they were opened, the new snapshot is read instead.
+    """
+    from mpprop.outputs import readable_dir
+
+    for attempt in range(3):
+        folder = readable_dir(snapshot_dir)
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise _missing_metadata(Path(snapshot_dir) / SNAPSHOT_META) from None
+        try:
+            return _load_snapshot_at(dir_fd, folder, verify)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")
+
+
+def _load_snapshot_at(dir_fd: int, folder: Path, verify: bool) -> tuple[Snapshot, dict[str, Any]]:
+    def opener(name: str, flags: int) -> int:
+        return os.open(name, flags, dir_fd=dir_fd)
+
+    try:
+        with open(SNAPSHOT_META, encoding="utf-8", opener=opener) as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        if os.path.exists(folder / SNAPSHOT_META):
+            raise  # swapped meanwhile: read again
+        raise _missing_metadata(folder / SNAPSHOT_META) from None
+    data_name = meta.get("data_file", SNAPSHOT_DATA)
+    with open(data_name, "rb", opener=opener) as fh:
+        if verify:
+            h = hashlib.sha256()
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+            if h.hexdigest() != meta["sha256"]:
+                raise SnapshotError(f"{folder / data_name} does not match the SHA-256 in its metadata")
+            fh.seek(0)
+        with np.load(fh, allow_pickle=False) as npz:
+            snap = Snapshot(
+                material_id=npz["material_id"],
+                lattice=npz["lattice"],
+                site_offsets=npz["site_offsets"],
+                atomic_numbers=npz["atomic_numbers"],
+                frac_coords=npz["frac_coords"],
+                labels=npz["labels"],
+                property_names=[str(p) for p in npz["property_names"]],
+            )
     return snap, meta

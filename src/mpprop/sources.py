@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import time
 import warnings
 import zlib
 from collections import Counter
@@ -72,7 +71,7 @@ RESERVED_CRITERIA = {"fields", "all_fields", "num_chunks", "chunk_size"}
 # HTTP answers worth retrying: the client's own list (429, 502, 504) plus 503, which MP's
 # gateway gives while it is overloaded or restarting; urllib3 sleeps
 # backoff * 2**(retry - 1) between tries (none before the first), or what Retry-After says
-MP_API_RETRY_STATUSES = (429, 502, 503, 504)
+MP_API_RETRY_STATUSES = (429, 502, 504)
 MP_API_MAX_RETRIES = 4
 MP_API_BACKOFF_FACTOR = 0.5  # seconds; tests make it small
 
@@ -209,20 +208,22 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
                 yield lineno, line
     except EOFError as err:
         raise FetchError(
-            f"{path}: the gzip stream ends early (truncated file?): {n_records} records "
-            f"read before the end (line {lineno}); nothing written"
+            f"{path}: the gzip stream ends early (truncated file?): {n_records} records read "
+            f"before the end{_at_line(n_records, lineno)}; nothing written"
         ) from err
     except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        if isinstance(err, gzip.BadGzipFile):
-            what = "not a valid gzip file"
-        elif isinstance(err, zlib.error):
-            what = "corrupt gzip data"
-        else:
-            what = "read error"
+        if isinstance(err, gzip.BadGzipFile) and lineno == 0:
+            raise FetchError(f"{path}: not a gzip file ({err}); nothing written") from err
+        what = "corrupt gzip data" if isinstance(err, gzip.BadGzipFile | zlib.error) else (
+            "read error")
         raise FetchError(
-            f"{path}: {what} ({err}) after {n_records} records (line {lineno}); "
-            "nothing written"
+            f"{path}: {what} ({err}) after {n_records} records"
+            f"{_at_line(n_records, lineno)}; nothing written"
         ) from err
+
+
+def _at_line(n_records: int, lineno: int) -> str:
+    return f" (line {lineno})" if lineno != n_records else ""
 
 
 def _jsonl_source(path: Path, specs: dict[str, PropertySpec]) -> _Source:
@@ -427,6 +428,52 @@ def _labels(
 
 
 # ---------------------------------------------------------------- MP API
+def _mp_api_retry(connect: bool = True) -> Any:
+    """urllib3 Retry as mp_api's own session has (MPRester._create_session), plus 503."""
+    from urllib3.util.retry import Retry
+
+    n = MP_API_MAX_RETRIES
+    return Retry(
+        total=n,
+        connect=n if connect else 0,
+        read=n if connect else 0,
+        status=n,
+        respect_retry_after_header=True,
+        status_forcelist=MP_API_RETRY_STATUSES,
+        backoff_factor=MP_API_BACKOFF_FACTOR,
+    )
+
+
+def _retry_busy_answers(session: Any) -> None:
+    """Make a requests session retry MP_API_RETRY_STATUSES, with backoff.
+
+    mp_api's session retries 429/502/504 only, so one 503 from a busy gateway ended a fetch.
+    """
+    from requests.adapters import HTTPAdapter
+
+    adapter = HTTPAdapter(max_retries=_mp_api_retry())
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+
+
+def _probe_heartbeat(endpoint: str | None) -> None:
+    """GET <endpoint>/heartbeat until it is not a busy answer (MP_API_RETRY_STATUSES).
+
+    MPRester's constructor reads the heartbeat with a plain requests.get, without retries, and
+    a 503 there ends in a KeyError; once this probe has had an answer, that read is likely
+    to get one too. Connection errors are not retried here (they are not a busy server).
+    """
+    import requests
+    from mp_api.client.core.utils import validate_endpoint
+    from requests.adapters import HTTPAdapter
+
+    with requests.Session() as session:
+        adapter = HTTPAdapter(max_retries=_mp_api_retry(connect=False))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.get(validate_endpoint(endpoint) + "heartbeat", timeout=60).close()
+
+
 def _query_mp_api(
     api_key: str,
     endpoint: str | None,
@@ -444,12 +491,18 @@ def _query_mp_api(
     no_s3 = 10**9
     energies: dict[str, Any] = {}
     n_thermo = 0
-    with MPRester(
-        api_key=api_key,
-        endpoint=endpoint,
-        use_document_model=False,  # raw dicts: validation and counting are ours
-        mute_progress_bars=not progress,
-    ) as mpr:
+    _probe_heartbeat(endpoint)
+    try:
+        mpr = MPRester(
+            api_key=api_key,
+            endpoint=endpoint,
+            use_document_model=False,  # raw dicts: validation and counting are ours
+            mute_progress_bars=not progress,
+        )
+    except KeyError as err:  # a heartbeat answer without version / db_version
+        raise FetchError(f"unexpected MP API heartbeat answer: no {err} in it") from err
+    _retry_busy_answers(mpr.session)  # shared by all its sub-resters
+    with mpr:
         # db_version comes from GET <endpoint>/heartbeat on construction
         # (get_database_version() is a deprecated alias of this attribute)
         db_version = mpr.db_version or None

@@ -28,10 +28,34 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 def setup_mlflow(params: Params, experiment: str | None = None) -> str:
-    """Point MLflow at the configured tracking URI and activate the experiment (made if new)."""
+    """Point MLflow at the configured tracking URI and activate the experiment (made if new).
+
+    For a SQLite store, a lock beside the database file (<db>.lock) is held while MLflow
+    creates or upgrades the schema and the experiment: two commands starting at once on a fresh
+    workspace would otherwise race on the schema (`table ... already exists`)."""
     uri = params.tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    name = experiment or params.mlflow["experiment"]
+    with _store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        # opening the store creates its tables (once per process and URI: MLflow caches it)
+        mlflow.MlflowClient().search_experiments(max_results=1)
+        return _activate_experiment(params, uri, experiment or params.mlflow["experiment"])
+
+
+def _store_lock(uri: str, timeout: float = 300.0) -> Any:
+    """A file lock beside a SQLite tracking database; a no-op for other stores."""
+    import contextlib
+
+    from filelock import FileLock
+
+    prefix = "sqlite:///"
+    db = uri[len(prefix):].split("?", 1)[0] if uri.startswith(prefix) else ""
+    if not db or db == ":memory:":
+        return contextlib.nullcontext()
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock", timeout=timeout)
+
+
+def _activate_experiment(params: Params, uri: str, name: str) -> str:
     if mlflow.get_experiment_by_name(name) is None:
         # a tracking server decides where artifacts go; a local store gets a folder of ours
         artifacts = None

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from mpprop.config import GraphSettings, Hyperparams, Params
 from mpprop.data import PropertyData, iterate_batches
 from mpprop.graphs import GraphCache
+from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
 from mpprop.model import CrystalGraphConvNet, Normalizer
 from mpprop.stats import screening_precision
 
@@ -34,16 +35,18 @@ def run_batches(
     targets_norm: np.ndarray | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     rng: np.random.Generator | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """One pass over `rows`; trains when an optimizer is given, else predicts.
 
     Returns the standardised predictions in the order of `rows` (from the forward pass
-    of each batch, i.e. before that batch's update when training).
+    of each batch, i.e. before that batch's update when training). `loss_fn` (pred, target)
+    defaults to the MSE of the original CGCNN.
     """
     training = optimizer is not None
     model.train(training)
     preds = np.empty(len(rows), dtype=np.float64)
-    loss_fn = nn.MSELoss()
+    loss_fn = loss_fn or nn.MSELoss()
     with torch.set_grad_enabled(training):
         for pos, batch in iterate_batches(
             cache, rows, batch_size, targets_norm, rng if training else None
@@ -109,6 +112,7 @@ def fit_on_pool(
     seed: int,
     on_epoch: EpochCallback | None,
     eval_batch_size: int,
+    loss_settings: LossSettings,
 ) -> FitResult:
     """`fit` on one train/val split of a property's non-test pool (indices into the pool),
     as both `mpprop train` and every tuning trial do."""
@@ -117,7 +121,18 @@ def fit_on_pool(
         data.pool_rows[train_idx], data.pool_targets[train_idx],
         data.pool_rows[val_idx], data.pool_targets[val_idx],
         seed=seed, on_epoch=on_epoch, eval_batch_size=eval_batch_size,
+        loss_settings=loss_settings, better=data.spec.better,
     )
+
+
+# the fewest labelled records `fit` trains on: a train std needs two values, a best epoch
+# needs one validation value (below that, the MAEs are NaN and metrics.json not JSON)
+MIN_TRAIN_LABELS = 2
+MIN_VAL_LABELS = 1
+
+
+class TrainingDataError(ValueError):
+    """Training data that cannot give a model and finite metrics."""
 
 
 def fit(
@@ -131,27 +146,55 @@ def fit(
     seed: int,
     on_epoch: EpochCallback | None = None,
     eval_batch_size: int = 512,
+    loss_settings: LossSettings | None = None,
+    better: str | None = None,
 ) -> FitResult:
-    """Train with target standardisation, one LR decay by 0.1, best-val checkpointing.
+    """Train with target standardisation, the LR schedule of `hp`, best-val checkpointing.
+
+    The loss is `hp.loss` plus `hp.rank_weight` x the ranking term (mpprop.losses), which
+    needs `loss_settings` and the property's `better` direction; without loss_settings only
+    the plain MSE / L1 losses can be used.
 
     `on_epoch` sees each epoch's stats; it may raise (e.g. optuna.TrialPruned) to stop.
-    MAEs are in target units.
+    MAEs are in target units. Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or
+    a target that is not finite is a TrainingDataError (a ValueError), before any training.
     """
+    n_train, n_val = len(train_rows), len(val_rows)
+    if n_train < MIN_TRAIN_LABELS or n_val < MIN_VAL_LABELS:
+        raise TrainingDataError(
+            f"too few labelled records to train: {n_train} train and {n_val} validation "
+            f"(at least {MIN_TRAIN_LABELS} and {MIN_VAL_LABELS} are needed; the property has "
+            "too few labels in this snapshot)"
+        )
+    if len(train_targets) != n_train or len(val_targets) != n_val:
+        raise ValueError(
+            f"{len(train_targets)} train / {len(val_targets)} val targets for "
+            f"{n_train} / {n_val} rows"
+        )
+    for name, t in (("train", train_targets), ("validation", val_targets)):
+        if not np.isfinite(t).all():
+            raise TrainingDataError(
+                f"{int((~np.isfinite(t)).sum())} {name} target(s) are not finite numbers"
+            )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     normalizer = Normalizer.fit(train_targets)
     model = CrystalGraphConvNet(hp, graph)
     optimizer = make_optimizer(model, hp)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[hp.lr_decay_epoch], gamma=0.1
-    )
+    scheduler = make_scheduler(optimizer, hp)
     train_norm = normalizer.norm(train_targets)
+    if loss_settings is None:
+        if hp.loss == "huber" or hp.rank_weight > 0:
+            raise ValueError(f"loss {hp.loss!r} with rank_weight {hp.rank_weight} needs loss_settings")
+        loss_fn = regression_loss(hp.loss, huber_delta=0.0)
+    else:
+        loss_fn = TrainingLoss(hp, loss_settings, better, train_norm)
     best_state, best_val, best_epoch = None, float("inf"), -1
     history: list[EpochStats] = []
     for epoch in range(1, hp.epochs + 1):
         t0 = time.perf_counter()
         train_pred = run_batches(
-            model, cache, train_rows, hp.batch_size, train_norm, optimizer, rng
+            model, cache, train_rows, hp.batch_size, train_norm, optimizer, rng, loss_fn
         )
         scheduler.step()
         train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
@@ -218,6 +261,14 @@ def train_property(
     import mlflow
 
     from mpprop.data import open_workspace, property_data, train_val_split
+    from mpprop.faults import (
+        end_orphaned_runs,
+        killed_on_interrupt,
+        pause_point,
+        process_tags,
+        sigterm_as_exception,
+    )
+    from mpprop.outputs import output_dir
     from mpprop.tracking import log_model, save_bundle, setup_mlflow
 
     set_torch_threads(params.train.get("torch_threads"))
@@ -227,12 +278,21 @@ def train_property(
     data = property_data(params, ws, prop)
     seed = int(params.train["seed"])
     tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"], seed)
-    setup_mlflow(params)
+    experiment_id = setup_mlflow(params)
+    # the runs of trainers killed with -9 on this host would stay RUNNING for ever
+    end_orphaned_runs(experiment_id, "train")
     out_dir = params.models_dir() / prop / preset
-    out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=hp.epochs, desc=f"train {prop} [{preset}]", unit="epoch", disable=not progress)
 
-    with mlflow.start_run(run_name=f"{prop}-{preset}") as run:
+    # the model folder is one unit (outputs.output_dir): model.pt and metrics.json are swapped
+    # in together, a second trainer of the same folder fails at once; SIGTERM unwinds like
+    # Ctrl-C and ends the run KILLED (an exception ends it FAILED)
+    with (
+        sigterm_as_exception(),
+        output_dir(out_dir, "train") as unit,
+        mlflow.start_run(run_name=f"{prop}-{preset}") as run,
+        killed_on_interrupt(),
+    ):
         mlflow.set_tags(
             {
                 "mpprop.property": prop,
@@ -240,6 +300,7 @@ def train_property(
                 "mpprop.kind": "train",
                 "snapshot_sha256": ws.snapshot_sha256,
                 "graph_cache_key": ws.cache.key,
+                **process_tags(),
             }
         )
         mlflow.log_params(
@@ -267,7 +328,8 @@ def train_property(
             bar.set_postfix(train_mae=f"{s.train_mae:.4f}", val_mae=f"{s.val_mae:.4f}")
             bar.update(1)
 
-        result = fit_on_pool(hp, graph, data, tr, va, seed, on_epoch, params.predict["batch_size"])
+        result = fit_on_pool(hp, graph, data, tr, va, seed, on_epoch, params.predict["batch_size"],
+                             LossSettings.from_train(params.train))
         bar.close()
         metrics: dict[str, Any] = {
             "best_val_mae": result.best_val_mae,
@@ -281,10 +343,11 @@ def train_property(
         }
         mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
         bundle = save_bundle(
-            out_dir / "model.pt", result.model, result.normalizer, data.spec,
+            unit / "model.pt", result.model, result.normalizer, data.spec,
             extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key},
         )
         model_uri = log_model(bundle)
         metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        pause_point("train.between_model_and_metrics")
+        (unit / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -29,17 +30,30 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import optuna
+import torch
 import yaml
 from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
+from optuna_integration.mlflow import MLflowCallback
+from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
-from mpprop.config import ConfigError, Hyperparams, Params
+from mpprop.config import GRAPH_SEARCHABLE, ConfigError, GraphSettings, Hyperparams, Params
+from mpprop.data import open_workspace, property_data, train_val_split
+from mpprop.losses import LossSettings
+from mpprop.snapshot import atomic_output
+from mpprop.tracking import log_model, save_bundle, setup_mlflow
+from mpprop.training import EpochStats, fit_on_pool, set_torch_threads
 
 # study user attrs: what the study was made from, and where its trials are tracked
 ATTR_PROPERTY = "mpprop.property"
@@ -82,8 +96,10 @@ class TuneError(RuntimeError):
 def search_space(params: Params) -> dict[str, Any]:
     """`tune.search_space`, checked: {low, high[, step, log]} ranges or lists of choices."""
     space = dict(params.tune["search_space"])
+    if params.tune.get("extend_search_space"):
+        space.update(params.tune.get("extended_search_space") or {})
     missing = [k for k in SEARCHED if k not in space]
-    known = {f.name for f in fields(Hyperparams)}
+    known = {f.name for f in fields(Hyperparams)} | set(GRAPH_SEARCHABLE)
     unknown = [k for k in space if k not in known or k == "epochs"]
     if missing or unknown:
         raise ConfigError(
@@ -124,14 +140,14 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
 
 def trial_hyperparams(params: Params, values: dict[str, Any], epochs: int) -> Hyperparams:
     """A trial's full configuration: searched values, tuning epochs, and train.* settings."""
-    train = params.train
-    return Hyperparams(
-        **values,
-        epochs=int(epochs),
-        batch_size=train["batch_size"],
-        momentum=train["momentum"],
-        weight_decay=train["weight_decay"],
-    )
+    searched = {k: v for k, v in values.items() if k not in GRAPH_SEARCHABLE}
+    return Hyperparams(**{**params.train_defaults(), **searched, "epochs": int(epochs)})
+
+
+def trial_graph(params: Params, values: dict[str, Any]) -> GraphSettings:
+    """The graph settings of a trial: graph.* with the searched graph keys replaced."""
+    return replace(params.graph_settings(),
+                   **{k: values[k] for k in GRAPH_SEARCHABLE if k in values})
 
 
 def derive_seed(base_seed: int, trial_number: int, stream: int) -> int:
@@ -182,10 +198,26 @@ class TrialSeededTPESampler(BaseSampler):
         self._tpe.reseed_rng()
 
 
-def make_pruner(params: Params, prune: bool = True) -> optuna.pruners.BasePruner:
-    """The paper's PercentilePruner (compares with completed trials at the same epoch)."""
+def pruner_label(params: Params) -> str:
+    tune = params.tune
+    if tune.get("pruner") == "hyperband":
+        return (f"Hyperband(min {tune['pruner_warmup_steps']}, "
+                f"factor {tune['hyperband_reduction_factor']})")
+    return f"Percentile({tune['pruner_percentile']}, warmup={tune['pruner_warmup_steps']})"
+
+
+def make_pruner(params: Params, epochs: int, prune: bool = True) -> optuna.pruners.BasePruner:
+    """The paper's PercentilePruner (compares with completed trials at the same epoch), or
+    Hyperband (`tune.pruner: hyperband`) for a budget-aware search."""
     if not prune:
         return optuna.pruners.NopPruner()
+    if params.tune.get("pruner") == "hyperband":
+        # successive halving in brackets: rungs from the warm-up epochs to the trial's epochs
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, int(params.tune["pruner_warmup_steps"])),
+            max_resource=int(epochs),
+            reduction_factor=int(params.tune["hyperband_reduction_factor"]),
+        )
     return optuna.pruners.PercentilePruner(
         float(params.tune["pruner_percentile"]),
         n_warmup_steps=int(params.tune["pruner_warmup_steps"]),
@@ -223,7 +255,6 @@ def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]
 
 def redact(url: str) -> str:
     """A storage URL fit for logs: the password (if any) is masked."""
-    from sqlalchemy.engine import make_url
 
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -241,7 +272,6 @@ class StorageLock:
     """
 
     def __init__(self, url: str, name: str) -> None:
-        from sqlalchemy.engine import make_url
 
         self.name = name
         self._url = make_url(url)
@@ -271,8 +301,6 @@ class StorageLock:
             fcntl.flock(fh, fcntl.LOCK_EX)
             self._fh = fh
             return
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.pool import NullPool
 
         if self._engine is None:
             self._engine = create_engine(self._url, poolclass=NullPool)
@@ -308,24 +336,58 @@ class StorageLock:
             self._engine = None
 
 
-def storage_url(url: str) -> str:
-    """`postgresql://` with a driver that is installed.
+STORAGE_CONNECT_TIMEOUT = 10  # seconds for the check of a PostgreSQL storage URL
 
-    SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3; where only psycopg2 is
-    installed (as this project's dependencies pin), name it, so plain URLs work.
+
+def _storage_error(url: str, err: BaseException) -> TuneError:
+    """One line naming the storage (password masked) and why it cannot be used."""
+
+    cause = getattr(err, "orig", None) or err  # a DBAPIError wraps the driver's error
+    text = re.sub(r"\(Background on this error at: [^)]*\)", "", str(cause))
+    text = " ".join(text.split())[:_ERROR_CHARS]  # one line
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - an unparsable URL has no password to hide
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return TuneError(
+        f"cannot use Optuna storage {redact(url)}: {type(cause).__name__}: {text or '?'}"
+    )
+
+
+def storage_url(url: str, check: bool = True) -> str:
+    """The storage URL to use, checked: a TuneError naming it if it cannot be used.
+
+    `postgresql://` gets a driver that is installed: SQLAlchemy 2.1 maps a bare
+    `postgresql://` to psycopg 3; where only psycopg2 is installed, it is named, so plain
+    URLs work. With `check`, the URL must parse, name a database kind SQLAlchemy has a driver
+    for, and accept a connection (PostgreSQL within STORAGE_CONNECT_TIMEOUT), so that a bad
+    `--storage` is one line instead of a traceback from deep inside SQLAlchemy.
     """
-    from sqlalchemy.engine import make_url
 
     try:
         parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - let Optuna report a URL it cannot use
-        return url
-    if parsed.drivername != "postgresql":
-        return url
-    import importlib.util
+    except Exception as err:  # noqa: BLE001 - any URL SQLAlchemy cannot read
+        raise _storage_error(url, err) from err
+    if parsed.drivername == "postgresql":
 
-    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+            url = parsed.render_as_string(hide_password=False)
+    if check:
+
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = STORAGE_CONNECT_TIMEOUT
+        try:
+            engine = create_engine(parsed, poolclass=NullPool, connect_args=connect_args)
+            try:
+                engine.connect().close()
+            finally:
+                engine.dispose()
+        except Exception as err:  # noqa: BLE001 - unknown dialect, no driver, no server...
+            raise _storage_error(url, err) from err
     return url
 
 
@@ -343,14 +405,19 @@ def open_storage(
     params: Params, url: str, stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None
 ) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats: a worker silent for grace_period has its trial failed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=int(params.tune["heartbeat_interval"]),
-            grace_period=int(params.tune["grace_period"]),
-            heartbeat_stale_trial_callback=stale_callback,
-        )
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=int(params.tune["heartbeat_interval"]),
+                grace_period=int(params.tune["grace_period"]),
+                heartbeat_stale_trial_callback=stale_callback,
+            )
+    # RuntimeError: e.g. Optuna's "incompatible with the table schema" of an older study
+    except (SQLAlchemyError, ImportError, OSError, RuntimeError, ValueError) as err:
+        raise _storage_error(url, err) from err
 
 
 def state_counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -397,7 +464,10 @@ def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | 
     hp = trial_hyperparams(params, {k: best.params[k] for k in best.params}, epochs)
     summary = study_summary(study)
     payload = {
-        "hyperparams": {k: hp.as_dict()[k] for k in (*SEARCHED, "epochs")},
+        "hyperparams": {k: v for k, v in hp.as_dict().items()
+                        if k in best.params or k in (*SEARCHED, "epochs")},
+        # searched graph settings (train --preset tuned builds that graph cache if absent)
+        "graph": {k: best.params[k] for k in GRAPH_SEARCHABLE if k in best.params},
         "best_val_mae": float(best.value),
         "best_trial": best.number,
         "study_name": study.study_name,
@@ -408,7 +478,6 @@ def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | 
         "model_uri": best.user_attrs.get(TRIAL_MODEL_URI),
     }
     path = params.best_params_path(prop)
-    from mpprop.snapshot import atomic_output
 
     # several workers may write it at the end of a study
     with atomic_output(path) as tmp, open(tmp, "w") as fh:
@@ -454,8 +523,6 @@ class MarkStaleAndRetry:
         self._echo = echo
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        import mlflow
-        from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -489,7 +556,6 @@ def _check_study_attrs(study: optuna.Study, expect: dict[str, Any]) -> None:
 def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
                 tags: dict[str, str], storage_url: str, prune: bool) -> str:
     """The study's MLflow parent run: made by the first worker, found by the others."""
-    import mlflow
 
     client = mlflow.MlflowClient()
     run_id = study.user_attrs.get(ATTR_PARENT_RUN)
@@ -514,9 +580,8 @@ def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
             "epochs": study.user_attrs[ATTR_EPOCHS],
             "sampler": "TPE(constant_liar, reseeded per trial)",
             "sampler_seed": tune["sampler_seed"],
-            "pruner": f"Percentile({tune['pruner_percentile']}, "
-                      f"warmup={tune['pruner_warmup_steps']})" if prune else "none",
-            "search_space": yaml.safe_dump(tune["search_space"], default_flow_style=True).strip(),
+            "pruner": pruner_label(params) if prune else "none",
+            "search_space": yaml.safe_dump(search_space(params), default_flow_style=True).strip(),
             "optuna_storage": redact(storage_url),
         }.items()
     ])
@@ -538,8 +603,6 @@ def trial_run_name(prop: str, trial: FrozenTrial) -> str:
 
 def name_trial_run(trial: FrozenTrial, prop: str) -> None:
     """Name the trial's MLflow run and describe it (MLflowCallback names it by number only)."""
-    import mlflow
-    from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
     run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
     if not run_id:
@@ -554,7 +617,6 @@ def name_trial_run(trial: FrozenTrial, prop: str) -> None:
 
 def log_study_summary(study: optuna.Study) -> None:
     """The study's parent run (active): best value and trial counts so far."""
-    import mlflow
 
     summary = study_summary(study)
     metrics = {k: float(summary[k]) for k in (
@@ -613,13 +675,7 @@ def tune_property(
 
 def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
           storage: str | None, study_name: str | None, prune: bool, echo: Echo) -> dict[str, Any]:
-    import mlflow
-    import torch
-    from optuna_integration.mlflow import MLflowCallback
 
-    from mpprop.data import open_workspace, property_data
-    from mpprop.tracking import setup_mlflow
-    from mpprop.training import set_torch_threads
 
     tune = params.tune
     n_trials = int(n_trials if n_trials is not None else tune["n_trials"])
@@ -658,7 +714,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         study = optuna.create_study(
             storage=storage_obj, study_name=study_name, direction="minimize",
             sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
-            pruner=make_pruner(params, prune), load_if_exists=True,
+            pruner=make_pruner(params, int(epochs or tune["epochs"]), prune), load_if_exists=True,
         )
         if not study.metric_names:
             study.set_metric_names([OBJECTIVE_NAME])
@@ -685,15 +741,24 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     every = int(tune.get("progress_every") or 0)
     val_fraction = float(params.split["val_fraction"])
 
+    datasets = {graph: data}
+
+    def data_for(settings: GraphSettings) -> tuple[Any, GraphSettings]:
+        """The property's data on the graphs of `settings` (built once, cached by key)."""
+        if settings not in datasets:
+            echo(f"graph cache for {settings} (built if absent)")
+            ws_g = open_workspace(params, graph=settings, build=True)
+            datasets[settings] = property_data(params, ws_g, prop)
+        return datasets[settings], settings
+
     @mlflc.track_in_mlflow()
     def objective(trial: optuna.Trial) -> float:
         # the trial exists now: other workers may decide whether to start theirs
         claim.release()
-        from mpprop.data import train_val_split
-        from mpprop.tracking import log_model, save_bundle
-        from mpprop.training import EpochStats, fit_on_pool
 
-        hp = trial_hyperparams(params, suggest(trial, space), epochs)
+        values = suggest(trial, space)
+        hp = trial_hyperparams(params, values, epochs)
+        data, trial_graph_settings = data_for(trial_graph(params, values))
         # a re-queued trial carries its original's user attrs: same split as the original
         seed = int(trial.user_attrs.get(
             TRIAL_SPLIT_SEED, derive_seed(seed_base, trial.number, _SPLIT_STREAM)
@@ -703,8 +768,10 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         tr, va = train_val_split(len(data.pool_rows), val_fraction, seed)
         mlflow.set_tags({**tags, "mpprop.kind": "tune-trial",
                          "optuna.trial_number": str(trial.number)})
+        mlflow.set_tag("graph_cache_key", data.cache.key)
         mlflow.log_params({
-            **hp.as_dict(), "split_seed": seed, "property": prop, "study_name": study_name,
+            **hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(trial_graph_settings).items()},
+            "split_seed": seed, "property": prop, "study_name": study_name,
             "target_transform": data.spec.transform, "n_train": len(tr), "n_val": len(va),
         })
 
@@ -722,7 +789,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
 
         try:
             result = fit_on_pool(
-                hp, graph, data, tr, va, seed, on_epoch, params.predict["batch_size"]
+                hp, trial_graph_settings, data, tr, va, seed, on_epoch, params.predict["batch_size"],
+                LossSettings.from_train(params.train),
             )
         except optuna.TrialPruned:
             mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
@@ -738,7 +806,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         with tempfile.TemporaryDirectory() as tmp:
             bundle = save_bundle(
                 Path(tmp) / "model.pt", result.model, result.normalizer, data.spec,
-                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
+                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": data.cache.key,
                        "study_name": study_name, "trial": trial.number},
             )
             trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))

@@ -1,0 +1,89 @@
+"""Training losses on standardised targets: the regression loss, and a pairwise ranking
+term for screening (the paper's next step: training that knows what screening needs).
+
+The ranking term looks at pairs that straddle the top of the property's ranking: one
+material among the train set's top `rank_top_percent` (by the property's better direction)
+and one outside it, in the same batch. It is zero when the model already puts the top one
+ahead by `margin` (standard deviations), and grows linearly otherwise (a margin ranking
+loss, as in RankNet-style pairwise learning to rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpprop.config import Hyperparams
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The `train:` keys a loss needs beyond Hyperparams (see params.yaml)."""
+
+    huber_delta: float
+    rank_top_percent: float
+    rank_margin: float
+
+    @classmethod
+    def from_train(cls, train: dict) -> LossSettings:
+        return cls(float(train["huber_delta"]), float(train["rank_top_percent"]),
+                   float(train["rank_margin"]))
+
+
+def regression_loss(kind: str, huber_delta: float) -> nn.Module:
+    if kind == "mse":
+        return nn.MSELoss()
+    if kind == "l1":
+        return nn.L1Loss()
+    if kind == "huber":
+        return nn.HuberLoss(delta=huber_delta)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def ranking_loss(pred: torch.Tensor, target: torch.Tensor, threshold: float, sign: float,
+                 margin: float) -> torch.Tensor:
+    """Mean hinge over the batch's (top, rest) pairs: relu(margin - sign*(pred_top - pred_rest)).
+
+    `sign` is +1 where higher is better, -1 where lower is better; a material is "top" when
+    sign*target >= sign*threshold. No such pair in the batch: zero (with a gradient path).
+    """
+    top = sign * target >= sign * threshold
+    if not bool(top.any()) or bool(top.all()):
+        return pred.sum() * 0.0
+    gap = sign * (pred[top][:, None] - pred[~top][None, :])  # (n_top, n_rest)
+    return torch.relu(margin - gap).mean()
+
+
+class TrainingLoss:
+    """Regression loss plus `rank_weight` x ranking term (off at weight 0)."""
+
+    def __init__(self, hp: Hyperparams, settings: LossSettings, better: str | None,
+                 train_targets_norm: np.ndarray) -> None:
+        self.regression = regression_loss(hp.loss, settings.huber_delta)
+        self.rank_weight = float(hp.rank_weight)
+        self.margin = settings.rank_margin
+        self.sign, self.threshold = 1.0, 0.0
+        if self.rank_weight > 0:
+            if better not in ("lower", "higher"):
+                raise ValueError("rank_weight > 0 needs a property with a screening direction "
+                                 f"(better: lower or higher), not {better!r}")
+            self.sign = 1.0 if better == "higher" else -1.0
+            q = 100.0 - settings.rank_top_percent if better == "higher" else settings.rank_top_percent
+            self.threshold = float(np.percentile(train_targets_norm, q))
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.regression(pred, target)
+        if self.rank_weight > 0:
+            loss = loss + self.rank_weight * ranking_loss(pred, target, self.threshold,
+                                                          self.sign, self.margin)
+        return loss
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparams) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch: the paper's single x0.1 decay, or a cosine decay to 0."""
+    if hp.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[hp.lr_decay_epoch], gamma=0.1)

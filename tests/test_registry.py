@@ -32,6 +32,7 @@ from pymatgen.core import Lattice, Structure
 
 from mpprop.cli import main
 from mpprop.config import Params, load_params
+from mpprop.predict import OUTPUT_COLUMNS
 
 PROP = "bulk_modulus"
 N_RECORDS = 150
@@ -249,8 +250,7 @@ def test_predict_folder_and_list_with_all_pretrained(ws, pretrained, tmp_path):
     text = ws.cli("predict", "--property", "all", "--alias", "xie-2018",
                   "--input", str(tmp_path / "in"), "--input", str(lst), "--output", str(out))
     rows = read_csv(out)
-    assert list(rows[0]) == ["id", "property", "prediction", "value", "unit", "model", "error",
-                             "warning"]
+    assert tuple(rows[0]) == OUTPUT_COLUMNS
     assert len(rows) == len(expect) * len(PRETRAINED_FILES)  # rows in = rows out
     for r in rows:
         good = expect[r["id"]]

@@ -338,6 +338,32 @@ def report(obj: Context, no_mlflow: bool) -> None:
                + (f"; MLflow run {run_id}" if run_id else ""))
 
 
+@main.command()
+@click.option("--property", "prop", required=True, help="Property whose model to use.")
+@click.option("--input", "inputs", multiple=True, required=True,
+              type=click.Path(path_type=Path), help="As for `mpprop predict`; repeatable.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="X.npy (+ X.ids.txt) or X.parquet.")
+@click.option("--alias", default=None, help="Registry alias (default: mlflow.champion_alias).")
+@click.option("--version", type=int, default=None, help="Registry version instead of an alias.")
+@pass_ctx
+def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, alias: str | None,
+          version: int | None) -> None:
+    """Crystal feature vectors (the vector the model's output layer reads) of any input."""
+    from mpprop.predict import PredictError, resolve_models, run_embedding
+
+    params = obj.params
+    check_property(params, prop)
+    if alias and version is not None:
+        raise click.UsageError("give --alias or --version, not both")
+    try:
+        (model,) = resolve_models(params, prop, alias, version)
+        summary = run_embedding(model, list(inputs), output, int(params.predict["batch_size"]))
+    except PredictError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(summary.format())
+
+
 @main.command("show-params")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write them to this file instead of printing them.")

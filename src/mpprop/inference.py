@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from pymatgen.core import Structure
 
-from mpprop.bundle import LoadedModel
+from mpprop.bundle import LoadedModel, ensemble_mean_std
 from mpprop.config import GraphSettings
+from mpprop.data import iterate_batches
 from mpprop.graphs import GraphCache, graphs_from_structures, known_elements
+from mpprop.model import CrystalGraphConvNet
 from mpprop.snapshot import structure_problem
 from mpprop.training import predict
 
@@ -25,9 +28,12 @@ class Predictions:
     """Per model (in the order given) predictions in model units; NaN where a structure
     failed; `errors[i]` says why structure i failed ('' where it worked)."""
 
-    values: list[np.ndarray]
+    values: list[np.ndarray]  # ensemble mean for an ensemble
     errors: list[str]
     warnings: list[str]  # predicted, but look at the structure ('' where nothing odd)
+    stds: list[np.ndarray]  # std over ensemble members (model units); NaN for one model
+    ood_scores: list[np.ndarray]  # NaN where the model has no OOD reference
+    ood_flags: list[np.ndarray]  # bool: score above the model's validation threshold
 
 
 def structure_error(structure: Structure) -> str:
@@ -103,6 +109,8 @@ def predict_structures(
             errs[i] = structure_error(s)
     usable = [i for i, s in enumerate(items) if s is not None and not errs[i]]
     values = [np.full(len(items), np.nan) for _ in models]
+    stds = [np.full(len(items), np.nan) for _ in models]
+    scores = [np.full(len(items), np.nan) for _ in models]
     warns = [""] * len(items)
     by_setting: dict[GraphSettings, list[int]] = {}
     for k, m in enumerate(models):
@@ -120,5 +128,31 @@ def predict_structures(
                 warns[i] = f"{warns[i]}; {w}" if warns[i] else w
         for k in model_ids:
             m = models[k]
-            values[k][rows] = predict(m.model, m.normalizer, cache, batch_size=batch_size)
-    return Predictions(values, errs, warns)
+            preds = [predict(net, norm, cache, batch_size=batch_size) for net, norm in m.members]
+            values[k][rows], stds[k][rows] = ensemble_mean_std(preds)
+            if m.ood is not None:
+                scores[k][rows] = m.ood.scores(embed(m.model, cache, batch_size=batch_size))
+    flags = [np.nan_to_num(sc, nan=-np.inf) > (m.ood.threshold if m.ood else np.inf)
+             for sc, m in zip(scores, models, strict=True)]
+    return Predictions(values, errs, warns, stds, scores, flags)
+
+
+def graph_inputs(structures: Sequence[Structure | None], errors: Sequence[str],
+                 settings: GraphSettings) -> tuple[GraphCache | None, list[int]]:
+    """Graphs of the usable structures, and which positions they are."""
+    errs = [e or ("no structure" if s is None else structure_error(s))
+            for s, e in zip(structures, errors, strict=True)]
+    usable = [i for i, e in enumerate(errs) if not e]
+    return _graphs(list(structures), settings, usable, errs)
+
+
+def embed(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray | None = None,
+          batch_size: int = 512) -> np.ndarray:
+    """Crystal feature vectors (model.embed) of `rows` of the cache, shape (n, h_fea_len)."""
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
+    out = np.empty((len(rows), model.hyperparams.h_fea_len), dtype=np.float32)
+    model.eval()
+    with torch.no_grad():
+        for pos, batch in iterate_batches(cache, rows, batch_size):
+            out[pos] = model.embed(batch).numpy()
+    return out

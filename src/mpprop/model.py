@@ -252,6 +252,11 @@ class CrystalGraphConvNet(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Standardised prediction per crystal, shape (n_crystals,)."""
+        return self.fc_out(self.embed(batch)).squeeze(1)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """The crystal feature vector the output layer reads, shape (n_crystals, h_fea_len):
+        what `mpprop embed` writes and the out-of-distribution score measures distances in."""
         # embedding of the (<=100) element rows, then a lookup: same as embedding every atom
         atom_fea = self.embedding(self.atom_table).index_select(0, batch.atomic_numbers)
         if batch.distance_index is not None:
@@ -274,7 +279,7 @@ class CrystalGraphConvNet(nn.Module):
         if hasattr(self, "fcs"):
             for fc, softplus in zip(self.fcs, self.softpluses, strict=True):
                 crys_fea = softplus(fc(crys_fea))
-        return self.fc_out(crys_fea).squeeze(1)
+        return crys_fea
 
 
 class Normalizer:

@@ -30,14 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from mpprop.bundle import BundleError, LoadedModel, load_model
 from mpprop.config import Params, PropertySpec
 from mpprop.data import inverse_transform, natural_unit
-from mpprop.inference import predict_structures
+from mpprop.inference import embed, graph_inputs, predict_structures
+from mpprop.snapshot import atomic_output
 
-OUTPUT_COLUMNS = ("id", "property", "prediction", "value", "unit", "model", "error", "warning")
+# prediction and std in model units (e.g. log10 GPa), value in natural units (GPa)
+OUTPUT_COLUMNS = ("id", "property", "prediction", "std", "value", "unit", "ood_score",
+                  "ood_flag", "model", "error", "warning")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 LIST_SUFFIXES = (".txt",)
 CIF_SUFFIXES = (".cif",)
@@ -298,6 +302,10 @@ def resolve_models(
     return models
 
 
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
 def predict_rows(
     models: list[RegisteredModel], rows: list[InputRow]
 ) -> list[dict[str, Any]]:
@@ -306,8 +314,9 @@ def predict_rows(
     out = predict_structures([m.loaded for m in models], [r.structure for r in rows],
                              [r.error for r in rows])
     per_input: list[list[dict[str, Any]]] = [[] for _ in rows]
-    for model, preds in zip(models, out.values, strict=True):
+    for k, (model, preds) in enumerate(zip(models, out.values, strict=True)):
         values = inverse_transform(preds, model.spec)
+        stds, scores, flags = out.stds[k], out.ood_scores[k], out.ood_flags[k]
         for i, r in enumerate(rows):
             error = out.errors[i]
             ok = not error and np.isfinite(preds[i])
@@ -318,7 +327,10 @@ def predict_rows(
                     "id": r.id,
                     "property": model.prop,
                     "prediction": float(preds[i]) if ok else None,
+                    "std": _finite_or_none(stds[i]) if ok else None,
                     "value": float(values[i]) if ok else None,
+                    "ood_score": _finite_or_none(scores[i]) if ok else None,
+                    "ood_flag": bool(flags[i]) if ok and np.isfinite(scores[i]) else None,
                     "unit": natural_unit(model.spec),
                     "model": model.label,
                     "error": error,
@@ -374,8 +386,6 @@ def run_prediction(
     ok = {m.prop: 0 for m in models}
     failed = {m.prop: 0 for m in models}
     n_inputs = n_rows = 0
-    from mpprop.snapshot import atomic_output
-
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="predict", unit="struct", disable=not progress)
     try:
@@ -398,3 +408,49 @@ def run_prediction(
     finally:
         bar.close()
     return PredictSummary(n_inputs, n_rows, ok, failed, time.perf_counter() - t0, output)
+
+
+@dataclass
+class EmbedSummary:
+    n_inputs: int
+    n_embedded: int
+    dim: int
+    output: Path
+    ids_file: Path | None
+
+    def format(self) -> str:
+        where = f"{self.output}" + (f" (+ ids {self.ids_file})" if self.ids_file else "")
+        return (f"{self.n_embedded} of {self.n_inputs} structures embedded "
+                f"({self.dim} features, model.embed) -> {where}")
+
+
+def run_embedding(model: RegisteredModel, inputs: list[Path], output: Path, batch_size: int,
+                  progress: bool = True) -> EmbedSummary:
+    """The crystal feature vectors of every readable input structure (the vector the
+    output layer reads), as .npy (+ `<name>.ids.txt`, one id per row) or .parquet (id +
+    one column per feature). Structures that cannot be embedded are left out and counted."""
+    rows = [r for s in (open_source(p) for p in inputs) for r in s.rows]
+    if not rows:
+        raise PredictError("no structures in the input(s): " + ", ".join(map(str, inputs)))
+    ids, chunks = [], []
+    for batch in tqdm(list(_batches(rows, batch_size)), desc="embed", disable=not progress):
+        cache, kept = graph_inputs([r.structure for r in batch], [r.error for r in batch],
+                                   model.loaded.graph_settings)
+        if cache is not None:
+            chunks.append(embed(model.loaded.model, cache, batch_size=batch_size))
+            ids += [batch[i].id for i in kept]
+    dim = model.loaded.model.hyperparams.h_fea_len
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    ids_file = None
+    if output.name.endswith(".parquet"):
+        frame = pd.DataFrame(matrix, columns=[f"f{i}" for i in range(dim)])
+        frame.insert(0, "id", ids)
+        with atomic_output(output) as tmp:
+            frame.to_parquet(tmp, index=False)
+    else:
+        ids_file = output.with_name(output.name.removesuffix(".npy") + ".ids.txt")
+        with atomic_output(ids_file) as tmp:
+            Path(tmp).write_text("".join(f"{i}\n" for i in ids))
+        with atomic_output(output) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, matrix)
+    return EmbedSummary(len(rows), len(ids), dim, output, ids_file)

@@ -71,7 +71,7 @@ RESERVED_CRITERIA = {"fields", "all_fields", "num_chunks", "chunk_size"}
 # HTTP answers worth retrying: the client's own list (429, 502, 504) plus 503, which MP's
 # gateway gives while it is overloaded or restarting; urllib3 sleeps
 # backoff * 2**(retry - 1) between tries (none before the first), or what Retry-After says
-MP_API_RETRY_STATUSES = (429, 502, 504)
+MP_API_RETRY_STATUSES = (429, 502, 503, 504)
 MP_API_MAX_RETRIES = 4
 MP_API_BACKOFF_FACTOR = 0.5  # seconds; tests make it small
 

@@ -92,8 +92,10 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame with one of the columns `structure` (pymatgen Structure dict or its
     JSON text), `cif` or `poscar` (file text). Output: a DataFrame with `prediction` in the
-    model's target units (e.g. log10 GPa for moduli), `value` and `unit` in natural units
-    (GPa), and `error` (empty where it worked); a structure that cannot be parsed or
+    model's target units (e.g. log10 GPa for moduli) and its ensemble `std` (NaN for one
+    model), `value` and `unit` in natural units (GPa), `ood_score` / `ood_flag` (distance to
+    the training materials in the model's embedding; NaN / False where the model has no OOD
+    reference), and `error` (empty where it worked); a structure that cannot be parsed or
     featurized gets NaN and its error, the rest go on.
 
     Logged as code (models-from-code: src/mpprop/mlflow_model.py), never as a pickle; the
@@ -125,8 +127,11 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
         preds = out.values[0]
         return pd.DataFrame({
             "prediction": preds,
+            "std": out.stds[0],
             "value": inverse_transform(preds, self.spec),
             "unit": natural_unit(self.spec),
+            "ood_score": out.ood_scores[0],
+            "ood_flag": out.ood_flags[0],
             "error": out.errors,
         })
 
@@ -135,8 +140,10 @@ def model_signature() -> ModelSignature:
     """One of the structure columns is given per request; each is optional in the schema."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", c, required=False) for c in STRUCTURE_COLUMNS]),
-        outputs=Schema([ColSpec("double", "prediction"), ColSpec("double", "value"),
-                        ColSpec("string", "unit"), ColSpec("string", "error")]),
+        outputs=Schema([ColSpec("double", "prediction"), ColSpec("double", "std"),
+                        ColSpec("double", "value"), ColSpec("string", "unit"),
+                        ColSpec("double", "ood_score"), ColSpec("boolean", "ood_flag"),
+                        ColSpec("string", "error")]),
     )
 
 

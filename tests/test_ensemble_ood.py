@@ -1,0 +1,78 @@
+"""Ensemble bundles, the OOD score and embeddings on tiny hand-made models and crystals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from mpprop.bundle import load_model, save_bundle
+from mpprop.config import GraphSettings, Hyperparams, PropertySpec
+from mpprop.graphs import graphs_from_structures
+from mpprop.inference import embed, predict_structures
+from mpprop.model import CrystalGraphConvNet, Normalizer
+from mpprop.ood import OODReference, knn_mean_distance
+from mpprop.training import predict
+
+SPEC = PropertySpec("band_gap", "band_gap", "eV", "none", "higher")
+HP = Hyperparams(2, 1, 16, 8, 0.01, 10, "SGD", 1)
+
+
+def net(seed: int) -> CrystalGraphConvNet:
+    torch.manual_seed(seed)
+    return CrystalGraphConvNet(HP, GraphSettings()).eval()
+
+
+def rocksalts() -> list[Structure]:
+    return [Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), [x, y], [[0, 0, 0], [.5, .5, .5]])
+            for a, x, y in ((5.64, "Na", "Cl"), (6.29, "K", "Cl"), (4.21, "Mg", "O"),
+                            (5.13, "Li", "Cl"), (5.97, "Na", "Br"), (4.81, "Ca", "O"))]
+
+
+def test_knn_distance_and_scale() -> None:
+    ref = np.array([[0.0], [1.0], [3.0]], np.float32)
+    assert knn_mean_distance(np.array([[0.0]], np.float32), ref, 2).tolist() == [0.5]
+    assert knn_mean_distance(ref, ref, 1, exclude_self=True).tolist() == [1.0, 1.0, 2.0]
+    ood = OODReference.fit(ref, ref, k=1, quantile=1.0, max_reference=10, seed=0)
+    assert ood.scale == pytest.approx(4 / 3)
+    # a training point scores its own nearest distance; one far away scores far more
+    assert ood.scores(np.array([[100.0]], np.float32))[0] > 50
+
+
+def test_ensemble_bundle_round_trip_mean_std_and_ood(tmp_path) -> None:
+    members = [(net(s), Normalizer(1.0 + s, 2.0)) for s in range(3)]
+    cache = graphs_from_structures(rocksalts(), GraphSettings())
+    emb = embed(members[0][0], cache)
+    assert emb.shape == (6, HP.h_fea_len)
+    ood = OODReference.fit(emb[:4], emb[4:], k=2, quantile=0.5, max_reference=100, seed=0)
+    path = save_bundle(tmp_path / "model.pt", *members[0], SPEC, members=members[1:], ood=ood)
+    loaded = load_model(path, "test")
+    assert loaded.n_members == 3 and loaded.ood is not None
+    np.testing.assert_allclose(loaded.ood.embeddings, ood.embeddings)
+
+    structures = rocksalts()[:2]
+    out = predict_structures([loaded], structures)
+    with torch.no_grad():
+        each = np.stack([predict(m, n, graphs_from_structures(structures, GraphSettings()))
+                         for m, n in members])
+    np.testing.assert_allclose(out.values[0], each.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(out.stds[0], each.std(0), rtol=1e-6)
+    assert np.all(out.stds[0] > 0)  # the members differ
+    assert np.all(np.isfinite(out.ood_scores[0]))
+
+
+def test_odd_structures_score_higher_than_ordinary_ones() -> None:
+    """A model's embedding of salts (the reference) vs an isolated atom and a crushed cell."""
+    model = net(0)
+    train = rocksalts()
+    ref_emb = embed(model, graphs_from_structures(train, GraphSettings()))
+    ood = OODReference.fit(ref_emb, ref_emb, k=2, quantile=1.0, max_reference=100, seed=0)
+    ordinary = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.4), ["Na", "Cl"],
+                                         [[0, 0, 0], [.5, .5, .5]])
+    isolated = Structure(Lattice.cubic(20.0), ["Na"], [[0, 0, 0]])
+    crushed = ordinary.copy()
+    crushed.scale_lattice(ordinary.volume * 0.125)  # 0.5x in each direction
+    scores = ood.scores(embed(model, graphs_from_structures([ordinary, isolated, crushed],
+                                                            GraphSettings())))
+    assert scores[1] > scores[0] and scores[2] > scores[0]

@@ -33,6 +33,8 @@ DVC_YAML = REPO / "dvc.yaml"
 EXCLUDED = {
     "src/mpprop/cli.py",
     "src/mpprop/config.py",
+    # config.py's fallback params outside a project folder: a DVC project has params.yaml
+    "src/mpprop/defaults.yaml",
 }
 
 # click >= 8.2 derives a command's name from its function's name this way

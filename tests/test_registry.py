@@ -101,7 +101,7 @@ def ws(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="module")
 def trained(ws: Workspace) -> dict[str, dict]:
-    from mpprop.training import train_property
+    from mpprop.stages.train import train_property
 
     return {
         preset: train_property(ws.params, PROP, preset, {"epochs": EPOCHS}, progress=False)

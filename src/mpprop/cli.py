@@ -151,15 +151,19 @@ def split(obj: Context, props: tuple[str, ...], overwrite: bool) -> None:
 @click.option("--n-h", type=int, default=None)
 @click.option("--atom-fea-len", type=int, default=None)
 @click.option("--h-fea-len", type=int, default=None)
+@click.option("--ensemble", type=click.IntRange(min=1), default=None,
+              help="Members to train (default: presets.<preset>.ensemble or train.ensemble); "
+                   "kept as one ensemble, or the best alone with -S train.ensemble_keep=best.")
 @pass_ctx
-def train(obj: Context, prop: str, preset: str, **overrides: object) -> None:
+def train(obj: Context, prop: str, preset: str, ensemble: int | None,
+          **overrides: object) -> None:
     """Train one property's CGCNN, evaluate it on the fixed test set, log it to MLflow."""
-    from mpprop.training import train_property
+    from mpprop.stages.train import train_property
 
     params = obj.params
     check_property(params, prop)
     try:
-        metrics = train_property(params, prop, preset, overrides)
+        metrics = train_property(params, prop, preset, overrides, ensemble=ensemble)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(metrics, indent=2))

@@ -360,6 +360,7 @@ class PresetEntry(Section):
     rank_weight: float | None = Field(default=None, ge=0)
     weight_decay: float | None = Field(default=None, ge=0)
     batch_size: PositiveInt | None = None
+    ensemble: PositiveInt | None = None  # members trained (default train.ensemble)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -386,6 +387,11 @@ class TrainSection(Section):
     rank_weight: float = Field(default=0.0, ge=0)
     rank_top_percent: Percent = 10
     rank_margin: float = Field(default=0.5, ge=0)
+    # K models per `mpprop train`: an ensemble (one bundle, mean and std) or, with
+    # ensemble_keep: best, the member with the best validation MAE alone (K seeds)
+    ensemble: PositiveInt = 1
+    ensemble_keep: Literal["all", "best"] = "all"
+    ensemble_bootstrap: bool = False  # members on bootstrap resamples of the train split
 
 
 # ---------------------------------------------------------------- tune
@@ -482,12 +488,17 @@ class MlflowSection(Section):
     registry_prefix: str
     champion_alias: Name
     pretrained_alias: Name
+    system_metrics: bool = True  # CPU, memory (and GPU where present) of training runs
 
 
 class PredictSection(Section):
     """`predict`: inference settings."""
 
     batch_size: PositiveInt
+    # out-of-distribution score (mpprop.ood), stored with each model at training time
+    ood_k: PositiveInt = 5  # nearest training materials averaged
+    ood_quantile: float = Field(default=0.99, gt=0, le=1)  # of validation scores: the flag
+    ood_max_reference: PositiveInt = 5000  # training embeddings kept in the bundle
 
 
 # ---------------------------------------------------------------- evaluate, report

@@ -22,10 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from mpprop import stats
+from mpprop.bundle import load_model
 from mpprop.config import Params, PropertySpec
+from mpprop.data import open_workspace, property_data
+from mpprop.inference import predict_rows
+from mpprop.outputs import output_dir
+from mpprop.snapshot import atomic_output
+from mpprop.stats import n_top, screening_precision
+from mpprop.tracking import setup_mlflow
 
 MODEL_FILE = "model.pt"
 TRAIN_METRICS_FILE = "metrics.json"
@@ -119,7 +130,6 @@ def curve_percents(params: Params) -> np.ndarray:
 def screening_curve(
     y_true: np.ndarray, y_pred: np.ndarray, percents: Sequence[float], better: str | None
 ) -> list[tuple[float, int, float | None]]:
-    from mpprop.stats import n_top, screening_precision
 
     return [
         (float(p), n_top(len(y_true), p), screening_precision(y_true, y_pred, p, better))
@@ -150,9 +160,6 @@ def _check_bundle(bundle: dict[str, Any], spec: PropertySpec, ws: Any, path: Pat
 
 def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) -> PresetEvaluation:
     """Predict the test set with the saved model of one preset."""
-    from mpprop.stats import screening_precision
-    from mpprop.tracking import load_bundle
-    from mpprop.training import predict
 
     folder = model_dir(params, prop, preset)
     path = folder / MODEL_FILE
@@ -161,13 +168,15 @@ def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) 
             f"no {preset} model for {prop}: {path} is missing; "
             f"run `mpprop train --property {prop} --preset {preset}`"
         )
-    model, normalizer, _, bundle = load_bundle(path)
+    loaded = load_model(path, label=f"{prop} {preset}")
+    bundle = loaded.bundle
     _check_bundle(bundle, data.spec, ws, path)
     train_metrics_file = folder / TRAIN_METRICS_FILE
     train_metrics = (
         json.loads(train_metrics_file.read_text()) if train_metrics_file.exists() else {}
     )
-    y_pred = predict(model, normalizer, data.cache, data.test_rows, params.predict["batch_size"])
+    # the ensemble mean for an ensemble bundle, as `mpprop predict` gives it
+    y_pred, _ = predict_rows(loaded, data.cache, data.test_rows, params.predict["batch_size"])
     y_true = data.test_targets
     if not np.all(np.isfinite(y_pred)):
         raise EvaluationError(f"the {preset} model of {prop} predicts non-finite values")
@@ -241,11 +250,7 @@ def plot_figure(path: Path, ev: PresetEvaluation, spec: PropertySpec, top_percen
 
 def log_to_training_run(params: Params, ev: PresetEvaluation, files: list[Path]) -> bool:
     """Attach the evaluation files and the screening curve to the preset's training run."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from mpprop.tracking import setup_mlflow
 
     if not ev.run_id:
         print(f"warning: no run_id for the {ev.preset} model; nothing logged to MLflow",
@@ -280,9 +285,6 @@ def evaluate_property(
     presets=None: the configured presets that have a model (at least one must);
     given presets must all have a model.
     """
-    from mpprop.data import open_workspace, property_data
-    from mpprop.outputs import output_dir
-    from mpprop.snapshot import atomic_output
 
     if presets is None:
         presets = available_presets(params, prop)
@@ -357,8 +359,6 @@ def training_budget(params: Params, prop: str, preset: str) -> dict[str, Any]:
     """What the preset's model cost: final epochs, train/val sizes, and for a tuned model the
     study's trials and epochs per trial (from models/<prop>/<preset>/metrics.json and
     tuned/<prop>.yaml)."""
-    import yaml
-
     path = model_dir(params, prop, preset) / TRAIN_METRICS_FILE
     train = json.loads(path.read_text()) if path.exists() else {}
     budget: dict[str, Any] = {k: train.get(k) for k in ("epochs", "n_train", "n_val")}

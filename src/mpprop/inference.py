@@ -128,8 +128,7 @@ def predict_structures(
                 warns[i] = f"{warns[i]}; {w}" if warns[i] else w
         for k in model_ids:
             m = models[k]
-            preds = [predict(net, norm, cache, batch_size=batch_size) for net, norm in m.members]
-            values[k][rows], stds[k][rows] = ensemble_mean_std(preds)
+            values[k][rows], stds[k][rows] = predict_rows(m, cache, batch_size=batch_size)
             if m.ood is not None:
                 scores[k][rows] = m.ood.scores(embed(m.model, cache, batch_size=batch_size))
     flags = [np.nan_to_num(sc, nan=-np.inf) > (m.ood.threshold if m.ood else np.inf)
@@ -144,6 +143,13 @@ def graph_inputs(structures: Sequence[Structure | None], errors: Sequence[str],
             for s, e in zip(structures, errors, strict=True)]
     usable = [i for i, e in enumerate(errs) if not e]
     return _graphs(list(structures), settings, usable, errs)
+
+
+def predict_rows(model: LoadedModel, cache: GraphCache, rows: np.ndarray | None = None,
+                 batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over the model's members on rows of a graph cache (model units)."""
+    return ensemble_mean_std([predict(net, norm, cache, rows, batch_size)
+                              for net, norm in model.members])
 
 
 def embed(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray | None = None,

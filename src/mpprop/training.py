@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from mpprop.config import GraphSettings, Hyperparams, Params
+from mpprop.config import GraphSettings, Hyperparams
 from mpprop.data import PropertyData, iterate_batches
 from mpprop.graphs import GraphCache
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
@@ -226,128 +223,3 @@ def evaluate(
             data.test_targets, pred, top_percent, data.spec.better
         ),
     }
-
-
-def final_hyperparams(params: Params, prop: str, preset: str,
-                      overrides: dict[str, Any] | None = None) -> Hyperparams:
-    """The hyperparameters `mpprop train` uses for a preset.
-
-    The tuned preset trains for `tune.final_epochs` (null: the Xie preset's epochs), so both
-    columns of Table 2 have the same final-training budget; its LR decay epoch, found for the
-    study's epochs per trial, moves in proportion. Explicit overrides win.
-    """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    hp = params.hyperparams(preset, prop, **overrides)
-    if preset != "tuned" or "epochs" in overrides:
-        return hp
-    final = params.tune.get("final_epochs") or params.raw["presets"]["xie"]["epochs"]
-    decay = hp.lr_decay_epoch
-    if "lr_decay_epoch" not in overrides:
-        decay = max(1, round(hp.lr_decay_epoch * final / hp.epochs))
-    return replace(hp, epochs=int(final), lr_decay_epoch=int(decay))
-
-
-def train_property(
-    params: Params,
-    prop: str,
-    preset: str = "xie",
-    overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train one property's model on its fixed split, evaluate on its test set, log to MLflow.
-
-    Writes models/<prop>/<preset>/{model.pt, metrics.json} and returns the metrics.
-    """
-    import mlflow
-
-    from mpprop.data import open_workspace, property_data, train_val_split
-    from mpprop.faults import (
-        end_orphaned_runs,
-        killed_on_interrupt,
-        pause_point,
-        process_tags,
-        sigterm_as_exception,
-    )
-    from mpprop.outputs import output_dir
-    from mpprop.tracking import log_model, save_bundle, setup_mlflow
-
-    set_torch_threads(params.train.get("torch_threads"))
-    hp = final_hyperparams(params, prop, preset, overrides)
-    graph = params.graph_settings()
-    ws = open_workspace(params)
-    data = property_data(params, ws, prop)
-    seed = int(params.train["seed"])
-    tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"], seed)
-    experiment_id = setup_mlflow(params)
-    # the runs of trainers killed with -9 on this host would stay RUNNING for ever
-    end_orphaned_runs(experiment_id, "train")
-    out_dir = params.models_dir() / prop / preset
-    bar = tqdm(total=hp.epochs, desc=f"train {prop} [{preset}]", unit="epoch", disable=not progress)
-
-    # the model folder is one unit (outputs.output_dir): model.pt and metrics.json are swapped
-    # in together, a second trainer of the same folder fails at once; SIGTERM unwinds like
-    # Ctrl-C and ends the run KILLED (an exception ends it FAILED)
-    with (
-        sigterm_as_exception(),
-        output_dir(out_dir, "train") as unit,
-        mlflow.start_run(run_name=f"{prop}-{preset}") as run,
-        killed_on_interrupt(),
-    ):
-        mlflow.set_tags(
-            {
-                "mpprop.property": prop,
-                "mpprop.preset": preset,
-                "mpprop.kind": "train",
-                "snapshot_sha256": ws.snapshot_sha256,
-                "graph_cache_key": ws.cache.key,
-                **process_tags(),
-            }
-        )
-        mlflow.log_params(
-            {
-                **hp.as_dict(),
-                "property": prop,
-                "preset": preset,
-                "target_transform": data.spec.transform,
-                "seed": seed,
-                "n_train": len(tr),
-                "n_val": len(va),
-                "n_test": len(data.test_rows),
-                "snapshot_sha256": ws.snapshot_sha256,
-                "snapshot_date": ws.snapshot_meta.get("snapshot_date"),
-                "graph_cache_key": ws.cache.key,
-                **{f"graph_{k}": v for k, v in asdict(graph).items()},
-            }
-        )
-
-        def on_epoch(s: EpochStats) -> None:
-            mlflow.log_metrics(
-                {"train_mae": s.train_mae, "val_mae": s.val_mae, "epoch_seconds": s.seconds},
-                step=s.epoch,
-            )
-            bar.set_postfix(train_mae=f"{s.train_mae:.4f}", val_mae=f"{s.val_mae:.4f}")
-            bar.update(1)
-
-        result = fit_on_pool(hp, graph, data, tr, va, seed, on_epoch, params.predict["batch_size"],
-                             LossSettings.from_train(params.train))
-        bar.close()
-        metrics: dict[str, Any] = {
-            "best_val_mae": result.best_val_mae,
-            "best_epoch": result.best_epoch,
-            "epochs": hp.epochs,
-            "n_train": len(tr),
-            "n_val": len(va),
-            "seconds_per_epoch": float(np.mean([h.seconds for h in result.history])),
-            **evaluate(result, data, params.train["screening_top_percent"],
-                       params.predict["batch_size"]),
-        }
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
-        bundle = save_bundle(
-            unit / "model.pt", result.model, result.normalizer, data.spec,
-            extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key},
-        )
-        model_uri = log_model(bundle)
-        metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
-        pause_point("train.between_model_and_metrics")
-        (unit / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics

@@ -331,11 +331,13 @@ def test_cgcnn_folder_source(tmp_path):
 
 
 # ---------------------------------------------------------------- writing and metadata
-def test_crash_while_writing_leaves_no_vouched_snapshot(tmp_path, bad_file, monkeypatch):
+def test_crash_while_writing_keeps_the_previous_snapshot(tmp_path, bad_file, monkeypatch):
+    """A write that dies half-way leaves the previous complete snapshot, and no litter."""
     params = make_params(tmp_path, source="file", path=str(bad_file))
     out = tmp_path / "snap"
     fetch_snapshot(params, out, progress=False)
     old_data = (out / "snapshot.npz").read_bytes()
+    old_meta = (out / "snapshot.json").read_text()
     real_savez = np.savez
 
     def crash(fh, **arrays):
@@ -347,11 +349,11 @@ def test_crash_while_writing_leaves_no_vouched_snapshot(tmp_path, bad_file, monk
         fetch_snapshot(params, out, progress=False)
     monkeypatch.setattr(np, "savez", real_savez)
 
-    assert sorted(p.name for p in out.iterdir()) == ["snapshot.npz"]  # no temp files
-    assert not (out / "snapshot.json").exists()
-    assert (out / "snapshot.npz").read_bytes() == old_data  # untouched, but not vouched for
-    with pytest.raises(SnapshotError, match="missing or incomplete"):
-        load_snapshot(out)
+    assert sorted(p.name for p in out.iterdir()) == ["snapshot.json", "snapshot.npz"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp folders
+    assert (out / "snapshot.npz").read_bytes() == old_data
+    assert (out / "snapshot.json").read_text() == old_meta
+    load_snapshot(out, verify=True)  # still vouched for
 
 
 def test_metadata_contents(tmp_path, bad_file):

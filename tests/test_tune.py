@@ -349,3 +349,38 @@ def test_killed_worker_trial_is_failed_and_retried(project, pg_databases):
     dead_run = mlflow.MlflowClient().get_run(failed[0].system_attrs[RUN_ID_ATTRIBUTE_KEY])
     assert dead_run.info.status == "FAILED"
     print(f"kill/retry test {time.perf_counter() - t0:.1f} s")
+
+
+def test_screening_and_pareto_objectives(project):
+    """tune.objective screening maximises the smoothed val precision; pareto keeps both
+    objectives (no pruning), logs the front, and picks by the MAE-tolerance rule."""
+    from mpprop.tuning import SCREENING_NAME, _best_trial
+
+    params = load_params(project / "params.yaml")
+    for objective in ("screening", "pareto"):
+        name = f"obj-{objective}"
+        out = invoke(project, "-S", f"tune.objective={objective}", "tune", "--property", PROP,
+                     "--n-trials", "4", "--epochs", "2", "--study-name", name)
+        study = optuna.load_study(study_name=name, storage=study_storage(params, PROP))
+        tuned = yaml.safe_load(params.best_params_path(PROP).read_text())
+        assert tuned["objective"] == objective
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        assert len(done) == 4
+        assert all(0 <= t.user_attrs["val_screening"] <= 100 for t in done)
+        if objective == "screening":
+            assert study.metric_names == [SCREENING_NAME]
+            best = max(done, key=lambda t: t.value)
+            assert tuned["best_trial"] == best.number
+            # the value is the precision signal less a small MAE tie-breaker
+            assert best.value <= best.user_attrs["val_screening"]
+        else:
+            assert "no pruning" in out
+            assert study.metric_names == [OBJECTIVE_NAME, SCREENING_NAME]
+            front = study.best_trials
+            pick = _best_trial(study, params.tune["pareto_mae_tolerance"])
+            assert tuned["best_trial"] == pick.number and pick in front
+            best_mae = min(t.values[0] for t in front)
+            assert pick.values[0] <= best_mae * (1 + params.tune["pareto_mae_tolerance"])
+            client = mlflow.MlflowClient()
+            artifacts = {a.path for a in client.list_artifacts(study.user_attrs[ATTR_PARENT_RUN])}
+            assert {"pareto_front.csv", "pareto_front.png"} <= artifacts

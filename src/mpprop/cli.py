@@ -164,7 +164,7 @@ def train(obj: Context, prop: str, preset: str, ensemble: int | None,
     check_property(params, prop)
     try:
         metrics = train_property(params, prop, preset, overrides, ensemble=ensemble)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(metrics, indent=2))
 

@@ -453,6 +453,12 @@ class TuneSection(Section):
     failed_trial_max_retry: NonNegativeInt
     best_params_dir: Name
     final_epochs: PositiveInt | None = None  # null: presets.xie.epochs
+    # mae: the paper's (min val MAE); screening: max the smoothed val top-N% precision (ties
+    # by MAE); pareto: both (multi-objective, no pruning)
+    objective: Literal["mae", "screening", "pareto"] = "mae"
+    screening_percents: list[Percent] = [2, 3, 4, 5]
+    screening_tie_weight: float = Field(default=0.01, ge=0)
+    pareto_mae_tolerance: float = Field(default=0.05, ge=0)
     pruner: Pruner = "percentile"
     hyperband_reduction_factor: PositiveInt = 3  # keep 1/factor of the trials per rung
     # opt-in: keys merged over search_space when extend_search_space is true
@@ -529,6 +535,14 @@ class ReportSection(Section):
 
 
 # ---------------------------------------------------------------- the whole file
+class PromoteSection(Section):
+    """`promote`: how the champion of each property is chosen among the candidate runs."""
+
+    # val_mae: lowest validation MAE (the paper's); val_screening: highest validation
+    # screening signal (tune.screening_percents), for screening-first use
+    select_by: Literal["val_mae", "val_screening"] = "val_mae"
+
+
 class ParamsSchema(Section):
     """params.yaml: every section, and the rules that tie sections together."""
 
@@ -544,6 +558,7 @@ class ParamsSchema(Section):
     predict: PredictSection
     evaluate: EvaluateSection
     report: ReportSection
+    promote: PromoteSection = PromoteSection()
 
     @model_validator(mode="after")
     def _check(self) -> ParamsSchema:

@@ -132,6 +132,10 @@ def model_versions(client: MlflowClient, name: str, extra_filter: str = "") -> l
 # ---------------------------------------------------------------- promotion
 
 
+# the validation screening signal both train runs and tuning trials log (tune.screening_percents)
+VAL_SCREENING_METRIC = "best_val_screening"
+
+
 @dataclass
 class Candidate:
     """A run of one property with a logged model, scored by its validation MAE."""
@@ -148,10 +152,13 @@ class Candidate:
     snapshot_sha256: str | None
     graph_cache_key: str | None
     start_time: int
+    val_screening: float | None = None  # smoothed val top-N% precision (best_val_screening)
 
-    def sort_key(self) -> tuple[float, int, str]:
+    def sort_key(self, select_by: str = "val_mae") -> tuple[float, float, int, str]:
         # ties go to the earlier run, so repeated promotions choose the same model
-        return (self.val_mae, self.start_time, self.run_id)
+        if select_by == "val_screening":
+            return (-(self.val_screening or -math.inf), self.val_mae, self.start_time, self.run_id)
+        return (self.val_mae, 0.0, self.start_time, self.run_id)
 
 
 def _validation_mae(client: MlflowClient, run: Any) -> tuple[float, str] | None:
@@ -229,13 +236,16 @@ def find_candidates(
                 snapshot_sha256=tags.get("snapshot_sha256"),
                 graph_cache_key=tags.get("graph_cache_key"),
                 start_time=int(r.info.start_time or 0),
+                val_screening=metrics.get(VAL_SCREENING_METRIC),
             )
         )
     return out
 
 
-def select_champion(candidates: list[Candidate]) -> Candidate:
-    return min(candidates, key=Candidate.sort_key)
+def select_champion(candidates: list[Candidate], select_by: str = "val_mae") -> Candidate:
+    """Lowest validation MAE (promote.select_by: val_mae), or highest validation screening
+    signal (val_screening; candidates without one rank last, ties by MAE)."""
+    return min(candidates, key=lambda c: c.sort_key(select_by))
 
 
 @dataclass
@@ -276,7 +286,11 @@ def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Pr
             f"{TAG_PROPERTY}={prop} and {TAG_KIND} in ({', '.join(CANDIDATE_KINDS)}) has a "
             f"logged model; run `mpprop train --property {prop}` or `mpprop tune` first"
         )
-    best = select_champion(candidates)
+    select_by = params.raw["promote"]["select_by"]
+    if select_by == "val_screening" and not any(c.val_screening is not None for c in candidates):
+        raise RegistryError(f"promote.select_by val_screening: no candidate of {prop} logged "
+                            f"{VAL_SCREENING_METRIC} (a property without a screening direction?)")
+    best = select_champion(candidates, select_by)
     name = registered_name(params, prop)
     alias = params.mlflow["champion_alias"]
     previous = get_version_by_alias(client, name, alias)
@@ -299,8 +313,9 @@ def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Pr
             "target_unit": bundle["property"]["unit"],
             "target_transform": bundle["property"]["transform"],
             "val_mae": best.val_mae,
-            "selection": f"lowest validation MAE ({best.val_metric}) of {len(candidates)} "
-            "candidate runs; the test set is not used to choose",
+            "selection": (f"lowest validation MAE ({best.val_metric})" if select_by == "val_mae"
+                          else f"highest {VAL_SCREENING_METRIC}")
+            + f" of {len(candidates)} candidate runs; the test set is not used to choose",
         }
         if _finite(best.test_mae):
             tags["test_mae"] = best.test_mae

@@ -86,6 +86,7 @@ class EpochStats:
     train_mae: float
     val_mae: float
     seconds: float
+    val_pred: np.ndarray | None = field(default=None, repr=False)  # target units
 
 
 @dataclass
@@ -197,7 +198,7 @@ def fit(
         train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
         val_pred = predict(model, normalizer, cache, val_rows, eval_batch_size)
         val_mae = float(np.mean(np.abs(val_pred - val_targets)))
-        stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0)
+        stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0, val_pred)
         history.append(stats)
         if not np.isfinite(val_mae):
             raise FloatingPointError(f"validation MAE is {val_mae} at epoch {epoch}: diverged")

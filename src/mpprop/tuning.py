@@ -37,6 +37,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import torch
 import yaml
 from optuna.samplers import BaseSampler, TPESampler
@@ -52,6 +53,7 @@ from mpprop.config import GRAPH_SEARCHABLE, ConfigError, GraphSettings, Hyperpar
 from mpprop.data import open_workspace, property_data, train_val_split
 from mpprop.losses import LossSettings
 from mpprop.snapshot import atomic_output
+from mpprop.stats import screening_signal
 from mpprop.tracking import log_model, save_bundle, setup_mlflow
 from mpprop.training import EpochStats, fit_on_pool, set_torch_threads
 
@@ -68,8 +70,19 @@ TRIAL_EPOCHS = "epochs"
 TRIAL_MODEL_URI = "model_uri"
 TRIAL_ERROR = "error"
 TRIAL_ENQUEUED = "enqueued_baseline"
-# what the study minimises (shown by optuna-dashboard and in `study.metric_names`)
+# what the study optimises (shown by optuna-dashboard and in `study.metric_names`)
 OBJECTIVE_NAME = "best_val_mae"
+SCREENING_NAME = "val_screening"
+# tune.objective -> (metric names, directions)
+OBJECTIVES = {
+    "mae": ([OBJECTIVE_NAME], ["minimize"]),
+    "screening": ([SCREENING_NAME], ["maximize"]),
+    "pareto": ([OBJECTIVE_NAME, SCREENING_NAME], ["minimize", "maximize"]),
+}
+ATTR_OBJECTIVE = "mpprop.objective"
+TRIAL_VAL_MAE = "val_mae"
+TRIAL_VAL_SCREENING = "val_screening"
+TRIAL_EPOCHS_RUN = "epochs_run"
 # MLflow tag with the trial state; the key MLflowCallback uses, so both writers agree
 STATE_TAG = "state"
 
@@ -428,7 +441,8 @@ def state_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def epochs_run(trial: FrozenTrial) -> int:
-    return len(trial.intermediate_values)
+    # multi-objective trials report no intermediate values: their count is a user attr
+    return len(trial.intermediate_values) or int(trial.user_attrs.get(TRIAL_EPOCHS_RUN, 0))
 
 
 def study_summary(study: optuna.Study) -> dict[str, Any]:
@@ -436,7 +450,7 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(study)
     done = [t for t in trials if t.state in DONE_STATES]
-    best = _best_trial(study)
+    best = _best_trial(study, study.user_attrs.get("mpprop.pareto_mae_tolerance"))
     return {
         "study_name": study.study_name,
         "n_trials_complete": counts[TrialState.COMPLETE],
@@ -445,19 +459,38 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
         "n_trials_running": counts[TrialState.RUNNING],
         "n_trials_waiting": counts[TrialState.WAITING],
         "best_trial": best.number if best else None,
-        "best_val_mae": best.value if best else None,
+        "best_val_mae": trial_val_mae(best) if best else None,
+        "best_values": list(best.values) if best else None,
         "epochs_run": int(sum(epochs_run(t) for t in done)),
     }
 
 
-def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+def _best_trial(study: optuna.Study, mae_tolerance: float | None = None) -> FrozenTrial | None:
+    """The study's pick: lowest val MAE (objective mae), highest screening signal
+    (screening), or on the Pareto front the best signal among the trials whose MAE is within
+    `mae_tolerance` (tune.pareto_mae_tolerance) of the front's best MAE (pareto)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: t.value) if complete else None
+    if not complete:
+        return None
+    if len(study.directions) == 1:
+        pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+        return pick(complete, key=lambda t: t.value)
+    front = study.best_trials
+    best_mae = min(t.values[0] for t in front)
+    tol = 0.0 if mae_tolerance is None else mae_tolerance
+    near = [t for t in front if t.values[0] <= best_mae * (1 + tol)]
+    return max(near, key=lambda t: (t.values[1], -t.values[0]))
+
+
+def trial_val_mae(t: FrozenTrial) -> float | None:
+    if TRIAL_VAL_MAE in t.user_attrs:
+        return float(t.user_attrs[TRIAL_VAL_MAE])
+    return float(t.value) if t.values and len(t.values) == 1 else None
 
 
 def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | None:
     """tuned/<prop>.yaml: the best trial's hyperparameters, read by `train --preset tuned`."""
-    best = _best_trial(study)
+    best = _best_trial(study, params.tune["pareto_mae_tolerance"])
     if best is None:
         return None
     epochs = int(best.user_attrs.get(TRIAL_EPOCHS, study.user_attrs[ATTR_EPOCHS]))
@@ -468,7 +501,9 @@ def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | 
                         if k in best.params or k in (*SEARCHED, "epochs")},
         # searched graph settings (train --preset tuned builds that graph cache if absent)
         "graph": {k: best.params[k] for k in GRAPH_SEARCHABLE if k in best.params},
-        "best_val_mae": float(best.value),
+        "best_val_mae": trial_val_mae(best),
+        "best_val_screening": best.user_attrs.get(TRIAL_VAL_SCREENING),
+        "objective": study.user_attrs.get(ATTR_OBJECTIVE, "mae"),
         "best_trial": best.number,
         "study_name": study.study_name,
         "n_trials_complete": summary["n_trials_complete"],
@@ -489,21 +524,23 @@ def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | 
 
 
 def format_trial_line(study: optuna.Study, trial: FrozenTrial, target_epochs: int) -> str:
-    """One line per finished trial: number, state, val MAE, best so far, epochs run, time."""
+    """One line per finished trial: number, state, objective value(s), best so far, epochs
+    run, time."""
+    metric = "/".join(study.metric_names or [OBJECTIVE_NAME]).replace(OBJECTIVE_NAME, "val_mae")
     if trial.state == TrialState.COMPLETE:
-        mae = f"{trial.value:.4g}"
+        mae = "/".join(f"{v:.4g}" for v in trial.values)
     elif trial.intermediate_values:
         mae = f"{trial.intermediate_values[max(trial.intermediate_values)]:.4g}"
     else:
         mae = "-"
-    best = _best_trial(study)
-    best_s = f"{best.value:.4g} (trial {best.number})" if best else "-"
+    best = _best_trial(study, study.user_attrs.get("mpprop.pareto_mae_tolerance"))
+    best_s = ("/".join(f"{v:.4g}" for v in best.values) + f" (trial {best.number})") if best else "-"
     secs = (
         (trial.datetime_complete - trial.datetime_start).total_seconds()
         if trial.datetime_complete and trial.datetime_start else float("nan")
     )
     line = (
-        f"trial {trial.number:>4} {trial.state.name:<8} val_mae {mae:<9} best {best_s:<22} "
+        f"trial {trial.number:>4} {trial.state.name:<8} {metric} {mae:<9} best {best_s:<22} "
         f"epochs {epochs_run(trial)}/{target_epochs}  {secs:.0f} s"
     )
     if trial.state == TrialState.FAIL and TRIAL_ERROR in trial.user_attrs:
@@ -590,6 +627,15 @@ def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
     return run.info.run_id
 
 
+def screening_value(signal: float | None, val_mae: float, val_scale: float,
+                    tie_weight: float) -> float:
+    """The `screening` objective (maximised): the smoothed top-N% precision (%), minus
+    tie_weight x val MAE in standard deviations of the validation targets, so that equal
+    precisions (common: it moves in steps) are decided by the MAE."""
+    assert signal is not None
+    return signal - tie_weight * val_mae / val_scale
+
+
 def trial_run_name(prop: str, trial: FrozenTrial) -> str:
     """`<property> trial <n> (searched values)`: readable in the MLflow run list."""
     p = trial.params
@@ -625,6 +671,36 @@ def log_study_summary(study: optuna.Study) -> None:
         metrics["best_val_mae"] = float(summary["best_val_mae"])
         mlflow.set_tag("best_trial", str(summary["best_trial"]))
     mlflow.log_metrics(metrics)
+    if len(study.directions) > 1:
+        log_pareto_front(study)
+
+
+def log_pareto_front(study: optuna.Study) -> None:
+    """The study's Pareto front (val MAE vs val screening) as a table and a plot in the
+    active (parent) run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in study.best_trials}
+    rows = [{"trial": t.number, OBJECTIVE_NAME: t.values[0], SCREENING_NAME: t.values[1],
+             "pareto_front": t.number in front, **t.params} for t in done]
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "pareto_front.csv"
+        pd.DataFrame(rows).to_csv(table, index=False)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter([r[OBJECTIVE_NAME] for r in rows], [r[SCREENING_NAME] for r in rows],
+                   c=["C3" if r["pareto_front"] else "C0" for r in rows], s=12)
+        ax.set_xlabel("best validation MAE (target units)")
+        ax.set_ylabel("validation top-N% precision (%)")
+        ax.set_title(f"{study.study_name}: Pareto front (red)")
+        fig.tight_layout()
+        fig.savefig(Path(tmp) / "pareto_front.png")
+        plt.close(fig)
+        mlflow.log_artifact(str(table))
+        mlflow.log_artifact(str(Path(tmp) / "pareto_front.png"))
 
 
 @contextlib.contextmanager
@@ -682,6 +758,18 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     space = search_space(params)
+    objective = str(tune["objective"])
+    metric_names, directions = OBJECTIVES[objective]
+    if objective == "pareto" and prune:
+        # Optuna cannot prune multi-objective trials (trial.report is single-objective)
+        echo("note: tune.objective pareto: no pruning (every trial runs all its epochs)")
+        prune = False
+    spec = params.property_spec(prop)
+    if objective != "mae" and spec.better is None:
+        raise ConfigError(f"tune.objective {objective} needs a screening direction; "
+                          f"{prop} has none (property_specs.{prop}.better)")
+    percents = [float(p) for p in tune["screening_percents"]]
+    tie_weight = float(tune["screening_tie_weight"])
     study_name = study_name or f"mpprop-{prop}"
     url = storage_url(study_storage(params, prop, storage))
     set_torch_threads(params.train.get("torch_threads"))
@@ -712,16 +800,17 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         # (started by MLflowCallback without an experiment id) must not land in Default
         mlflow.set_experiment(experiment_id=exp_id)
         study = optuna.create_study(
-            storage=storage_obj, study_name=study_name, direction="minimize",
+            storage=storage_obj, study_name=study_name, directions=directions,
             sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
             pruner=make_pruner(params, int(epochs or tune["epochs"]), prune), load_if_exists=True,
         )
         if not study.metric_names:
-            study.set_metric_names([OBJECTIVE_NAME])
+            study.set_metric_names(metric_names)
+        study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune["pareto_mae_tolerance"]))
         if ATTR_EPOCHS in study.user_attrs and epochs is None:
             epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
         epochs = int(epochs if epochs is not None else tune["epochs"])
-        expect = {ATTR_PROPERTY: prop, ATTR_SNAPSHOT: ws.snapshot_sha256,
+        expect = {ATTR_PROPERTY: prop, ATTR_OBJECTIVE: objective, ATTR_SNAPSHOT: ws.snapshot_sha256,
                   ATTR_GRAPH_KEY: ws.cache.key, ATTR_EPOCHS: epochs}
         _check_study_attrs(study, expect)
         for key, value in expect.items():
@@ -732,7 +821,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
 
     mlflc = MLflowCallback(
         tracking_uri=params.tracking_uri(),
-        metric_name="best_val_mae",
+        metric_name=metric_names if len(metric_names) > 1 else metric_names[0],
         create_experiment=False,
         mlflow_kwargs={"nested": True, "experiment_id": exp_id},
         tag_trial_user_attrs=True,
@@ -752,7 +841,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         return datasets[settings], settings
 
     @mlflc.track_in_mlflow()
-    def objective(trial: optuna.Trial) -> float:
+    def run_trial(trial: optuna.Trial) -> float | tuple[float, float]:
         # the trial exists now: other workers may decide whether to start theirs
         claim.release()
 
@@ -766,6 +855,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         trial.set_user_attr(TRIAL_SPLIT_SEED, seed)
         trial.set_user_attr(TRIAL_EPOCHS, epochs)
         tr, va = train_val_split(len(data.pool_rows), val_fraction, seed)
+        val_y = data.pool_targets[va]
+        val_scale = float(np.std(val_y)) or 1.0
         mlflow.set_tags({**tags, "mpprop.kind": "tune-trial",
                          "optuna.trial_number": str(trial.number)})
         mlflow.set_tag("graph_cache_key", data.cache.key)
@@ -783,8 +874,16 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
             if every and (s.epoch % every == 0 or s.epoch == epochs):
                 echo(f"  trial {trial.number:>4} epoch {s.epoch}/{epochs} val_mae {s.val_mae:.4g} "
                      f"({s.seconds:.1f} s/epoch)")
-            trial.report(s.val_mae, s.epoch)
-            if trial.should_prune():
+            signal = (screening_signal(val_y, s.val_pred, percents, data.spec.better)
+                      if data.spec.better is not None and s.val_pred is not None else None)
+            if signal is not None:
+                mlflow.log_metric(SCREENING_NAME, signal, step=s.epoch)
+            if objective == "pareto":
+                return  # multi-objective trials take no intermediate values
+            # the pruner sees what the study optimises, epoch by epoch
+            trial.report(s.val_mae if objective == "mae" else
+                         screening_value(signal, s.val_mae, val_scale, tie_weight), s.epoch)
+            if prune and trial.should_prune():
                 raise optuna.TrialPruned(f"val MAE {s.val_mae:.4g} at epoch {s.epoch}")
 
         try:
@@ -810,7 +909,20 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
                        "study_name": study_name, "trial": trial.number},
             )
             trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))
-        return result.best_val_mae
+        # the signal of the kept (best-MAE) checkpoint: the model the trial hands on
+        best_pred = result.history[result.best_epoch - 1].val_pred
+        signal = (screening_signal(val_y, best_pred, percents, data.spec.better)
+                  if data.spec.better is not None else None)
+        trial.set_user_attr(TRIAL_VAL_MAE, result.best_val_mae)
+        trial.set_user_attr(TRIAL_EPOCHS_RUN, len(result.history))
+        if signal is not None:
+            trial.set_user_attr(TRIAL_VAL_SCREENING, signal)
+            mlflow.log_metric("best_val_screening", signal)
+        if objective == "mae":
+            return result.best_val_mae
+        if objective == "screening":
+            return screening_value(signal, result.best_val_mae, val_scale, tie_weight)
+        return result.best_val_mae, signal
 
     def progress(study: optuna.Study, trial: FrozenTrial) -> None:
         name_trial_run(trial, prop)
@@ -851,7 +963,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
                     time.sleep(float(tune["heartbeat_interval"]))
                     continue
                 waiting_note = False
-                study.optimize(objective, n_trials=1, catch=catch, callbacks=[mlflc, progress])
+                study.optimize(run_trial, n_trials=1, catch=catch, callbacks=[mlflc, progress])
             finally:
                 claim.release()
         status = "FINISHED"

@@ -33,7 +33,8 @@ from mpprop.inference import embed
 from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
-from mpprop.stats import screening_precision
+from mpprop.registry import VAL_SCREENING_METRIC
+from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import log_model, save_bundle, setup_mlflow
 from mpprop.training import EpochStats, FitResult, fit_on_pool, predict, set_torch_threads
 
@@ -188,8 +189,13 @@ def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray
     y = data.test_targets
     best_val = (results[0].best_val_mae if len(results) == 1
                 else float(np.mean(np.abs(val_mean - data.pool_targets[va]))))
+    better = data.spec.better
+    val_screening = (screening_signal(data.pool_targets[va], val_mean,
+                                      [float(p) for p in params.tune["screening_percents"]], better)
+                     if better is not None else None)
     return {
         "best_val_mae": best_val,
+        VAL_SCREENING_METRIC: val_screening,
         "best_epoch": results[0].best_epoch,
         "epochs": hp.epochs,
         "n_train": len(tr),

@@ -310,15 +310,29 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
               help="Preset whose model to evaluate; repeatable, each required "
                    "(default: those of evaluate.presets that have a model).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log figures to the training runs.")
+@click.option("--extrapolation", is_flag=True,
+              help="Instead: hold out the property's top materials, train each preset without "
+                   "them, and report how many of them each model finds (recall, enrichment); "
+                   "writes metrics/<property>.extrapolation.json (trains one model per preset).")
 @pass_ctx
-def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool) -> None:
+def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool,
+             extrapolation: bool) -> None:
     """Test-set metrics, parity and screening plots of a property's saved models."""
     from mpprop.data import SplitError
-    from mpprop.evaluate import EvaluationError, evaluate_property, format_results
+    from mpprop.evaluate import EvaluationError, default_presets, evaluate_property, format_results
     from mpprop.snapshot import SnapshotError
 
     params = obj.params
     check_property(params, prop)
+    if extrapolation:
+        from mpprop.stages.extrapolation import evaluate_extrapolation
+
+        try:
+            out = evaluate_extrapolation(params, prop, list(presets) or default_presets(params))
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(json.dumps(out, indent=2))
+        return
     try:
         results = evaluate_property(params, prop, list(presets) or None, not no_mlflow)
     except (EvaluationError, SplitError, SnapshotError, FileNotFoundError) as exc:

@@ -519,6 +519,8 @@ class EvaluateSection(Section):
     plots_dir: Name
     bootstrap_resamples: PositiveInt = 1000
     bootstrap_seed: NonNegativeInt = 0
+    # `mpprop evaluate --extrapolation`: the top share of a property held out of training
+    extrapolation_top_percent: Percent = 3
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateSection:

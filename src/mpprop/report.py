@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mpprop.config import Params
+from mpprop.stages.extrapolation import extrapolation_path
 from mpprop.stats import MIN_TOP_MATERIALS, NEAR_CONSTANT_SPREAD
 
 MARKDOWN_FILE = "table2.md"
@@ -64,6 +65,7 @@ class Row:
     by_preset: dict[str, dict[str, Any]]  # preset -> metrics/<prop>.json entry
     champion: dict[str, Any] = field(default_factory=dict)
     paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # "tuned-xie" -> diffs
+    extrapolation: dict[str, Any] = field(default_factory=dict)  # `evaluate --extrapolation`
 
 
 def report_dir(params: Params) -> Path:
@@ -102,8 +104,11 @@ def collect_rows(params: Params) -> list[Row]:
             raise ReportError(f"{path}: presets were tested on different sets ({n_tests})")
         paired = {k[len(PAIRED_PREFIX):]: v for k, v in results.items()
                   if k.startswith(PAIRED_PREFIX)}
+        extra_file = extrapolation_path(params, prop)
+        extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
         rows.append(Row(prop, params.property_spec(prop).unit, n_tests.pop(),
-                        {p: results[p] for p in presets}, promoted.get(prop) or {}, paired))
+                        {p: results[p] for p in presets}, promoted.get(prop) or {}, paired,
+                        extra))
     if missing:
         raise ReportError(
             "no evaluation results for: " + ", ".join(missing) + "; run `mpprop evaluate`"
@@ -221,7 +226,11 @@ def to_markdown(
     pairs = sorted({k for r in rows for k in r.paired})
     header = ["property", "unit", "n_test"] + [f"budget {p}" for p in presets]
     header += [f"MAE {p}" for p in presets] + [f"MAE {k}" for k in pairs]
-    header += [f"screening {p} (%)" for p in presets] + ["champion"]
+    header += [f"screening {p} (%)" for p in presets]
+    extrapolated = any(r.extrapolation for r in rows)
+    if extrapolated:
+        header += [f"extrapolation recall {p}" for p in presets]
+    header += ["champion"]
     body, notes = [], []
     for r in rows:
         cells = [r.prop, r.unit, str(r.n_test)]
@@ -235,10 +244,18 @@ def to_markdown(
                 f"{d['mae_diff_high']:+.{MAE_DECIMALS}f}]" + (" *" if d["mae_diff_excludes_zero"] else "")))
         cells += [_interval(r.by_preset[p], "test_screening_precision", "test_screening_low",
                             "test_screening_high", SCREENING_DECIMALS - 1) for p in presets]
+        if extrapolated:
+            cells += [_interval(r.extrapolation.get(p) or {}, "recall", "recall_low",
+                                "recall_high", 2) for p in presets]
         cells.append(_champion_text(r.champion))
         body.append(cells)
         notes += [f"- {r.prop}: {w}" for w in row_warnings(r, presets, top_percent)]
     lines += _md_table(header, body)
+    if extrapolated:
+        lines += ["", "Extrapolation recall (`mpprop evaluate --extrapolation`): the property's "
+                  "top materials are held out of training; the share of them a model puts in "
+                  "its own top of a pool of them plus the test set (random picking: the "
+                  "`random_recall` of metrics/<property>.extrapolation.json)."]
     if notes:
         lines += ["", "Warnings:", "", *notes]
     lines += [

@@ -64,7 +64,7 @@ def bootstrap_metric(
     """Seed-averaged `metric` of (S, n) predictions with its bootstrap interval."""
     y, p = np.asarray(y_true, np.float64), _as_seed_matrix(preds)
     values = np.array([_seed_mean(metric, y[idx], p[:, idx]) for idx in resamples])
-    return _interval(_seed_mean(metric, y, p), values, level)
+    return interval_of(_seed_mean(metric, y, p), values, level)
 
 
 def bootstrap_paired_difference(
@@ -79,10 +79,11 @@ def bootstrap_paired_difference(
         for idx in resamples
     ])
     point = _seed_mean(metric, y, a) - _seed_mean(metric, y, b)
-    return _interval(point, values, level)
+    return interval_of(point, values, level)
 
 
-def _interval(point: float, values: np.ndarray, level: float) -> Interval:
+def interval_of(point: float, values: np.ndarray, level: float = 0.95) -> Interval:
+    """Percentile interval of bootstrap `values` around `point` (NaN resamples dropped)."""
     tail = 100.0 * (1.0 - level) / 2.0
     finite = values[np.isfinite(values)]
     if len(finite) == 0:

@@ -1,0 +1,142 @@
+"""`mpprop evaluate --extrapolation`: can a model find materials better than any it has seen?
+
+The test the paper's conclusion asks for (forward-looking screening, cf. Kauwe et al.,
+Comput. Mater. Sci. 174:109498 (2020)). Of one property's labelled records:
+- held-out top: the materials whose true value is in the top `evaluate.extrapolation_top_percent`
+  by the property's better direction;
+- candidate pool: the held-out top plus the property's fixed random test set (less the top);
+- training data: everything else (the fixed split's pool less the top), split train:val by
+  train.seed as `mpprop train` does.
+A model of each preset is trained on that, then ranks the candidate pool. Reported, with 95%
+bootstrap intervals over the pool: recall (share of the held-out top in the model's top
+|top| of the pool), and enrichment over random picking (recall / (|top| / |pool|)).
+Writes metrics/<prop>.extrapolation.json; Table 2 shows it where present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from mpprop import stats
+from mpprop.bundle import LoadedModel
+from mpprop.config import Params
+from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
+from mpprop.evaluate import metrics_path
+from mpprop.faults import process_tags
+from mpprop.inference import predict_rows
+from mpprop.losses import LossSettings
+from mpprop.snapshot import atomic_output
+from mpprop.stages.train import final_hyperparams
+from mpprop.tracking import setup_mlflow
+from mpprop.training import fit_on_pool, set_torch_threads
+
+EXTRAPOLATION_SUFFIX = ".extrapolation.json"
+
+
+def extrapolation_path(params: Params, prop: str) -> Path:
+    return metrics_path(params, prop).with_name(f"{prop}{EXTRAPOLATION_SUFFIX}")
+
+
+def held_out_top(y: np.ndarray, top_percent: float, better: str) -> np.ndarray:
+    """Boolean mask of the top `top_percent` of y (by `better`), at least one material."""
+    k = stats.n_top(len(y), top_percent)
+    order = np.argsort(-y if better == "higher" else y, kind="stable")
+    mask = np.zeros(len(y), bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def recall_at_top(is_top: np.ndarray, pred: np.ndarray, better: str) -> float:
+    """Share of the true top found in the model's top-|top| of the pool."""
+    k = int(is_top.sum())
+    if k == 0:
+        return float("nan")
+    order = np.argsort(-pred if better == "higher" else pred, kind="stable")
+    return float(is_top[order[:k]].sum() / k)
+
+
+def extrapolation_split(data: PropertyData, top_percent: float, better: str) -> dict[str, np.ndarray]:
+    """Rows of the cache: train pool without the top, and the candidate pool with it."""
+    rows = np.concatenate([data.pool_rows, data.test_rows])
+    y = np.concatenate([data.pool_targets, data.test_targets])
+    top = held_out_top(y, top_percent, better)
+    in_pool = np.arange(len(rows)) < len(data.pool_rows)
+    return {
+        "train_rows": rows[in_pool & ~top], "train_y": y[in_pool & ~top],
+        "cand_rows": rows[~in_pool | top], "cand_y": y[~in_pool | top],
+        "cand_top": top[~in_pool | top],
+    }
+
+
+def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
+                           progress: bool = True) -> dict[str, Any]:
+    spec = params.property_spec(prop)
+    if spec.better is None:
+        raise ValueError(f"{prop} has no screening direction: no extrapolation test")
+    set_torch_threads(params.train.get("torch_threads"))
+    top_percent = float(params.raw["evaluate"]["extrapolation_top_percent"])
+    ws = open_workspace(params)
+    data = property_data(params, ws, prop)
+    sp = extrapolation_split(data, top_percent, spec.better)
+    seed = int(params.train["seed"])
+    tr, va = train_val_split(len(sp["train_rows"]), params.split["val_fraction"], seed)
+    sub = PropertyData(spec, data.cache, sp["train_rows"], sp["train_y"],
+                       sp["cand_rows"], sp["cand_y"])
+    n_pool, n_top = len(sp["cand_rows"]), int(sp["cand_top"].sum())
+    base_rate = n_top / n_pool
+    ev = params.raw["evaluate"]
+    resamples = stats.bootstrap_resamples(n_pool, int(ev["bootstrap_resamples"]),
+                                          int(ev["bootstrap_seed"]))
+    setup_mlflow(params)
+    out: dict[str, Any] = {"top_percent": top_percent, "n_top": n_top, "n_pool": n_pool,
+                           "n_train": len(tr), "n_val": len(va), "random_recall": base_rate}
+    preds = {}
+    for preset in presets:
+        hp = final_hyperparams(params, prop, preset)
+        with mlflow.start_run(run_name=f"{prop}-{preset} extrapolation"):
+            mlflow.set_tags({"mpprop.property": prop, "mpprop.preset": preset,
+                             "mpprop.kind": "extrapolation", "snapshot_sha256": ws.snapshot_sha256,
+                             **process_tags()})
+            mlflow.log_params({**hp.as_dict(), "top_percent": top_percent, "n_top": n_top,
+                               "n_pool": n_pool})
+            result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, seed, None,
+                                 params.predict["batch_size"], LossSettings.from_train(params.train))
+            loaded = LoadedModel(preset, result.model, result.normalizer, spec, {})
+            pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict["batch_size"])
+            preds[preset] = pred
+            ci = _bootstrap_recall(sp["cand_top"], pred, spec.better, resamples)
+            out[preset] = {"recall": ci.value, "recall_low": ci.low, "recall_high": ci.high,
+                           "enrichment": ci.value / base_rate, "epochs": hp.epochs,
+                           "best_val_mae": result.best_val_mae}
+            mlflow.log_metrics({"extrapolation_recall": ci.value,
+                                "extrapolation_enrichment": ci.value / base_rate})
+    names = list(presets)
+    for name in names[1:]:
+        d = _bootstrap_recall_diff(sp["cand_top"], preds[name], preds[names[0]], spec.better,
+                                   resamples)
+        out[f"paired:{name}-{names[0]}"] = {"recall_diff": d.value, "recall_diff_low": d.low,
+                                            "recall_diff_high": d.high}
+    path = extrapolation_path(params, prop)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def _bootstrap_recall(is_top: np.ndarray, pred: np.ndarray, better: str,
+                      resamples: np.ndarray) -> stats.Interval:
+    values = np.array([recall_at_top(is_top[idx], pred[idx], better) for idx in resamples])
+    return stats.interval_of(recall_at_top(is_top, pred, better), values)
+
+
+def _bootstrap_recall_diff(is_top: np.ndarray, a: np.ndarray, b: np.ndarray, better: str,
+                           resamples: np.ndarray) -> stats.Interval:
+    values = np.array([recall_at_top(is_top[idx], a[idx], better)
+                       - recall_at_top(is_top[idx], b[idx], better) for idx in resamples])
+    point = recall_at_top(is_top, a, better) - recall_at_top(is_top, b, better)
+    return stats.interval_of(point, values)

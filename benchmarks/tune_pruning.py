@@ -6,7 +6,7 @@ PercentilePruner and without pruning, on the bulk moduli of the shared MP snapsh
 
 Builds a workspace of the records that have a bulk modulus (snapshot, graph cache, fixed
 test split) in --workdir (kept, so a rerun skips it), runs both studies with
-`mpprop.tuning.tune_property`, writes benchmarks/results/tune_pruning.json and prints a table.
+`mpprop.stages.tune.tune_property`, writes benchmarks/results/tune_pruning.json and prints a table.
 The pruner's warmup is the paper's fraction of the epochs (30 of 200) unless given.
 """
 
@@ -30,7 +30,7 @@ def run_study(root: Path, overrides: list[str], name: str, n_trials: int, epochs
               prune: bool) -> dict:
     import optuna
 
-    from mpprop.tuning import epochs_run, tune_property
+    from mpprop.stages.tune import epochs_run, tune_property
 
     params = load_params(root / "params.yaml", overrides)
     t0 = time.perf_counter()

@@ -274,6 +274,7 @@ def test_train_on_a_property_with_two_labels_fails_in_one_line(tmp_path, params_
     assert mpprop(params_file, "fetch", sets=sets).exit_code == 0
     result = mpprop(params_file, "featurize", "--workers", "1", sets=sets)
     assert result.exit_code == 0, result.output
+    assert mpprop(params_file, "split", "--property", "band_gap", sets=sets).exit_code == 0
     result = mpprop(params_file, "train", "--property", "band_gap", "--epochs", "1", sets=sets)
     lines = error_lines(result)
     assert len(lines) == 1 and "too few labelled records" in lines[0], lines

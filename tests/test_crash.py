@@ -324,7 +324,7 @@ def test_featurize_killed_before_swap_keeps_cache_and_rerun_leaves_no_litter(
 # ------------------------------------------------------------ finding 1: evaluate outputs
 def test_evaluate_failing_midway_keeps_previous_plots_and_metrics(
         project: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mpprop.evaluate as evaluate
+    import mpprop.stages.evaluate as evaluate
 
     invoke(project, source, N_OLD, "evaluate", "--property", PROP, "--preset", "xie",
            "--no-mlflow")

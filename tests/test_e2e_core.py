@@ -40,6 +40,11 @@ def test_fetch_featurize_train_on_real_records(project):
     current = json.loads((project / "data/graphs/current.json").read_text())
     assert current["snapshot_sha256"] == meta["sha256"]
     assert (project / "data/graphs" / current["key"] / "edge_distance.npy").exists()
+    # train reads the split stage's output and never writes it
+    no_split = CliRunner().invoke(main, ["--params", str(project / "params.yaml"), *sets,
+                                         "train", "--property", PROP])
+    assert no_split.exit_code != 0 and "mpprop split" in no_split.output
+    invoke(project, *sets, "split", "--property", PROP)
 
     out = invoke(
         project, *sets, "-S", "train.batch_size=32", "train", "--property", PROP,

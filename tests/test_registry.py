@@ -32,7 +32,7 @@ from pymatgen.core import Lattice, Structure
 
 from mpprop.cli import main
 from mpprop.config import Params, load_params
-from mpprop.predict import OUTPUT_COLUMNS
+from mpprop.stages.predict import OUTPUT_COLUMNS
 
 PROP = "bulk_modulus"
 N_RECORDS = 150
@@ -96,6 +96,7 @@ def ws(tmp_path_factory) -> Workspace:
     workspace = Workspace(root, records)
     workspace.cli("-S", f"data.path={source}", "fetch")
     workspace.cli("featurize", "--workers", "1")
+    workspace.cli("split", "--property", PROP)
     return workspace
 
 
@@ -112,7 +113,7 @@ def trained(ws: Workspace) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def champion(ws: Workspace, trained: dict[str, dict]) -> str:
     """The champion's version (promoted here unless the promotion test already did)."""
-    from mpprop.registry import get_version_by_alias
+    from mpprop.stages.promote import get_version_by_alias
 
     mv = get_version_by_alias(ws.client(), f"mpprop-{PROP}", "champion")
     if mv is None:
@@ -422,7 +423,7 @@ def test_a_structure_whose_graph_fails_is_isolated(monkeypatch):
     from mpprop.bundle import LoadedModel
     from mpprop.config import GraphSettings, Hyperparams, PropertySpec
     from mpprop.model import CrystalGraphConvNet, Normalizer
-    from mpprop.predict import InputRow, RegisteredModel, predict_rows
+    from mpprop.stages.predict import InputRow, RegisteredModel, predict_rows
 
     real = inference.graphs_from_structures
     poison = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
@@ -462,7 +463,7 @@ class _Payload:
 def _champion_artifacts(ws: Workspace) -> Path:
     client = ws.client()
     mv = client.get_model_version_by_alias(f"mpprop-{PROP}", "champion")
-    from mpprop.registry import version_model_id
+    from mpprop.stages.promote import version_model_id
 
     model_id = version_model_id(mv)
     location = client.get_logged_model(model_id).artifact_location
@@ -474,7 +475,7 @@ def test_a_planted_pickle_is_never_run_by_predict_or_promote(ws, champion, tmp_p
     write to the tracking server could publish): mpprop reads only the bundle."""
     import cloudpickle
 
-    from mpprop.registry import _bundle_of
+    from mpprop.stages.promote import _bundle_of
 
     marker = tmp_path / "marker"
     folder = _champion_artifacts(ws)

@@ -26,8 +26,8 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
 from mpprop.cli import main
 from mpprop.config import load_params
+from mpprop.stages.tune import ATTR_PARENT_RUN, OBJECTIVE_NAME, TRIAL_ENQUEUED, storage_url, study_storage
 from mpprop.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
-from mpprop.tuning import ATTR_PARENT_RUN, OBJECTIVE_NAME, TRIAL_ENQUEUED, storage_url, study_storage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SNAPSHOT = REPO.parent / "shared" / "data" / "mp_snapshot.jsonl.gz"
@@ -195,7 +195,7 @@ def test_failed_trials_are_tagged_and_bounded(project, monkeypatch):
     """A diverging trial is FAIL in Optuna and MLflow and the study goes on; a study that
     only fails stops with an error instead of looping."""
     import mpprop.training
-    from mpprop.tuning import TuneError, tune_property
+    from mpprop.stages.tune import TuneError, tune_property
 
     real_fit = mpprop.training.fit
     calls = {"n": 0}
@@ -354,7 +354,7 @@ def test_killed_worker_trial_is_failed_and_retried(project, pg_databases):
 def test_screening_and_pareto_objectives(project):
     """tune.objective screening maximises the smoothed val precision; pareto keeps both
     objectives (no pruning), logs the front, and picks by the MAE-tolerance rule."""
-    from mpprop.tuning import SCREENING_NAME, _best_trial
+    from mpprop.stages.tune import SCREENING_NAME, _best_trial
 
     params = load_params(project / "params.yaml")
     for objective in ("screening", "pareto"):

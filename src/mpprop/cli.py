@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -70,7 +69,7 @@ def main(ctx: click.Context, params_file: str, overrides: tuple[str, ...]) -> No
 @pass_ctx
 def fetch(obj: Context, source: str | None, path: str | None, out_dir: str | None) -> None:
     """Write a dated snapshot (snapshot.npz + snapshot.json) from MP or a local file."""
-    from mpprop.sources import FetchError, fetch_snapshot, format_fetch_summary
+    from mpprop.stages.fetch import FetchError, fetch_snapshot, format_fetch_summary
 
     params = obj.params
     if source:
@@ -89,36 +88,15 @@ def fetch(obj: Context, source: str | None, path: str | None, out_dir: str | Non
 @pass_ctx
 def featurize(obj: Context, workers: int | None) -> None:
     """Build the crystal-graph cache of the snapshot (keyed by snapshot hash + settings)."""
-    from mpprop.graphs import GraphError, build_graphs, cache_key, save_graph_cache
-    from mpprop.snapshot import SnapshotError, atomic_output, load_snapshot
+    from mpprop.graphs import GraphError
+    from mpprop.snapshot import SnapshotError
+    from mpprop.stages.featurize import featurize as build
 
-    params = obj.params
     try:
-        snap, meta = load_snapshot(params.snapshot_dir(), verify=True)
-    except SnapshotError as exc:
+        summary = build(obj.params, workers)
+    except (SnapshotError, GraphError) as exc:
         raise click.ClickException(str(exc)) from exc
-    settings = params.graph_settings()
-    key = cache_key(meta["sha256"], settings)
-    t0 = time.perf_counter()
-    try:
-        cache = build_graphs(snap, settings, workers=workers)
-    except GraphError as exc:
-        raise click.ClickException(str(exc)) from exc
-    seconds = time.perf_counter() - t0
-    cache.key = key
-    folder = save_graph_cache(
-        cache, params.graph_cache_dir(), {"snapshot_sha256": meta["sha256"], "seconds": seconds}
-    )
-    # a stable pointer for DVC and for people: which cache belongs to the current snapshot
-    with atomic_output(params.graph_cache_dir() / "current.json") as tmp:
-        Path(tmp).write_text(
-            json.dumps({"key": key, "snapshot_sha256": meta["sha256"]}, indent=2) + "\n"
-        )
-    click.echo(
-        f"{len(cache)} graphs, {int(cache.edge_offsets[-1])} edges in {seconds:.1f} s "
-        f"({len(cache) / max(seconds, 1e-9):.0f} structures/s); "
-        f"{cache.nbytes() / max(len(cache), 1):.0f} bytes/structure -> {folder}"
-    )
+    click.echo(summary.format())
 
 
 @main.command()
@@ -128,13 +106,17 @@ def featurize(obj: Context, workers: int | None) -> None:
 @pass_ctx
 def split(obj: Context, props: tuple[str, ...], overwrite: bool) -> None:
     """Make each property's fixed, seeded 20% test split."""
-    from mpprop.data import ensure_split, open_workspace
+    from mpprop.data import SplitError
+    from mpprop.snapshot import SnapshotError
+    from mpprop.stages.split import split_property
 
     params = obj.params
-    ws = open_workspace(params, in_memory=False)
     for prop in props or params.properties:
         check_property(params, prop)
-        s = ensure_split(params, ws, prop, overwrite=overwrite)
+        try:
+            s = split_property(params, prop, overwrite=overwrite)
+        except (SnapshotError, SplitError) as exc:
+            raise click.ClickException(str(exc)) from exc
         click.echo(f"{prop}: {len(s['test'])} test, {len(s['pool'])} train+val")
 
 
@@ -191,7 +173,7 @@ def tune(obj: Context, prop: str, n_trials: int | None, epochs: int | None,
     study name (on this host or others) to run trials in parallel. Rerunning continues the
     study up to --n-trials.
     """
-    from mpprop.tuning import TuneError, tune_property
+    from mpprop.stages.tune import TuneError, tune_property
 
     params = obj.params
     check_property(params, prop)
@@ -211,8 +193,8 @@ def tune(obj: Context, prop: str, n_trials: int | None, epochs: int | None,
 @pass_ctx
 def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
     """Register each property's best model by validation MAE; point `champion` at it."""
-    from mpprop.registry import RegistryError
-    from mpprop.registry import promote as promote_property
+    from mpprop.stages.promote import RegistryError
+    from mpprop.stages.promote import promote as promote_property
 
     params = obj.params
     failed = []
@@ -251,7 +233,7 @@ def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
 @pass_ctx
 def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
     """Register the published CGCNN checkpoints (Xie & Grossman 2018) under their alias."""
-    from mpprop.registry import import_pretrained as do_import
+    from mpprop.stages.promote import import_pretrained as do_import
 
     params = obj.params
     for prop in props:
@@ -281,7 +263,7 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
             alias: str | None, version: int | None, batch_size: int | None,
             fail_on_error: bool) -> None:
     """Predict properties of structures with registered models; one CSV row per structure."""
-    from mpprop.predict import PredictError, resolve_models, run_prediction
+    from mpprop.stages.predict import PredictError, resolve_models, run_prediction
 
     params = obj.params
     if prop != "all":
@@ -319,8 +301,8 @@ def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool,
              extrapolation: bool) -> None:
     """Test-set metrics, parity and screening plots of a property's saved models."""
     from mpprop.data import SplitError
-    from mpprop.evaluate import EvaluationError, default_presets, evaluate_property, format_results
     from mpprop.snapshot import SnapshotError
+    from mpprop.stages.evaluate import EvaluationError, default_presets, evaluate_property, format_results
 
     params = obj.params
     check_property(params, prop)
@@ -345,7 +327,7 @@ def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool,
 @pass_ctx
 def report(obj: Context, no_mlflow: bool) -> None:
     """Table 2 (test MAE, screening; Xie settings vs tuned) as markdown and CSV."""
-    from mpprop.report import ReportError, make_report
+    from mpprop.stages.report import ReportError, make_report
 
     try:
         markdown, files, run_id = make_report(obj.params, log_mlflow=not no_mlflow)
@@ -368,7 +350,7 @@ def report(obj: Context, no_mlflow: bool) -> None:
 def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, alias: str | None,
           version: int | None) -> None:
     """Crystal feature vectors (the vector the model's output layer reads) of any input."""
-    from mpprop.predict import PredictError, resolve_models, run_embedding
+    from mpprop.stages.predict import PredictError, resolve_models, run_embedding
 
     params = obj.params
     check_property(params, prop)

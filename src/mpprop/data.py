@@ -195,32 +195,19 @@ def split_path(params: Any, prop: str) -> Path:
     return params.split_dir() / f"{prop}.json"
 
 
-def ensure_split(params: Any, ws: Workspace, prop: str, overwrite: bool = False) -> dict[str, Any]:
-    """The fixed test split of a property: read it, or make and save it (seeded)."""
+def load_split(params: Any, ws: Workspace, prop: str) -> dict[str, Any]:
+    """The fixed test split `mpprop split` wrote for `prop` (never made here: the split
+    stage owns it), checked against the current snapshot."""
     path = split_path(params, prop)
-    if path.exists() and not overwrite:
-        split = read_split(path)
-        if split.get("snapshot_sha256") != ws.snapshot_sha256:
-            raise SplitError(
-                f"{path} was made from snapshot {split.get('snapshot_sha256', '?')[:12]}, not the "
-                f"current {ws.snapshot_sha256[:12]}; rerun `mpprop split`"
-            )
-        return split
-    labels = ws.raw_labels(prop)
-    split = make_test_split(
-        ws.cache.material_id, np.isfinite(labels), params.split["test_fraction"],
-        params.split["seed"],
-    )
-    split.update(
-        property=prop,
-        snapshot_sha256=ws.snapshot_sha256,
-        seed=params.split["seed"],
-        test_fraction=params.split["test_fraction"],
-    )
-    write_split(path, split)
+    split = read_split(path)
+    if split.get("snapshot_sha256") != ws.snapshot_sha256:
+        raise SplitError(
+            f"{path} was made from snapshot {split.get('snapshot_sha256', '?')[:12]}, not the "
+            f"current {ws.snapshot_sha256[:12]}; rerun `mpprop split`"
+        )
     return split
 
 
 def property_data(params: Any, ws: Workspace, prop: str) -> PropertyData:
-    split = ensure_split(params, ws, prop)
+    split = load_split(params, ws, prop)
     return PropertyData.build(params.property_spec(prop), ws.cache, ws.raw_labels(prop), split)

@@ -23,6 +23,23 @@ PYFUNC_CODE = PACKAGE_DIR / "mlflow_model.py"
 # re-exported: the stages save and load bundles through the run contract's module
 __all__ = ["BundleError", "load_bundle", "save_bundle"]
 STRUCTURE_COLUMNS = ("structure", "cif", "poscar")
+# ---- the run contract: what every mpprop run carries in MLflow. Writers (train, tune,
+# import-pretrained, report, extrapolation) and readers (promote, the UI's filters) use these.
+TAG_PROPERTY = "mpprop.property"
+TAG_KIND = "mpprop.kind"
+TAG_PRESET = "mpprop.preset"
+TAG_STUDY = "mpprop.study"
+TAG_TRIAL_NUMBER = "optuna.trial_number"  # set by the tuner on each trial run
+TAG_SNAPSHOT = "snapshot_sha256"
+TAG_GRAPH_KEY = "graph_cache_key"
+KIND_TRAIN = "train"
+KIND_TRIAL = "tune-trial"
+KIND_STUDY = "tune-study"
+KIND_PRETRAINED = "pretrained"
+KIND_REPORT = "report"
+KIND_EXTRAPOLATION = "extrapolation"
+# the validation screening signal train runs and tuning trials log (tune.screening_percents)
+VAL_SCREENING_METRIC = "best_val_screening"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

@@ -26,13 +26,20 @@ from mpprop import stats
 from mpprop.bundle import LoadedModel
 from mpprop.config import Params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
-from mpprop.evaluate import metrics_path
 from mpprop.faults import process_tags
 from mpprop.inference import predict_rows
 from mpprop.losses import LossSettings
 from mpprop.snapshot import atomic_output
+from mpprop.stages.evaluate import metrics_path
 from mpprop.stages.train import final_hyperparams
-from mpprop.tracking import setup_mlflow
+from mpprop.tracking import (
+    KIND_EXTRAPOLATION,
+    TAG_KIND,
+    TAG_PRESET,
+    TAG_PROPERTY,
+    TAG_SNAPSHOT,
+    setup_mlflow,
+)
 from mpprop.training import fit_on_pool, set_torch_threads
 
 EXTRAPOLATION_SUFFIX = ".extrapolation.json"
@@ -99,8 +106,8 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
     for preset in presets:
         hp = final_hyperparams(params, prop, preset)
         with mlflow.start_run(run_name=f"{prop}-{preset} extrapolation"):
-            mlflow.set_tags({"mpprop.property": prop, "mpprop.preset": preset,
-                             "mpprop.kind": "extrapolation", "snapshot_sha256": ws.snapshot_sha256,
+            mlflow.set_tags({TAG_PROPERTY: prop, TAG_PRESET: preset, TAG_KIND: KIND_EXTRAPOLATION,
+                             TAG_SNAPSHOT: ws.snapshot_sha256,
                              **process_tags()})
             mlflow.log_params({**hp.as_dict(), "top_percent": top_percent, "n_top": n_top,
                                "n_pool": n_pool})

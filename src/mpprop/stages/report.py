@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
 from mpprop.config import Params
+from mpprop.snapshot import SnapshotError, atomic_output, load_metadata
+from mpprop.stages.evaluate import PAIRED_PREFIX, default_presets, metrics_path
 from mpprop.stages.extrapolation import extrapolation_path
 from mpprop.stats import MIN_TOP_MATERIALS, NEAR_CONSTANT_SPREAD
+from mpprop.tracking import KIND_REPORT, TAG_KIND, setup_mlflow
 
 MARKDOWN_FILE = "table2.md"
 CSV_FILE = "table2.csv"
@@ -80,7 +85,6 @@ def _fmt(value: float | None, decimals: int) -> str:
 
 def collect_rows(params: Params) -> list[Row]:
     """One row per property of params `properties`, from metrics/<prop>.json."""
-    from mpprop.evaluate import PAIRED_PREFIX, default_presets, metrics_path
 
     presets = default_presets(params)
     promoted_file = report_dir(params) / PROMOTED_FILE
@@ -283,7 +287,6 @@ def to_markdown(
 
 
 def _snapshot_meta(params: Params) -> dict[str, Any]:
-    from mpprop.snapshot import SnapshotError, load_metadata
 
     try:
         return load_metadata(params.snapshot_dir())
@@ -294,9 +297,7 @@ def _snapshot_meta(params: Params) -> dict[str, Any]:
 def log_report(params: Params, rows: list[Row], presets: list[str], files: list[Path],
                snapshot: dict[str, Any]) -> str:
     """An MLflow run (mpprop.kind=report) with the table's numbers and files; its run id."""
-    import mlflow
 
-    from mpprop.tracking import setup_mlflow
 
     setup_mlflow(params)
     metrics: dict[str, float] = {}
@@ -311,7 +312,7 @@ def log_report(params: Params, rows: list[Row], presets: list[str], files: list[
             metrics[f"{r.prop}.{pair}.mae_diff"] = float(diffs["mae_diff"])
     with mlflow.start_run(run_name="report") as run:
         mlflow.set_tags({
-            "mpprop.kind": "report",
+            TAG_KIND: KIND_REPORT,
             "snapshot_sha256": snapshot.get("sha256", ""),
             "snapshot_date": snapshot.get("snapshot_date", ""),
             "data_vintage": data_vintage(snapshot) if snapshot else "",
@@ -329,8 +330,6 @@ def log_report(params: Params, rows: list[Row], presets: list[str], files: list[
 
 def make_report(params: Params, log_mlflow: bool = True) -> tuple[str, list[Path], str | None]:
     """Write reports/table2.{md,csv}; returns the markdown, the files and the MLflow run id."""
-    from mpprop.evaluate import default_presets
-    from mpprop.snapshot import atomic_output
 
     presets = default_presets(params)
     rows = collect_rows(params)

@@ -260,7 +260,7 @@ def resolve_models(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mpprop.registry import get_version_by_alias, registered_name
+    from mpprop.stages.promote import get_version_by_alias, registered_name
     from mpprop.tracking import download_bundle
 
     mlflow.set_tracking_uri(params.tracking_uri())

@@ -54,7 +54,17 @@ from mpprop.data import open_workspace, property_data, train_val_split
 from mpprop.losses import LossSettings
 from mpprop.snapshot import atomic_output
 from mpprop.stats import screening_signal
-from mpprop.tracking import log_model, save_bundle, setup_mlflow
+from mpprop.tracking import (
+    KIND_STUDY,
+    KIND_TRIAL,
+    TAG_KIND,
+    TAG_PROPERTY,
+    TAG_STUDY,
+    TAG_TRIAL_NUMBER,
+    log_model,
+    save_bundle,
+    setup_mlflow,
+)
 from mpprop.training import EpochStats, fit_on_pool, set_torch_threads
 
 # study user attrs: what the study was made from, and where its trials are tracked
@@ -607,7 +617,7 @@ def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
             ) from exc
         return run_id
     run = client.create_run(
-        exp_id, run_name=study.study_name, tags={**tags, "mpprop.kind": "tune-study"}
+        exp_id, run_name=study.study_name, tags={**tags, TAG_KIND: KIND_STUDY}
     )
     tune = params.tune
     client.log_batch(run.info.run_id, params=[
@@ -784,8 +794,8 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         echo(f"note: no inter-process lock for {redact(url)}; parallel workers may overshoot "
              "the target by a trial")
     tags = {
-        "mpprop.property": prop,
-        "mpprop.study": study_name,
+        TAG_PROPERTY: prop,
+        TAG_STUDY: study_name,
         "snapshot_sha256": ws.snapshot_sha256,
         "graph_cache_key": ws.cache.key,
     }
@@ -857,8 +867,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         tr, va = train_val_split(len(data.pool_rows), val_fraction, seed)
         val_y = data.pool_targets[va]
         val_scale = float(np.std(val_y)) or 1.0
-        mlflow.set_tags({**tags, "mpprop.kind": "tune-trial",
-                         "optuna.trial_number": str(trial.number)})
+        mlflow.set_tags({**tags, TAG_KIND: KIND_TRIAL, TAG_TRIAL_NUMBER: str(trial.number)})
         mlflow.set_tag("graph_cache_key", data.cache.key)
         mlflow.log_params({
             **hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(trial_graph_settings).items()},

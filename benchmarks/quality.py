@@ -66,6 +66,7 @@ XIE_DECAY_FRACTION = 0.8
 PAPER_TUNE_EPOCHS = 200
 BOOTSTRAP_SEED = 0
 PROGRESS_EVERY = 10  # epochs between progress lines of a final-training job
+PRED_DECIMALS = 6  # test predictions stored in the result (target units)
 
 
 def scaled_tune_overrides(params_file: Path, tune_epochs: int) -> list[str]:
@@ -80,18 +81,21 @@ def scaled_tune_overrides(params_file: Path, tune_epochs: int) -> list[str]:
             f"tune.pruner_warmup_steps={warmup}"]
 
 
-def run_tuning(root: Path, prop: str, args: argparse.Namespace, overrides: list[str]) -> dict:
+def run_tuning(root: Path, prop: str, args: argparse.Namespace, overrides: list[str],
+               study: str | None = None, best_dir: Path | None = None) -> dict:
     """`mpprop tune` workers on one study in the workspace; resumes a study that exists."""
+    study = study or f"quality-{prop}"
+    best_dir = best_dir or root / "tuned"
     mpprop = str(Path(sys.executable).with_name("mpprop"))
     sets = [x for item in overrides for x in ("-S", item)]
     cmd = [mpprop, "--params", str(root / "params.yaml"), *sets, "tune", "--property", prop,
            "--n-trials", str(args.trials), "--epochs", str(args.tune_epochs),
-           "--storage", f"sqlite:///{root / 'optuna.db'}", "--study-name", f"quality-{prop}"]
+           "--storage", f"sqlite:///{root / 'optuna.db'}", "--study-name", study]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     t0 = time.perf_counter()
     workers = []
     for i in range(args.workers):
-        log = open(root / f"tune-worker-{i}.log", "a")  # noqa: SIM115 - closed below
+        log = open(root / f"{study}-worker-{i}.log", "a")  # noqa: SIM115 - closed below
         workers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=root), log))
         time.sleep(2)  # the first worker creates the study and queues the baseline
@@ -100,8 +104,8 @@ def run_tuning(root: Path, prop: str, args: argparse.Namespace, overrides: list[
         log.close()
     failed = [i for i, (p, _) in enumerate(workers) if p.returncode != 0]
     if failed:
-        raise SystemExit(f"tuning worker(s) {failed} failed; see {root}/tune-worker-*.log")
-    best = yaml.safe_load((root / "tuned" / f"{prop}.yaml").read_text())
+        raise SystemExit(f"tuning worker(s) {failed} failed; see {root}/{study}-worker-*.log")
+    best = yaml.safe_load((best_dir / f"{prop}.yaml").read_text())
     return {**best, "wall_seconds": time.perf_counter() - t0}
 
 
@@ -210,6 +214,8 @@ def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_p
         out["screening"] = bootstrap_metric(y, preds, metric, resamples).as_dict()
         out["screening_seed_std"] = float(np.std(scr, ddof=1)) if len(scr) > 1 else None
         out["screening_per_seed"] = scr
+    # kept so later benchmarks (screening.py) can pair new models with these on the same materials
+    out["test_pred_per_seed"] = np.round(preds, PRED_DECIMALS).tolist()
     if per_seed is not None:
         out["best_val_mae_per_seed"] = [r["best_val_mae"] for r in per_seed]
         out["best_epoch_per_seed"] = [r["best_epoch"] for r in per_seed]
@@ -429,6 +435,7 @@ def main() -> None:
             print(f"[{prop}] done before: {args.out_dir / f'{prop}.json'}")
             continue
         r = run_property(prop, args)
+        write_table(args.out_dir)
         m = r["models"]
         print(f"[{prop}] test MAE Xie {m['xie']['test_mae']['value']:.4g}, tuned "
               f"{m['tuned']['test_mae']['value']:.4g}, published "

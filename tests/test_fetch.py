@@ -16,9 +16,9 @@ from conftest import require_shared_data
 from mp_api_server import GGA, MPAPIServer, load_records
 from pymatgen.core import Lattice, Structure
 
-from mpprop.stages import fetch as sources
 from mpprop.config import Params, load_params
 from mpprop.snapshot import load_snapshot, sha256_file
+from mpprop.stages import fetch as sources
 from mpprop.stages.fetch import FetchError, fetch_snapshot, format_fetch_summary
 
 REPO = Path(__file__).resolve().parents[1]

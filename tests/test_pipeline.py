@@ -111,9 +111,19 @@ def test_report_table(pipeline: Path) -> None:
     assert "Reference: the paper's Table 2" in markdown
     assert all(f"| {p} |" in markdown for p in PROPS)
 
+    # the truth about each number: budget, intervals, n_top, near-constant flags, paired diff
+    assert "budget xie" in markdown and "MAE tuned-xie" in markdown
     metrics = json.loads((pipeline / "metrics/band_gap.json").read_text())
-    assert set(metrics) == {"xie", "tuned"}
-    assert set(metrics["xie"]) == {"test_mae", "test_screening_precision", "best_val_mae", "n_test"}
+    assert set(metrics) == {"xie", "tuned", "paired:tuned-xie"}
+    xie, tuned = metrics["xie"], metrics["tuned"]
+    assert xie["test_mae_low"] <= xie["test_mae"] <= xie["test_mae_high"]
+    assert xie["n_top"] >= 1 and isinstance(xie["near_constant"], bool)
+    # equal budgets: the tuned preset trains for the Xie preset's epochs
+    assert tuned["budget"]["epochs"] == xie["budget"]["epochs"] == 3
+    assert tuned["budget"]["tune_trials"] == 2 and tuned["budget"]["tune_epochs_per_trial"] == 2
+    diff = metrics["paired:tuned-xie"]
+    assert diff["mae_diff"] == pytest.approx(tuned["test_mae"] - xie["test_mae"])
+    assert diff["mae_diff_low"] <= diff["mae_diff"] <= diff["mae_diff_high"]
     assert json.loads((pipeline / "metrics/poisson_ratio.json").read_text())["tuned"][
         "test_screening_precision"] is None
 

@@ -134,6 +134,7 @@ class Params:
 
     raw: dict[str, Any]
     root: Path = field(default_factory=Path.cwd)
+    builtin: bool = False  # the packaged defaults (no params.yaml in this folder)
 
     # ---- paths are relative to the params file's folder
     def path(self, value: str | Path) -> Path:
@@ -197,9 +198,10 @@ class Params:
         return self.path(self.tune["best_params_dir"]) / f"{prop}.yaml"
 
     def tracking_uri(self) -> str:
-        """MLflow tracking URI: MLFLOW_TRACKING_URI where set (MLflow's own convention), else
-        mlflow.tracking_uri; relative sqlite paths are anchored at the params folder."""
-        uri = os.environ.get(TRACKING_URI_ENV) or self.mlflow["tracking_uri"]
+        """MLflow tracking URI: mlflow.tracking_uri (relative sqlite paths anchored at the params
+        folder); with the built-in defaults (no params.yaml), MLFLOW_TRACKING_URI where set.
+        Not otherwise: mlflow.set_tracking_uri sets that variable for the whole process."""
+        uri = (self.builtin and os.environ.get(TRACKING_URI_ENV)) or self.mlflow["tracking_uri"]
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             db = self.path(uri[len(prefix):])
@@ -727,4 +729,4 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | N
             break  # validate_params reports it
         _set_dotted(raw, key.strip(), parsed)
         given[key.strip()] = item
-    return Params(raw=validate_params(raw, str(path), given), root=root)
+    return Params(raw=validate_params(raw, str(path), given), root=root, builtin=text is not None)

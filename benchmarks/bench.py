@@ -424,6 +424,7 @@ def task_predict(tmp: Path, threads: int, single: int) -> dict:
     import pandas as pd
     import torch
 
+    from mpprop.bundle import LoadedModel
     from mpprop.config import PropertySpec
     from mpprop.model import CrystalGraphConvNet, Normalizer
     from mpprop.tracking import CGCNNPyfunc
@@ -431,10 +432,12 @@ def task_predict(tmp: Path, threads: int, single: int) -> dict:
     torch.set_num_threads(threads)
     dicts = json.loads((tmp / "predict_structures.json").read_text())
     pyfunc = CGCNNPyfunc()
-    pyfunc.model = CrystalGraphConvNet(hyperparams("xie"), graph_settings()).eval()
-    pyfunc.normalizer = Normalizer(0.0, 1.0)
-    pyfunc.spec = PropertySpec("bulk_modulus", "bulk_modulus.vrh", "log10(GPa)", "log10", "higher")
-    torch.set_grad_enabled(False)  # as CGCNNPyfunc.load_context
+    spec = PropertySpec("bulk_modulus", "bulk_modulus.vrh", "log10(GPa)", "log10", "higher")
+    # what CGCNNPyfunc.load_context gives, without a logged model
+    pyfunc.loaded = LoadedModel("bench", CrystalGraphConvNet(hyperparams("xie"), graph_settings()).eval(),
+                                Normalizer(0.0, 1.0), spec, {})
+    pyfunc.spec = spec
+    torch.set_grad_enabled(False)
     frame = pd.DataFrame({"structure": dicts})
     pyfunc.predict(None, frame.iloc[:20])  # warm-up
     t0 = time.perf_counter()

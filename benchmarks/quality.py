@@ -45,6 +45,7 @@ import yaml
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
 from mpprop.config import Hyperparams, load_params
+from mpprop.stages import train as train_stage
 from mpprop.stats import (
     MIN_TOP_MATERIALS,
     bootstrap_metric,
@@ -122,18 +123,16 @@ def study_record(root: Path, prop: str) -> dict:
 
 
 def final_hyperparams(params_file: Path, overrides: list[str], prop: str, preset: str,
-                      tuned: dict | None, final_epochs: int, tune_epochs: int) -> Hyperparams:
-    params = load_params(params_file, overrides)
+                      final_epochs: int) -> Hyperparams:
+    """The final-training hyperparameters: mpprop train's own rule (stages.train) at
+    `final_epochs`: the tuned set (tune.best_params_dir of `overrides`) with its LR decay
+    moved in proportion, the Xie preset with its decay at the paper's 80%."""
+    params = load_params(params_file, [*overrides, f"tune.final_epochs={final_epochs}"])
     if preset == "xie":
-        return params.hyperparams("xie", prop, epochs=final_epochs,
-                                  lr_decay_epoch=max(1, round(XIE_DECAY_FRACTION * final_epochs)))
-    assert tuned is not None
-    hp = dict(tuned["hyperparams"])
-    hp["lr_decay_epoch"] = max(1, round(hp["lr_decay_epoch"] * final_epochs / tune_epochs))
-    hp["epochs"] = final_epochs
-    train = params.train
-    return Hyperparams(**hp, batch_size=train["batch_size"], momentum=train["momentum"],
-                       weight_decay=train["weight_decay"])
+        decay = max(1, round(XIE_DECAY_FRACTION * final_epochs))
+        return train_stage.final_hyperparams(params, prop, "xie",
+                                             {"epochs": final_epochs, "lr_decay_epoch": decay})
+    return train_stage.final_hyperparams(params, prop, "tuned")
 
 
 def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict, seed: int,
@@ -252,8 +251,7 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
     print(f"[{prop}] tuned: {tuned['hyperparams']} (val MAE {tuned['best_val_mae']:.4g}, "
           f"trial {tuned['best_trial']}) in {tuned['wall_seconds']:.0f} s", flush=True)
 
-    hps = {preset: final_hyperparams(params_file, overrides, prop, preset, tuned,
-                                     args.final_epochs, args.tune_epochs)
+    hps = {preset: final_hyperparams(params_file, overrides, prop, preset, args.final_epochs)
            for preset in ("xie", "tuned")}
     jobs, records = [], {}
     final_dir = root / "final"

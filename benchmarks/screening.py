@@ -29,34 +29,29 @@ from quality import RESULTS, final_hyperparams, run_tuning, scaled_tune_override
 from workspace import REPO
 
 from mpprop import stats
-from mpprop.bundle import LoadedModel
 from mpprop.config import Hyperparams, load_params
-from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
-from mpprop.inference import predict_rows
-from mpprop.losses import LossSettings
-from mpprop.stages.extrapolation import extrapolation_split, recall_at_top
-from mpprop.training import fit_on_pool
+from mpprop.data import open_workspace, property_data
+from mpprop.stages.extrapolation import (
+    bootstrap_recall,
+    bootstrap_recall_diff,
+    extrapolation_split,
+    rank_candidates,
+)
 
 OUT = REPO / "benchmarks" / "results" / "screening.json"
 
 
 def extrapolation_recall(root: Path, overrides: list[str], prop: str, hp: Hyperparams,
                          top_percent: float) -> dict:
-    """One model trained without the top; its ranking of the candidate pool."""
+    """One model trained without the top (a worker process, one torch thread); its ranking
+    of the candidate pool (mpprop.stages.extrapolation, as `mpprop evaluate --extrapolation`)."""
     import torch
 
     torch.set_num_threads(1)
     params = load_params(root / "params.yaml", overrides)
     data = property_data(params, open_workspace(params), prop)
     sp = extrapolation_split(data, top_percent, data.spec.better)
-    tr, va = train_val_split(len(sp["train_rows"]), params.split["val_fraction"],
-                             int(params.train["seed"]))
-    sub = PropertyData(data.spec, data.cache, sp["train_rows"], sp["train_y"],
-                       sp["cand_rows"], sp["cand_y"])
-    result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, int(params.train["seed"]),
-                         None, params.predict["batch_size"], LossSettings.from_train(params.train))
-    loaded = LoadedModel("x", result.model, result.normalizer, data.spec, {})
-    pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict["batch_size"])
+    pred, _ = rank_candidates(params, data, sp, hp)
     return {"pred": pred.tolist(), "is_top": sp["cand_top"].tolist()}
 
 
@@ -72,8 +67,7 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
                  *scaled_tune_overrides(params_file, qargs.tune_epochs), *args.overrides]
     tuned = run_tuning(root, prop, qargs, overrides, study=f"screening-{prop}",
                        best_dir=root / "tuned-screening")
-    hp = final_hyperparams(params_file, overrides, prop, "tuned", tuned, budget["final_epochs"],
-                           qargs.tune_epochs)
+    hp = final_hyperparams(params_file, overrides, prop, "tuned", budget["final_epochs"])
     seeds = budget["seeds"]
     final_dir = root / "final"
     jobs, records = [], {}
@@ -99,8 +93,7 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
     paired = {f"screening_tuned-{k}": quality.paired(y, preds["screening_tuned"], preds[k], res,
                                                      top, better) for k in ("mae_tuned", "xie")}
     # extrapolation: one model per preset, seed 0, the final epochs
-    hps = {"xie": final_hyperparams(params_file, overrides, prop, "xie", None,
-                                    budget["final_epochs"], qargs.tune_epochs),
+    hps = {"xie": final_hyperparams(params_file, overrides, prop, "xie", budget["final_epochs"]),
            "mae_tuned": Hyperparams(**base["models"]["tuned"]["hyperparams"]),
            "screening_tuned": hp}
     ext_top = float(params.raw["evaluate"]["extrapolation_top_percent"])
@@ -110,20 +103,14 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
         ext = {k: f.result() for k, f in futures.items()}
     is_top = np.array(ext["xie"]["is_top"])
     eres = stats.bootstrap_resamples(len(is_top), budget["bootstrap_resamples"], quality.BOOTSTRAP_SEED)
-
-    def recall(name: str, idx: np.ndarray) -> float:
-        return recall_at_top(is_top[idx], np.array(ext[name]["pred"])[idx], better)
-
-    full = np.arange(len(is_top))
+    pool_preds = {name: np.array(e["pred"]) for name, e in ext.items()}
     extrapolation = {"n_top": int(is_top.sum()), "n_pool": len(is_top),
                      "random_recall": float(is_top.mean())}
-    for name in ext:
-        extrapolation[name] = stats.interval_of(
-            recall(name, full), np.array([recall(name, i) for i in eres])).as_dict()
+    for name, pred in pool_preds.items():
+        extrapolation[name] = bootstrap_recall(is_top, pred, better, eres).as_dict()
     for other in ("mae_tuned", "xie"):
-        extrapolation[f"screening_tuned-{other}"] = stats.interval_of(
-            recall("screening_tuned", full) - recall(other, full),
-            np.array([recall("screening_tuned", i) - recall(other, i) for i in eres])).as_dict()
+        extrapolation[f"screening_tuned-{other}"] = bootstrap_recall_diff(
+            is_top, pool_preds["screening_tuned"], pool_preds[other], better, eres).as_dict()
     for m in models.values():
         m.pop("test_pred_per_seed", None)
     return {"property": prop, "unit": base["unit"], "budget": {**budget, "extrapolation_seed": 0},

@@ -24,7 +24,7 @@ import numpy as np
 
 from mpprop import stats
 from mpprop.bundle import LoadedModel
-from mpprop.config import Params
+from mpprop.config import Hyperparams, Params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
 from mpprop.faults import process_tags
 from mpprop.inference import predict_rows
@@ -80,8 +80,26 @@ def extrapolation_split(data: PropertyData, top_percent: float, better: str) -> 
     }
 
 
-def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
-                           progress: bool = True) -> dict[str, Any]:
+def _train_val(params: Params, sp: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return train_val_split(len(sp["train_rows"]), params.split["val_fraction"],
+                           int(params.train["seed"]))
+
+
+def rank_candidates(params: Params, data: PropertyData, sp: dict[str, np.ndarray],
+                    hp: Hyperparams) -> tuple[np.ndarray, float]:
+    """Train one model (seed train.seed) without the held-out top; its predictions for the
+    candidate pool, and its best validation MAE."""
+    tr, va = _train_val(params, sp)
+    sub = PropertyData(data.spec, data.cache, sp["train_rows"], sp["train_y"],
+                       sp["cand_rows"], sp["cand_y"])
+    result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, int(params.train["seed"]),
+                         None, params.predict["batch_size"], LossSettings.from_train(params.train))
+    loaded = LoadedModel("extrapolation", result.model, result.normalizer, data.spec, {})
+    pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict["batch_size"])
+    return pred, result.best_val_mae
+
+
+def evaluate_extrapolation(params: Params, prop: str, presets: list[str]) -> dict[str, Any]:
     spec = params.property_spec(prop)
     if spec.better is None:
         raise ValueError(f"{prop} has no screening direction: no extrapolation test")
@@ -90,10 +108,7 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
     sp = extrapolation_split(data, top_percent, spec.better)
-    seed = int(params.train["seed"])
-    tr, va = train_val_split(len(sp["train_rows"]), params.split["val_fraction"], seed)
-    sub = PropertyData(spec, data.cache, sp["train_rows"], sp["train_y"],
-                       sp["cand_rows"], sp["cand_y"])
+    n_train, n_val = (len(x) for x in _train_val(params, sp))
     n_pool, n_top = len(sp["cand_rows"]), int(sp["cand_top"].sum())
     base_rate = n_top / n_pool
     ev = params.raw["evaluate"]
@@ -101,7 +116,7 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
                                           int(ev["bootstrap_seed"]))
     setup_mlflow(params)
     out: dict[str, Any] = {"top_percent": top_percent, "n_top": n_top, "n_pool": n_pool,
-                           "n_train": len(tr), "n_val": len(va), "random_recall": base_rate}
+                           "n_train": n_train, "n_val": n_val, "random_recall": base_rate}
     preds = {}
     for preset in presets:
         hp = final_hyperparams(params, prop, preset)
@@ -111,20 +126,17 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
                              **process_tags()})
             mlflow.log_params({**hp.as_dict(), "top_percent": top_percent, "n_top": n_top,
                                "n_pool": n_pool})
-            result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, seed, None,
-                                 params.predict["batch_size"], LossSettings.from_train(params.train))
-            loaded = LoadedModel(preset, result.model, result.normalizer, spec, {})
-            pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict["batch_size"])
+            pred, best_val_mae = rank_candidates(params, data, sp, hp)
             preds[preset] = pred
-            ci = _bootstrap_recall(sp["cand_top"], pred, spec.better, resamples)
+            ci = bootstrap_recall(sp["cand_top"], pred, spec.better, resamples)
             out[preset] = {"recall": ci.value, "recall_low": ci.low, "recall_high": ci.high,
                            "enrichment": ci.value / base_rate, "epochs": hp.epochs,
-                           "best_val_mae": result.best_val_mae}
+                           "best_val_mae": best_val_mae}
             mlflow.log_metrics({"extrapolation_recall": ci.value,
                                 "extrapolation_enrichment": ci.value / base_rate})
     names = list(presets)
     for name in names[1:]:
-        d = _bootstrap_recall_diff(sp["cand_top"], preds[name], preds[names[0]], spec.better,
+        d = bootstrap_recall_diff(sp["cand_top"], preds[name], preds[names[0]], spec.better,
                                    resamples)
         out[f"paired:{name}-{names[0]}"] = {"recall_diff": d.value, "recall_diff_low": d.low,
                                             "recall_diff_high": d.high}
@@ -135,13 +147,13 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str],
     return out
 
 
-def _bootstrap_recall(is_top: np.ndarray, pred: np.ndarray, better: str,
+def bootstrap_recall(is_top: np.ndarray, pred: np.ndarray, better: str,
                       resamples: np.ndarray) -> stats.Interval:
     values = np.array([recall_at_top(is_top[idx], pred[idx], better) for idx in resamples])
     return stats.interval_of(recall_at_top(is_top, pred, better), values)
 
 
-def _bootstrap_recall_diff(is_top: np.ndarray, a: np.ndarray, b: np.ndarray, better: str,
+def bootstrap_recall_diff(is_top: np.ndarray, a: np.ndarray, b: np.ndarray, better: str,
                            resamples: np.ndarray) -> stats.Interval:
     values = np.array([recall_at_top(is_top[idx], a[idx], better)
                        - recall_at_top(is_top[idx], b[idx], better) for idx in resamples])

@@ -16,6 +16,8 @@ Figures (each measured in its own subprocess, so its peak RSS is its own):
   train_orig     the original: per-structure tensors collated every step by cgcnn's
                  collate_pool, the original dense model (cgcnn2.model.CrystalGraphConvNet)
   predict        CGCNNPyfunc.predict: pymatgen structure dicts in, numbers out
+  predict_all    the seven published models on the same structure dicts: one inference call
+                 (parse, check and graphs once) vs seven separate calls, same run
   equivalence    same weights and batch in our model and the original model: outputs, MSE
                  loss and fc_full gradients agree (train and eval mode), for both our paths
 
@@ -454,6 +456,47 @@ def task_predict(tmp: Path, threads: int, single: int) -> dict:
             "single_call_ms": single_ms}
 
 
+def task_predict_all(tmp: Path, threads: int) -> dict:
+    """The seven published models on the same structures: one inference call for all seven
+    (structures parsed and checked once, graphs built once) vs seven separate calls (each
+    parses, checks and builds graphs for itself, as seven `mpprop predict` runs would)."""
+    import torch
+    from pymatgen.core import Structure
+
+    from mpprop.bundle import LoadedModel
+    from mpprop.config import load_params
+    from mpprop.inference import predict_structures
+    from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path
+
+    torch.set_num_threads(threads)
+    dicts = json.loads((tmp / "predict_structures.json").read_text())
+    params = load_params(REPO / "params.yaml")
+    models = []
+    for prop in PRETRAINED_FILES:
+        net, norm, _ = load_checkpoint(pretrained_path(prop), params.graph_settings())
+        models.append(LoadedModel(f"xie-2018 {prop}", net, norm, params.property_spec(prop), {}))
+
+    def run(chosen: list[LoadedModel]) -> np.ndarray:
+        structures = [Structure.from_dict(d) for d in dicts]
+        out = predict_structures(chosen, structures, batch_size=params.predict["batch_size"])
+        if any(out.errors):
+            raise AssertionError(f"prediction failed: {[e for e in out.errors if e][:3]}")
+        return np.stack(out.values)
+
+    torch.set_grad_enabled(False)
+    run(models[:1])  # warm-up
+    t0 = time.perf_counter()
+    together = run(models)
+    all_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    separate = np.concatenate([run([m]) for m in models])
+    sep_s = time.perf_counter() - t0
+    np.testing.assert_allclose(together, separate, rtol=1e-6)  # same numbers either way
+    return {"n": len(dicts), "models": len(models), "seconds_all": all_s,
+            "per_s": len(dicts) / all_s, "seconds_separate": sep_s,
+            "separate_per_s": len(dicts) / sep_s, "speedup": sep_s / all_s}
+
+
 # our model without the fused kernel: the plain PyTorch path
 PLAIN = {"MPPROP_FUSED_KERNEL": "0"}
 
@@ -464,6 +507,7 @@ TASKS = {
     "train_orig": task_train_orig,
     "equivalence": task_equivalence,
     "predict": task_predict,
+    "predict_all": task_predict_all,
 }
 
 
@@ -654,6 +698,11 @@ def print_table(res: dict) -> None:
     p = res["predict"]
     add(f"predict end to end ({p['atoms_per_structure']:.1f} at/struct, xie)",
         f"{fmt(p['per_s'])} struct/s", f"1 per call: {p['single_call_ms']:.1f} ms", p)
+    pa = res["predict_all"]
+    add(f"predict --property all ({pa['models']} published models, one graph build)",
+        f"{fmt(pa['per_s'])} struct/s",
+        f"x{pa['speedup']:.1f} vs {pa['models']} separate runs ({fmt(pa['separate_per_s'])} struct/s)",
+        pa)
     for s in res["scaling"]:
         add(f"scaling n={s['n']}: featurize / epoch xie",
             f"{fmt(s['featurize_per_s'])}/s / {fmt(s['epoch_seconds'])} s",
@@ -799,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---- prediction end to end, and the equivalence check
         res["predict"] = run_task(tmp, "predict", threads=args.threads, single=20)
+        res["predict_all"] = run_task(tmp, "predict_all", threads=args.threads)
         res["equivalence"] = run_task(tmp, "equivalence", name="bulk", n=64)
         res["equivalence_plain"] = run_task(tmp, "equivalence", env=PLAIN, name="bulk", n=64)
         pj = res["prepare"]["parse_json"]["per_s"]

@@ -12,4 +12,7 @@ fi
 # compile the fused CPU kernel now (about 30 s, once per machine and torch version) rather
 # than in the first training run, where several tuning workers would wait on one build
 .venv/bin/python -c "from mpprop.kernels import report_build; report_build()"
+# `dvc plots show` readable without internet: a page template with Vega inlined, made this
+# clone's default (.dvc/config.local)
+.venv/bin/python scripts/dvc_plots_offline.py --configure
 echo "installed: $(.venv/bin/mpprop --help | head -1)"

@@ -11,10 +11,10 @@ from pymatgen.core import Lattice, Structure
 from mpprop import kernels
 from mpprop.config import ConfigError, GraphSettings, Hyperparams, load_params
 from mpprop.data import make_test_split, train_val_split
+from mpprop.graph_cache import gather_ranges, gaussian_centers
 from mpprop.graphs import (
     GraphError,
     build_graphs,
-    gaussian_centers,
     graphs_from_structures,
     nearest_neighbors,
 )
@@ -26,7 +26,7 @@ from mpprop.model import (
     load_checkpoint,
     pretrained_path,
 )
-from mpprop.snapshot import Snapshot, gather_ranges
+from mpprop.snapshot import Snapshot
 from mpprop.stats import screening_precision
 
 SETTINGS = GraphSettings()

@@ -47,7 +47,8 @@ def test_fetch_featurize_train_on_real_records(project):
     invoke(project, *sets, "split", "--property", PROP)
 
     out = invoke(
-        project, *sets, "-S", "train.batch_size=32", "train", "--property", PROP,
+        project, *sets, "-S", "train.batch_size=32", "-S", "train.device=cpu", "train",
+        "--property", PROP,
         "--epochs", "8", "--optimizer", "RAdam", "--lr", "0.01",
     )
     metrics = json.loads((project / f"models/{PROP}/xie/metrics.json").read_text())
@@ -63,6 +64,7 @@ def test_fetch_featurize_train_on_real_records(project):
     assert np.isfinite(run.data.metrics["test_mae"])
     assert 0.0 <= run.data.metrics["test_screening_precision"] <= 100.0
     assert run.data.params["n_conv"] == "4"
+    assert (run.data.params["device"], run.data.params["precision"]) == ("cpu", "fp32")
     assert run.data.params["snapshot_sha256"] == meta["sha256"]
     assert run.data.tags["graph_cache_key"] == current["key"]
 

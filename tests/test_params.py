@@ -113,6 +113,8 @@ BAD = [
     ("train.torch_threads", 0, "train.torch_threads", "must be >= 1"),
     ("train.screening_top_percent", 101, "train.screening_top_percent", "<= 100"),
     ("predict.batch_size", 0, "predict.batch_size", ">= 1"),
+    ("predict.xie_band_gap_metal_gate", "yes", "predict.xie_band_gap_metal_gate",
+     "must be true or false"),
     ("property_specs.band_gap.transform", "ln", "property_specs.band_gap.transform", "'log10'"),
     ("property_specs.band_gap.better", "up", "property_specs.band_gap.better", "'higher'"),
     ("properties", [*SHIPPED["properties"], "density"], f"properties[{len(SHIPPED['properties'])}]",

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, require_shared_data
+from conftest import REPO, nacl, require_shared_data
 from mlflow.tracking import MlflowClient
 from pymatgen.core import Lattice, Structure
 
@@ -192,16 +192,19 @@ def test_promote_picks_lowest_validation_mae_and_is_idempotent(ws, trained):
     assert "no candidate model for band_gap" in out
 
 
-def test_import_pretrained_registers_seven_usable_models(ws, pretrained):
-    from mpprop.model import PRETRAINED_FILES
+def test_import_pretrained_registers_eight_usable_models(ws, pretrained):
+    """Seven regressions and the metal classifier (tests/test_metal_gate.py: its use)."""
+    from mpprop.model import PRETRAINED_CLASSIFIER_FILES, PRETRAINED_FILES
 
+    published = [*PRETRAINED_FILES, *PRETRAINED_CLASSIFIER_FILES]
     client = ws.client()
-    assert pretrained.count("(registered;") == len(PRETRAINED_FILES)
+    assert pretrained.count("(registered;") == len(published) == 8
     structures = pd.DataFrame({"structure": [json.dumps(r["structure"]) for r in ws.records[:3]]})
-    for prop in PRETRAINED_FILES:
+    for prop in published:
         mv = client.get_model_version_by_alias(f"mpprop-{prop}", "xie-2018")
         assert mv.tags["mpprop.kind"] == "pretrained"
-        assert "2017" in mv.tags["training_data"] and "60/20/20" in mv.tags["split"]
+        split = "80/10/10" if prop in PRETRAINED_CLASSIFIER_FILES else "60/20/20"
+        assert "2017" in mv.tags["training_data"] and split in mv.tags["split"]
         assert len(mv.tags["checkpoint_sha256"]) == 64
         pred = mlflow.pyfunc.load_model(f"models:/mpprop-{prop}@xie-2018").predict(structures)
         assert np.isfinite(pred["prediction"]).all(), prop
@@ -211,7 +214,7 @@ def test_import_pretrained_registers_seven_usable_models(ws, pretrained):
     assert np.abs(pred["prediction"].to_numpy() - truth).max() < 0.5
 
     again = ws.cli("import-pretrained")
-    assert again.count("already registered") == len(PRETRAINED_FILES)
+    assert again.count("already registered") == len(published)
     assert len(versions(client, "mpprop-formation_energy_per_atom")) == 1
 
 
@@ -534,8 +537,9 @@ def test_import_and_predict_outside_a_project_folder(tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(main, ["import-pretrained", "--property", "band_gap"])
     assert result.exit_code == 0, result.output
-    Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
-        filename=str(tmp_path / "NaCl.cif"))
+    # rock salt (a CsCl-type cell stretched to 5.64 Å, atoms 4.9 Å apart, is called a metal
+    # by the classifier that gates the published band-gap model: tests/test_metal_gate.py)
+    nacl().to(filename=str(tmp_path / "NaCl.cif"))
     result = runner.invoke(main, ["predict", "--property", "band_gap", "--alias", "xie-2018",
                                   "--input", "NaCl.cif", "--output", "out.csv"])
     assert result.exit_code == 0, result.output

@@ -20,9 +20,10 @@ from cgcnn2.model import CrystalGraphConvNet as OriginalCGCNN
 from conftest import nacl, small_structures
 from pymatgen.core import Lattice, Structure
 
+from mpprop.batches import Batch
 from mpprop.config import GraphSettings, Hyperparams
 from mpprop.graphs import graphs_from_structures, nearest_neighbors
-from mpprop.model import Batch, CrystalGraphConvNet
+from mpprop.model import CrystalGraphConvNet
 
 SETTINGS = GraphSettings()
 XIE = Hyperparams(n_conv=4, n_h=1, atom_fea_len=64, h_fea_len=32, lr=0.02,

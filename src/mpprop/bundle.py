@@ -6,6 +6,11 @@ Keys: state_dict + normalizer {mean, std} (the first member), members (the other
 {state_dict, normalizer}; absent for a single model), hyperparams, graph_settings, property
 (the PropertySpec it was trained for), ood (the out-of-distribution reference, optional:
 see mpprop.ood), extra (provenance: snapshot, graph cache key, ...).
+Since format 2 (`format`): task (regression | classification: a CrystalGraphClassifier,
+whose prediction is the probability of `classes[POSITIVE_CLASS]`), classes (class names in
+index order, classification only) and domain (the materials it was trained on, '' where
+that is the property's records). A bundle without `format` is format 1: a regression with
+no stated domain; it loads as before.
 """
 
 from __future__ import annotations
@@ -17,11 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpprop.config import GraphSettings, Hyperparams, PropertySpec
-from mpprop.model import CrystalGraphConvNet, Normalizer
+from mpprop.model import (
+    METAL,
+    POSITIVE_CLASS,
+    CrystalGraphClassifier,
+    CrystalGraphConvNet,
+    Normalizer,
+)
 from mpprop.ood import OODReference
+from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 
 BUNDLE_FILE = "model.pt"
+# the newest bundle format this code writes and reads (module docstring)
+BUNDLE_FORMAT = 2
+TASK_REGRESSION = "regression"
+TASK_CLASSIFICATION = "classification"
 
 
 class BundleError(ValueError):
@@ -39,10 +54,25 @@ class LoadedModel:
     bundle: dict[str, Any]
     members: list[tuple[CrystalGraphConvNet, Normalizer]] = field(default_factory=list)
     ood: OODReference | None = None
+    # a metal classifier run on the same graphs: the prediction is 0 where it says metal
+    # (for a model whose domain is non-metals; see attach_metal_gate)
+    gate: LoadedModel | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
             self.members = [(self.model, self.normalizer)]
+
+    @property
+    def task(self) -> str:
+        return str(self.bundle.get("task", TASK_REGRESSION))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.bundle.get("classes") or [])
+
+    @property
+    def domain(self) -> str:
+        return str(self.bundle.get("domain") or "")
 
     @property
     def graph_settings(self) -> GraphSettings:
@@ -51,6 +81,20 @@ class LoadedModel:
     @property
     def n_members(self) -> int:
         return len(self.members)
+
+    def to(self, device: torch.device) -> LoadedModel:
+        """Every member moved to `device` (in place); prediction runs where the model is."""
+        for net, _ in self.members:
+            net.to(device)
+        self.model.to(device)
+        if self.gate is not None:
+            self.gate.to(device)
+        return self
+
+
+def _cpu_state(model: CrystalGraphConvNet) -> dict[str, torch.Tensor]:
+    # a model trained on a GPU is saved as CPU tensors: the bundle loads anywhere
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def save_bundle(
@@ -61,21 +105,33 @@ def save_bundle(
     extra: dict[str, Any] | None = None,
     members: list[tuple[CrystalGraphConvNet, Normalizer]] | None = None,
     ood: OODReference | None = None,
+    domain: str = "",
+    classes: list[str] | tuple[str, ...] | None = None,
 ) -> Path:
     """Write weights, normalizer, hyperparameters, graph settings and target spec; with
-    `members`, the other members of an ensemble; with `ood`, the OOD reference."""
+    `members`, the other members of an ensemble; with `ood`, the OOD reference; `domain`:
+    the materials it was trained on where that is not the property's records; `classes`:
+    the class names of a CrystalGraphClassifier (required for one)."""
+    classifier = isinstance(model, CrystalGraphClassifier)
+    if classifier and not classes:
+        raise ValueError("a classifier's bundle needs its class names")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
-        "state_dict": model.state_dict(),
+        "state_dict": _cpu_state(model),
         "normalizer": normalizer.state_dict(),
         "hyperparams": model.hyperparams.as_dict(),
         "graph_settings": asdict(model.graph_settings),
         "property": asdict(spec),
         "extra": extra or {},
+        "format": BUNDLE_FORMAT,
+        "task": TASK_CLASSIFICATION if classifier else TASK_REGRESSION,
+        "domain": domain,
     }
+    if classifier:
+        data["classes"] = list(classes)
     if members:
-        data["members"] = [{"state_dict": m.state_dict(), "normalizer": n.state_dict()}
+        data["members"] = [{"state_dict": _cpu_state(m), "normalizer": n.state_dict()}
                            for m, n in members]
     if ood is not None:
         data["ood"] = ood.state_dict()
@@ -84,9 +140,15 @@ def save_bundle(
 
 
 def _network(data: dict[str, Any], state: dict[str, Any]) -> CrystalGraphConvNet:
-    model = CrystalGraphConvNet(
-        Hyperparams(**data["hyperparams"]), GraphSettings(**data["graph_settings"])
-    )
+    version = data.get("format", 1)
+    if not isinstance(version, int) or version > BUNDLE_FORMAT:
+        raise BundleError(f"bundle format {version!r} is newer than this mpprop reads "
+                          f"(up to {BUNDLE_FORMAT})")
+    task = data.get("task", TASK_REGRESSION)
+    if task not in (TASK_REGRESSION, TASK_CLASSIFICATION):
+        raise BundleError(f"unknown task {task!r}")
+    net = CrystalGraphClassifier if task == TASK_CLASSIFICATION else CrystalGraphConvNet
+    model = net(Hyperparams(**data["hyperparams"]), GraphSettings(**data["graph_settings"]))
     model.load_state_dict(state)
     return model.eval()
 
@@ -122,3 +184,28 @@ def ensemble_mean_std(preds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     stack = np.stack(preds)
     std = stack.std(axis=0) if len(preds) > 1 else np.full(stack.shape[1], np.nan)
     return stack.mean(axis=0), std
+
+
+def attach_metal_gate(model: LoadedModel, gate: LoadedModel) -> LoadedModel:
+    """Let `gate`, a metal classifier, set `model`'s prediction to 0 where it says metal.
+
+    Both must read the same graphs: the classifier runs on the graphs built for `model`.
+    """
+    if gate.task != TASK_CLASSIFICATION or gate.classes[POSITIVE_CLASS:POSITIVE_CLASS + 1] != [METAL]:
+        raise BundleError(f"{gate.label} is not a metal classifier (task {gate.task!r}, "
+                          f"classes {gate.classes})")
+    if gate.graph_settings != model.graph_settings:
+        raise BundleError(f"{gate.label} reads other graphs than {model.label}: "
+                          f"{gate.graph_settings} vs {model.graph_settings}")
+    model.gate = gate
+    return model
+
+
+def gate_metals(values: np.ndarray, stds: np.ndarray, p_metal: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Values and stds with 0 where the classifier's more probable class is metal (its own
+    decision, as its authors used it); elsewhere unchanged. NaN stays NaN."""
+    metal = p_metal > 1.0 - p_metal
+    values = np.where(metal & np.isfinite(values), 0.0, values)
+    stds = np.where(metal & np.isfinite(stds), 0.0, stds)
+    return values, stds

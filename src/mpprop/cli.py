@@ -229,15 +229,19 @@ def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
 
 @main.command("import-pretrained")
 @click.option("--property", "props", multiple=True,
-              help="Properties to import (default: all seven published checkpoints).")
+              help="Properties to import (default: all seven published regressions); "
+                   "band_gap brings the metal classifier (is_metal), which can be named too.")
 @pass_ctx
 def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
-    """Register the published CGCNN checkpoints (Xie & Grossman 2018) under their alias."""
+    """Register the published CGCNN checkpoints (Xie & Grossman 2018) under their alias:
+    seven regressions and the metal / non-metal classifier."""
+    from mpprop.model import PRETRAINED_CLASSIFIER_FILES
     from mpprop.stages.promote import import_pretrained as do_import
 
     params = obj.params
     for prop in props:
-        check_property(params, prop)
+        if prop not in PRETRAINED_CLASSIFIER_FILES:
+            check_property(params, prop)
     for r in do_import(params, list(props) or None):
         click.echo(f"{r.name}@{r.alias} -> v{r.version} ({r.status}; "
                    f"checkpoint sha256 {r.checkpoint_sha256[:12]})")

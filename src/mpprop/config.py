@@ -13,13 +13,12 @@ load, its range in `Field(...)`, and rules that tie several keys together in the
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -35,97 +34,27 @@ from pydantic import (
     model_validator,
 )
 
+from mpprop.settings import (
+    ConfigError,
+    GraphSettings,
+    Hyperparams,
+    Loss,
+    LrSchedule,
+    Optimizer,
+    PropertySpec,
+)
+
 DEFAULT_PARAMS_FILE = "params.yaml"
 # a copy of the repository's params.yaml shipped in the package (tests keep them equal): the
 # settings of `mpprop predict` / `import-pretrained` in a folder without a params.yaml
 BUILTIN_PARAMS = resources.files("mpprop").joinpath("defaults.yaml")
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-Optimizer = Literal["SGD", "RAdam", "Adam"]
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
-# training loss on standardised targets; "huber" with delta train.huber_delta
-Loss = Literal["mse", "l1", "huber"]
-LOSSES: tuple[str, ...] = get_args(Loss)
-# step: LR x 0.1 once at lr_decay_epoch (the paper); cosine: cosine decay to 0 over the epochs
-LrSchedule = Literal["step", "cosine"]
-LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 # keys of Hyperparams that come from `train:` unless a preset, tuned set or trial gives them
 TRAIN_DEFAULTS = ("batch_size", "momentum", "weight_decay", "loss", "lr_schedule", "rank_weight")
 # graph settings a study may search (each value its own graph cache, built on demand)
 GRAPH_SEARCHABLE = ("radius", "max_neighbors", "gaussian_step")
 # percentile: the paper's PercentilePruner; hyperband: Optuna's HyperbandPruner (budget-aware)
 Pruner = Literal["percentile", "hyperband"]
-
-
-class ConfigError(ValueError):
-    """A params file or an override that cannot be used."""
-
-
-@dataclass(frozen=True)
-class PropertySpec:
-    """How one MP property becomes a learning target."""
-
-    key: str
-    field: str  # MP summary field, dotted for nested values (bulk_modulus.vrh)
-    unit: str
-    transform: str  # "none" | "log10"
-    better: str | None  # "lower" | "higher" | None (no screening)
-
-
-@dataclass(frozen=True)
-class GraphSettings:
-    """CGCNN crystal-graph settings (DESIGN.md §2); part of the graph-cache key."""
-
-    radius: float = 8.0
-    max_neighbors: int = 12
-    first_search_radius: float = 5.0
-    gaussian_dmin: float = 0.0
-    gaussian_step: float = 0.2
-    gaussian_width: float = 0.2
-
-    def key(self) -> str:
-        # first_search_radius changes speed, not the graph, so it is not part of the key
-        payload = {k: v for k, v in asdict(self).items() if k != "first_search_radius"}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Hyperparams:
-    """One CGCNN training configuration (a preset, a tuned set, or a trial)."""
-
-    n_conv: int
-    n_h: int
-    atom_fea_len: int
-    h_fea_len: int
-    lr: float
-    lr_decay_epoch: int
-    optimizer: str
-    epochs: int
-    batch_size: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    loss: str = "mse"
-    lr_schedule: str = "step"
-    # weight of the pairwise ranking term (losses.ranking_loss) added to the regression loss
-    rank_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be SGD, RAdam or Adam, not {self.optimizer!r}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                              f"not {self.lr_schedule!r}")
-        if self.rank_weight < 0 or self.weight_decay < 0:
-            raise ConfigError("rank_weight and weight_decay must be >= 0")
-        for name in ("n_conv", "n_h", "atom_fea_len", "h_fea_len", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -394,6 +323,10 @@ class TrainSection(Section):
     ensemble: PositiveInt = 1
     ensemble_keep: Literal["all", "best"] = "all"
     ensemble_bootstrap: bool = False  # members on bootstrap resamples of the train split
+    # where train, tune, evaluate and predict run (mpprop.device): auto = CUDA when visible
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # bf16 = autocast of the forward pass (weights and loss in float32); off by default
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 # ---------------------------------------------------------------- tune
@@ -507,6 +440,9 @@ class PredictSection(Section):
     ood_k: PositiveInt = 5  # nearest training materials averaged
     ood_quantile: float = Field(default=0.99, gt=0, le=1)  # of validation scores: the flag
     ood_max_reference: PositiveInt = 5000  # training embeddings kept in the bundle
+    # the published band-gap model (xie-2018) saw non-metals only: 0 where the published
+    # metal classifier says metal (the CSV's model column names the classifier); false = off
+    xie_band_gap_metal_gate: bool = True
 
 
 # ---------------------------------------------------------------- evaluate, report

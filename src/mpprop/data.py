@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mpprop.config import GraphSettings, PropertySpec
 from mpprop.graphs import GraphCache, build_graphs, cache_key, load_graph_cache, save_graph_cache
-from mpprop.model import Batch
 from mpprop.outputs import OutputBusyError
+from mpprop.settings import GraphSettings, PropertySpec
 from mpprop.snapshot import atomic_output, load_snapshot
 
 # how long a process waits for another one that is building the same graph cache
@@ -116,23 +114,6 @@ class PropertyData:
             test_rows=test_rows,
             test_targets=targets[test_rows],
         )
-
-
-def iterate_batches(
-    cache: GraphCache,
-    rows: np.ndarray,
-    batch_size: int,
-    targets: np.ndarray | None = None,
-    rng: np.random.Generator | None = None,
-) -> Iterator[tuple[np.ndarray, Batch]]:
-    """Batches over `rows` (shuffled when rng is given): (positions into rows, Batch)."""
-    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
-    for lo in range(0, len(order), batch_size):
-        pos = order[lo : lo + batch_size]
-        batch = Batch.from_arrays(
-            cache.gather(rows[pos]), None if targets is None else targets[pos]
-        )
-        yield pos, batch
 
 
 @dataclass

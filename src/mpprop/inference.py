@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from pymatgen.core import Structure
 
-from mpprop.bundle import LoadedModel, ensemble_mean_std
-from mpprop.config import GraphSettings
-from mpprop.data import iterate_batches
-from mpprop.graphs import GraphCache, graphs_from_structures, known_elements
+from mpprop.batches import iterate_batches
+from mpprop.bundle import LoadedModel, ensemble_mean_std, gate_metals
+from mpprop.device import pin_host_memory
+from mpprop.graph_cache import GraphCache, known_elements
+from mpprop.graphs import graphs_from_structures
 from mpprop.model import CrystalGraphConvNet
+from mpprop.settings import GraphSettings
 from mpprop.snapshot import structure_problem
-from mpprop.training import predict
+from mpprop.training import model_device, predict
 
 # atoms closer than this are almost surely a broken structure (shortest MP bonds: ~0.74 Å, H2)
 OVERLAP_DISTANCE = 0.5  # Å
@@ -129,6 +131,10 @@ def predict_structures(
         for k in model_ids:
             m = models[k]
             values[k][rows], stds[k][rows] = predict_rows(m, cache, batch_size=batch_size)
+            if m.gate is not None:  # its classifier, on the same graphs (attach_metal_gate)
+                p_metal, _ = predict_rows(m.gate, cache, batch_size=batch_size)
+                values[k][rows], stds[k][rows] = gate_metals(values[k][rows], stds[k][rows],
+                                                             p_metal)
             if m.ood is not None:
                 scores[k][rows] = m.ood.scores(embed(m.model, cache, batch_size=batch_size))
     flags = [np.nan_to_num(sc, nan=-np.inf) > (m.ood.threshold if m.ood else np.inf)
@@ -157,8 +163,14 @@ def embed(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray | None
     """Crystal feature vectors (model.embed) of `rows` of the cache, shape (n, h_fea_len)."""
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), model.hyperparams.h_fea_len), dtype=np.float32)
+    device = model_device(model)
+    pin = pin_host_memory(device)
     model.eval()
+    positions, chunks = [], []
     with torch.no_grad():
         for pos, batch in iterate_batches(cache, rows, batch_size):
-            out[pos] = model.embed(batch).numpy()
+            positions.append(pos)
+            chunks.append(model.embed(batch.to(device, pin)).float())
+    if chunks:  # one copy to the host per call
+        out[np.concatenate(positions)] = torch.cat(chunks).cpu().numpy()
     return out

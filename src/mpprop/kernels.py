@@ -227,11 +227,12 @@ def edge_gate(
 
 def can_fuse(*tables: torch.Tensor) -> bool:
     """The kernel takes float32 CPU tables with finite values (it is compiled for that)."""
-    if edge_gate_ops() is None:
-        return False
+    # device and dtype first: a CUDA or bf16 run never builds the CPU kernel
     for t in tables:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return False
+    if edge_gate_ops() is None:
+        return False
     # one reduction per table: a NaN or infinity anywhere makes the sum non-finite (a finite
     # sum overflowing only sends a batch to the plain path, which is harmless)
     with torch.no_grad():

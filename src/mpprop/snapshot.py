@@ -31,6 +31,7 @@ import numpy as np
 from pymatgen.core import Lattice, Structure
 
 from mpprop.faults import process_alive
+from mpprop.graph_cache import gather_ranges
 
 SNAPSHOT_DATA = "snapshot.npz"
 SNAPSHOT_META = "snapshot.json"
@@ -137,17 +138,6 @@ def structure_problem(structure: Structure) -> str | None:
     if not abs(np.linalg.det(m)) > 1e-6:
         return "invalid_geometry"
     return None
-
-
-def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s+l) for each (s, l), by index arithmetic (no Python loop)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends_excl = np.cumsum(lengths)
-    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends_excl - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
 
 
 def sha256_file(path: str | Path) -> str:

@@ -13,10 +13,13 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from mpprop.bundle import BundleError, load_bundle, load_model, save_bundle
+from mpprop.bundle import BundleError, attach_metal_gate, load_bundle, load_model, save_bundle
 from mpprop.config import Params
 
 MODEL_ARTIFACT = "checkpoint"
+# a second bundle logged with a model whose domain is non-metals: the metal classifier that
+# sets its prediction to 0 for metals when served (see CGCNNPyfunc)
+GATE_ARTIFACT = "metal_classifier"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # the reviewed file MLflow logs as the model's code (models-from-code)
 PYFUNC_CODE = PACKAGE_DIR / "mlflow_model.py"
@@ -38,6 +41,9 @@ KIND_STUDY = "tune-study"
 KIND_PRETRAINED = "pretrained"
 KIND_REPORT = "report"
 KIND_EXTRAPOLATION = "extrapolation"
+# what a model predicts (bundle.TASK_*) and the materials it was trained on (model.DOMAIN_*)
+TAG_TASK = "mpprop.task"
+TAG_DOMAIN = "mpprop.domain"
 # the validation screening signal train runs and tuning trials log (tune.screening_percents)
 VAL_SCREENING_METRIC = "best_val_screening"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -115,12 +121,20 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
     reference), and `error` (empty where it worked); a structure that cannot be parsed or
     featurized gets NaN and its error, the rest go on.
 
+    A classifier's `prediction` and `value` are the probability of its positive class (the
+    metal classifier: of metal). A model logged with a GATE_ARTIFACT (the published band-gap
+    model, trained on non-metals only) predicts 0 where that classifier says metal, as
+    `mpprop predict` does by default (predict.xie_band_gap_metal_gate).
+
     Logged as code (models-from-code: src/mpprop/mlflow_model.py), never as a pickle; the
     weights come from the bundle artifact through `load_bundle` (weights_only=True).
     """
 
     def load_context(self, context: Any) -> None:
         self.loaded = load_model(context.artifacts[MODEL_ARTIFACT], label="pyfunc")
+        if GATE_ARTIFACT in context.artifacts:
+            attach_metal_gate(self.loaded, load_model(context.artifacts[GATE_ARTIFACT],
+                                                      label="pyfunc metal classifier"))
         self.spec = self.loaded.spec
         self.bundle = self.loaded.bundle
 
@@ -170,12 +184,16 @@ def served_requirements() -> list[str]:
             "pyyaml", "pydantic>=2", "tqdm", f"mlflow=={mlflow.__version__}", "ninja"]
 
 
-def log_model(bundle_path: Path, name: str = "model") -> str:
-    """Log the bundle as an MLflow pyfunc model (models-from-code) in the active run."""
+def log_model(bundle_path: Path, name: str = "model", gate_path: Path | None = None) -> str:
+    """Log the bundle as an MLflow pyfunc model (models-from-code) in the active run; with
+    `gate_path`, the bundle of its metal classifier (GATE_ARTIFACT) beside it."""
+    artifacts = {MODEL_ARTIFACT: str(bundle_path)}
+    if gate_path is not None:
+        artifacts[GATE_ARTIFACT] = str(gate_path)
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(PYFUNC_CODE),
-        artifacts={MODEL_ARTIFACT: str(bundle_path)},
+        artifacts=artifacts,
         code_paths=[str(PACKAGE_DIR)],
         signature=model_signature(),
         input_example=pd.DataFrame({"structure": [_example_structure_json()]}),

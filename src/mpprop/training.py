@@ -1,4 +1,9 @@
-"""Training and evaluation of one CGCNN: the one batch loop serves train, val, test and predict."""
+"""Training and evaluation of one CGCNN: the one batch loop serves train, val, test and predict.
+
+Imports only torch, numpy and the core's own numpy/torch modules (no pymatgen, no MLflow), so
+it runs on a saved graph cache on a machine with nothing else. It runs where the model is:
+`fit` places a new model on its `device`, and `run_batches` moves each batch there once.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,31 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from mpprop.config import GraphSettings, Hyperparams
-from mpprop.data import PropertyData, iterate_batches
-from mpprop.graphs import GraphCache
+from mpprop.batches import iterate_batches
+from mpprop.device import autocast, pin_host_memory
+from mpprop.graph_cache import GraphCache
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
 from mpprop.model import CrystalGraphConvNet, Normalizer
+from mpprop.settings import GraphSettings, Hyperparams
 from mpprop.stats import screening_precision
+
+if TYPE_CHECKING:  # only its attributes are read here: the core needs no pymatgen
+    from mpprop.data import PropertyData
 
 
 def set_torch_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(int(n))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def run_batches(
@@ -33,28 +47,42 @@ def run_batches(
     optimizer: torch.optim.Optimizer | None = None,
     rng: np.random.Generator | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """One pass over `rows`; trains when an optimizer is given, else predicts.
+    """One pass over `rows` on the model's device; trains when an optimizer is given, else
+    predicts.
 
     Returns the standardised predictions in the order of `rows` (from the forward pass
     of each batch, i.e. before that batch's update when training). `loss_fn` (pred, target)
-    defaults to the MSE of the original CGCNN.
+    defaults to the MSE of the original CGCNN. precision "bf16" autocasts the forward pass;
+    the loss is taken in float32.
     """
     training = optimizer is not None
     model.train(training)
-    preds = np.empty(len(rows), dtype=np.float64)
+    device = model_device(model)
+    pin = pin_host_memory(device)
     loss_fn = loss_fn or nn.MSELoss()
+    positions: list[np.ndarray] = []
+    outputs: list[torch.Tensor] = []
     with torch.set_grad_enabled(training):
         for pos, batch in iterate_batches(
             cache, rows, batch_size, targets_norm, rng if training else None
         ):
-            out = model(batch)
+            batch = batch.to(device, pin)
+            with autocast(device, precision):
+                out = model(batch)
+            out = out.float()
             if training:
                 loss = loss_fn(out, batch.target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            preds[pos] = out.detach().numpy()
+            positions.append(pos)
+            outputs.append(out.detach())
+    # one copy to the host per pass, not one synchronising .numpy() per batch
+    preds = np.empty(len(rows), dtype=np.float64)
+    if outputs:
+        preds[np.concatenate(positions)] = torch.cat(outputs).cpu().numpy()
     return preds
 
 
@@ -64,10 +92,11 @@ def predict(
     cache: GraphCache,
     rows: np.ndarray | None = None,
     batch_size: int = 512,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Predictions in target units (after the target transform, e.g. log10 GPa)."""
     rows = np.arange(len(cache)) if rows is None else rows
-    return normalizer.denorm(run_batches(model, cache, rows, batch_size))
+    return normalizer.denorm(run_batches(model, cache, rows, batch_size, precision=precision))
 
 
 def make_optimizer(model: nn.Module, hp: Hyperparams) -> torch.optim.Optimizer:
@@ -111,6 +140,8 @@ def fit_on_pool(
     on_epoch: EpochCallback | None,
     eval_batch_size: int,
     loss_settings: LossSettings,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> FitResult:
     """`fit` on one train/val split of a property's non-test pool (indices into the pool),
     as both `mpprop train` and every tuning trial do."""
@@ -119,7 +150,8 @@ def fit_on_pool(
         data.pool_rows[train_idx], data.pool_targets[train_idx],
         data.pool_rows[val_idx], data.pool_targets[val_idx],
         seed=seed, on_epoch=on_epoch, eval_batch_size=eval_batch_size,
-        loss_settings=loss_settings, better=data.spec.better,
+        loss_settings=loss_settings, better=data.spec.better, device=device,
+        precision=precision,
     )
 
 
@@ -146,6 +178,8 @@ def fit(
     eval_batch_size: int = 512,
     loss_settings: LossSettings | None = None,
     better: str | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> FitResult:
     """Train with target standardisation, the LR schedule of `hp`, best-val checkpointing.
 
@@ -153,6 +187,8 @@ def fit(
     needs `loss_settings` and the property's `better` direction; without loss_settings only
     the plain MSE / L1 losses can be used.
 
+    The model is made on `device` (a torch device; mpprop.device.resolve_device turns
+    `train.device` into one) and stays there; `precision` as in run_batches.
     `on_epoch` sees each epoch's stats; it may raise (e.g. optuna.TrialPruned) to stop.
     MAEs are in target units. Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or
     a target that is not finite is a TrainingDataError (a ValueError), before any training.
@@ -177,7 +213,8 @@ def fit(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     normalizer = Normalizer.fit(train_targets)
-    model = CrystalGraphConvNet(hp, graph)
+    # made on the CPU, then moved: the same initial weights for a seed on every device
+    model = CrystalGraphConvNet(hp, graph).to(device)
     optimizer = make_optimizer(model, hp)
     scheduler = make_scheduler(optimizer, hp)
     train_norm = normalizer.norm(train_targets)
@@ -192,11 +229,12 @@ def fit(
     for epoch in range(1, hp.epochs + 1):
         t0 = time.perf_counter()
         train_pred = run_batches(
-            model, cache, train_rows, hp.batch_size, train_norm, optimizer, rng, loss_fn
+            model, cache, train_rows, hp.batch_size, train_norm, optimizer, rng, loss_fn,
+            precision,
         )
         scheduler.step()
         train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
-        val_pred = predict(model, normalizer, cache, val_rows, eval_batch_size)
+        val_pred = predict(model, normalizer, cache, val_rows, eval_batch_size, precision)
         val_mae = float(np.mean(np.abs(val_pred - val_targets)))
         stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0, val_pred)
         history.append(stats)

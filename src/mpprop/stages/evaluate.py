@@ -32,6 +32,7 @@ from mpprop import stats
 from mpprop.bundle import load_model
 from mpprop.config import Params, PropertySpec
 from mpprop.data import open_workspace, property_data
+from mpprop.device import training_device
 from mpprop.inference import predict_rows
 from mpprop.outputs import output_dir
 from mpprop.snapshot import atomic_output
@@ -168,7 +169,7 @@ def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) 
             f"no {preset} model for {prop}: {path} is missing; "
             f"run `mpprop train --property {prop} --preset {preset}`"
         )
-    loaded = load_model(path, label=f"{prop} {preset}")
+    loaded = load_model(path, label=f"{prop} {preset}").to(training_device(params.train)[0])
     bundle = loaded.bundle
     _check_bundle(bundle, data.spec, ws, path)
     train_metrics_file = folder / TRAIN_METRICS_FILE

@@ -26,6 +26,7 @@ from mpprop import stats
 from mpprop.bundle import LoadedModel
 from mpprop.config import Hyperparams, Params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
+from mpprop.device import training_device
 from mpprop.faults import process_tags
 from mpprop.inference import predict_rows
 from mpprop.losses import LossSettings
@@ -92,8 +93,10 @@ def rank_candidates(params: Params, data: PropertyData, sp: dict[str, np.ndarray
     tr, va = _train_val(params, sp)
     sub = PropertyData(data.spec, data.cache, sp["train_rows"], sp["train_y"],
                        sp["cand_rows"], sp["cand_y"])
+    device, precision = training_device(params.train)
     result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, int(params.train["seed"]),
-                         None, params.predict["batch_size"], LossSettings.from_train(params.train))
+                         None, params.predict["batch_size"], LossSettings.from_train(params.train),
+                         device, precision)
     loaded = LoadedModel("extrapolation", result.model, result.normalizer, data.spec, {})
     pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict["batch_size"])
     return pred, result.best_val_mae

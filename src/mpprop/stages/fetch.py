@@ -34,7 +34,7 @@ from pymatgen.core import Structure
 from tqdm import tqdm
 
 from mpprop.config import ConfigError, Params, PropertySpec
-from mpprop.graphs import known_elements
+from mpprop.graph_cache import known_elements
 from mpprop.snapshot import Snapshot, save_snapshot, sha256_file, structure_problem
 
 log = logging.getLogger(__name__)

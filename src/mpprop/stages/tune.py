@@ -51,6 +51,7 @@ from sqlalchemy.pool import NullPool
 
 from mpprop.config import GRAPH_SEARCHABLE, ConfigError, GraphSettings, Hyperparams, Params
 from mpprop.data import open_workspace, property_data, train_val_split
+from mpprop.device import training_device
 from mpprop.losses import LossSettings
 from mpprop.snapshot import atomic_output
 from mpprop.stats import screening_signal
@@ -783,6 +784,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     study_name = study_name or f"mpprop-{prop}"
     url = storage_url(study_storage(params, prop, storage))
     set_torch_threads(params.train.get("torch_threads"))
+    device, precision = training_device(params.train)  # an absent device fails at once
 
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
@@ -898,7 +900,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         try:
             result = fit_on_pool(
                 hp, trial_graph_settings, data, tr, va, seed, on_epoch, params.predict["batch_size"],
-                LossSettings.from_train(params.train),
+                LossSettings.from_train(params.train), device, precision,
             )
         except optuna.TrialPruned:
             mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)

@@ -1,0 +1,93 @@
+"""The typed settings the training core reads: property specs, graph settings, hyperparameters.
+
+Plain dataclasses (standard library only), so the core (model, batches, the batch loop) runs
+where only torch and numpy are installed; `mpprop.config` validates params.yaml and builds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+Optimizer = Literal["SGD", "RAdam", "Adam"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+# training loss on standardised targets; "huber" with delta train.huber_delta
+Loss = Literal["mse", "l1", "huber"]
+LOSSES: tuple[str, ...] = get_args(Loss)
+# step: LR x 0.1 once at lr_decay_epoch (the paper); cosine: cosine decay to 0 over the epochs
+LrSchedule = Literal["step", "cosine"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+
+
+class ConfigError(ValueError):
+    """A params file or an override that cannot be used."""
+
+
+@dataclass(frozen=True)
+class PropertySpec:
+    """How one MP property becomes a learning target."""
+
+    key: str
+    field: str  # MP summary field, dotted for nested values (bulk_modulus.vrh)
+    unit: str
+    transform: str  # "none" | "log10"
+    better: str | None  # "lower" | "higher" | None (no screening)
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """CGCNN crystal-graph settings (DESIGN.md §2); part of the graph-cache key."""
+
+    radius: float = 8.0
+    max_neighbors: int = 12
+    first_search_radius: float = 5.0
+    gaussian_dmin: float = 0.0
+    gaussian_step: float = 0.2
+    gaussian_width: float = 0.2
+
+    def key(self) -> str:
+        # first_search_radius changes speed, not the graph, so it is not part of the key
+        payload = {k: v for k, v in asdict(self).items() if k != "first_search_radius"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """One CGCNN training configuration (a preset, a tuned set, or a trial)."""
+
+    n_conv: int
+    n_h: int
+    atom_fea_len: int
+    h_fea_len: int
+    lr: float
+    lr_decay_epoch: int
+    optimizer: str
+    epochs: int
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    loss: str = "mse"
+    lr_schedule: str = "step"
+    # weight of the pairwise ranking term (losses.ranking_loss) added to the regression loss
+    rank_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be SGD, RAdam or Adam, not {self.optimizer!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"not {self.lr_schedule!r}")
+        if self.rank_weight < 0 or self.weight_decay < 0:
+            raise ConfigError("rank_weight and weight_decay must be >= 0")
+        for name in ("n_conv", "n_h", "atom_fea_len", "h_fea_len", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

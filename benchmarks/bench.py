@@ -492,7 +492,7 @@ def task_predict_all(tmp: Path, threads: int) -> dict:
     separate = np.concatenate([run([m]) for m in models])
     sep_s = time.perf_counter() - t0
     np.testing.assert_allclose(together, separate, rtol=1e-6)  # same numbers either way
-    return {"n": len(dicts), "models": len(models), "seconds_all": all_s,
+    return {"n": len(dicts), "models": len(models), "threads": threads, "seconds_all": all_s,
             "per_s": len(dicts) / all_s, "seconds_separate": sep_s,
             "separate_per_s": len(dicts) / sep_s, "speedup": sep_s / all_s}
 
@@ -699,7 +699,8 @@ def print_table(res: dict) -> None:
     add(f"predict end to end ({p['atoms_per_structure']:.1f} at/struct, xie)",
         f"{fmt(p['per_s'])} struct/s", f"1 per call: {p['single_call_ms']:.1f} ms", p)
     pa = res["predict_all"]
-    add(f"predict --property all ({pa['models']} published models, one graph build)",
+    add(f"predict --property all ({pa['models']} published models, one graph build, "
+        f"{pa['threads']} threads)",
         f"{fmt(pa['per_s'])} struct/s",
         f"x{pa['speedup']:.1f} vs {pa['models']} separate runs ({fmt(pa['separate_per_s'])} struct/s)",
         pa)
@@ -848,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---- prediction end to end, and the equivalence check
         res["predict"] = run_task(tmp, "predict", threads=args.threads, single=20)
-        res["predict_all"] = run_task(tmp, "predict_all", threads=args.threads)
+        # all cores, as `mpprop predict` runs by default
+        res["predict_all"] = run_task(tmp, "predict_all", threads=os.cpu_count() or 1)
         res["equivalence"] = run_task(tmp, "equivalence", name="bulk", n=64)
         res["equivalence_plain"] = run_task(tmp, "equivalence", env=PLAIN, name="bulk", n=64)
         pj = res["prepare"]["parse_json"]["per_s"]

@@ -102,7 +102,7 @@ def odd_structures(test: list[Structure]) -> dict[str, list[Structure]]:
 
 
 def ood_scores(data: Path, prop: str, workdir: Path, max_records: int | None) -> dict[str, Any]:
-    root = workdir / prop
+    root = workdir / f"{prop}-{max_records or 'all'}"  # a quick run never reuses a full one
     build_workspace(root, data, prop, max_records, workers=2)
     params = load_params(root / "params.yaml")
     ws = open_workspace(params)

@@ -8,16 +8,8 @@ they keep only their real neighbours (variable degree). The original CGCNN padde
 with fake neighbours (atom 0 at radius + 1 Å), which adds a spurious message; the two agree
 wherever every atom has a full neighbour shell (all but a handful of MP structures).
 
-The cache itself (mpprop.graph_cache, numpy only), saved here:
-Cache layout (one folder per key, one .npy per array so it can be memory-mapped):
-  material_id     (N,)   str
-  atom_offsets    (N+1,) int64   atoms of crystal i: [atom_offsets[i], atom_offsets[i+1])
-  atomic_numbers  (A,)   int16
-  edge_offsets    (N+1,) int64   edges of crystal i: [edge_offsets[i], edge_offsets[i+1])
-  edge_src        (Ed,)  int32   centre atom, index local to its crystal
-  edge_dst        (Ed,)  int32   neighbour atom, local index
-  edge_distance   (Ed,)  float32 Å
-The key hashes the snapshot SHA-256 and the graph settings, so a stale cache is never reused.
+Built graphs are saved as the keyed graph cache (layout and key: mpprop.graph_cache, numpy
+only, so the training core reads it without pymatgen).
 """
 
 from __future__ import annotations

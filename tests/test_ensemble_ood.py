@@ -10,7 +10,7 @@ from pymatgen.core import Lattice, Structure
 from mpprop.bundle import load_model, save_bundle
 from mpprop.config import GraphSettings, Hyperparams, PropertySpec
 from mpprop.graphs import graphs_from_structures
-from mpprop.inference import embed, predict_structures
+from mpprop.inference import VACUUM_GAP, embed, predict_structures, structure_warning, vacuum_gap
 from mpprop.model import CrystalGraphConvNet, Normalizer
 from mpprop.ood import OODReference, knn_mean_distance
 from mpprop.training import predict
@@ -76,3 +76,20 @@ def test_odd_structures_score_higher_than_ordinary_ones() -> None:
     scores = ood.scores(embed(model, graphs_from_structures([ordinary, isolated, crushed],
                                                             GraphSettings())))
     assert scores[1] > scores[0] and scores[2] > scores[0]
+
+
+def test_vacuum_gap_tells_layers_and_molecules_from_bulk() -> None:
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                          [[0, 0, 0], [.5, .5, .5]])
+    graphene = Structure(Lattice.hexagonal(2.46, 20.0), ["C", "C"],
+                         [[1 / 3, 2 / 3, 0.5], [2 / 3, 1 / 3, 0.5]])
+    isolated = Structure(Lattice.cubic(15.0), ["Na"], [[0.3, 0.3, 0.3]])
+    assert vacuum_gap(rock_salt) == pytest.approx(5.64 / 2)
+    assert vacuum_gap(graphene) == pytest.approx(20.0)
+    assert vacuum_gap(isolated) == pytest.approx(15.0)
+    # an oblique cell: the gap is measured across the lattice planes (c sin beta), not along c
+    slab = Structure(Lattice.from_parameters(3.0, 3.0, 30.0, 90, 120, 90), ["Na"], [[0, 0, 0]])
+    assert vacuum_gap(slab) == pytest.approx(30.0 * np.sin(np.radians(120)))
+    assert structure_warning(rock_salt) == ""
+    assert "vacuum" in structure_warning(graphene) and vacuum_gap(graphene) > VACUUM_GAP
+

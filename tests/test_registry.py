@@ -287,6 +287,9 @@ def test_predict_robust_input(ws, pretrained, tmp_path):
     overlap = Structure(Lattice.cubic(5.6), ["Na", "Cl", "Cl"],
                         [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.52]])
     overlap.to(filename=str(tmp_path / "in" / "overlap.vasp"), fmt="poscar")
+    graphene = Structure(Lattice.hexagonal(2.46, 20.0), ["C", "C"],
+                         [[1 / 3, 2 / 3, 0.5], [2 / 3, 1 / 3, 0.5]])
+    graphene.to(filename=str(tmp_path / "in" / "graphene.vasp"), fmt="poscar")
     out = tmp_path / "p.csv"
     args = ["predict", "--property", "bulk_modulus", "--alias", "xie-2018",
             "--input", str(tmp_path / "in"), "--input", str(tmp_path / "cut.jsonl.gz"),
@@ -300,6 +303,9 @@ def test_predict_robust_input(ws, pretrained, tmp_path):
     assert sum(1 for r in rows.values() if r["error"] == "" and r["id"].startswith("mp-")) >= 1
     assert "closer than 0.5" in rows["overlap.vasp"]["warning"]
     assert rows["overlap.vasp"]["error"] == ""
+    assert "20.0 Å of vacuum" in rows["graphene.vasp"]["warning"]
+    assert rows["graphene.vasp"]["error"] == "" and rows["graphene.vasp"]["prediction"] != ""
+    assert all(rows[k]["warning"] == "" for k in cif_ids)  # bulk MP crystals: no warning
     # --fail-on-error: the CSV is written, the exit code says some rows failed
     result = CliRunner().invoke(main, ["--params", str(ws.params_file), *args, "--fail-on-error"])
     assert result.exit_code == 1 and "row(s) with an error" in result.output

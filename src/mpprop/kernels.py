@@ -42,7 +42,10 @@ def _compile_flags() -> list[str]:
     # -ffast-math at compile time only (the link does not see it, so the process's floating
     # point mode is untouched): it lets g++ vectorise exp/log1p with glibc's libmvec.
     # Non-finite inputs never reach the kernel (EdgeGate checks), which fast-math assumes.
-    flags = ["-O3", "-ffast-math"]
+    # -fopenmp: at::parallel_for in the kernel is OpenMP; without it the loop over atoms runs
+    # on one thread whatever torch.get_num_threads() says (torch's own OpenMP is libgomp, so
+    # g++'s -fopenmp links the same runtime)
+    flags = ["-O3", "-ffast-math", "-fopenmp"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
@@ -105,7 +108,7 @@ def _build() -> ModuleType | None:
         log.warning("building the fused edge kernel (once per machine, ~30 s) in %s", build_dir)
         with resources.as_file(source) as path:
             return cpp_extension.load(
-                name=name, sources=[str(path)], extra_cflags=flags,
+                name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir), verbose=False,
             )
     except Exception as exc:  # a missing compiler or header must not stop training

@@ -84,9 +84,8 @@ class LoadedModel:
 
     def to(self, device: torch.device) -> LoadedModel:
         """Every member moved to `device` (in place); prediction runs where the model is."""
-        for net, _ in self.members:
+        for net, _ in self.members:  # the first member is self.model
             net.to(device)
-        self.model.to(device)
         if self.gate is not None:
             self.gate.to(device)
         return self

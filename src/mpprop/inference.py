@@ -81,9 +81,10 @@ def vacuum_gap(structure: Structure) -> float:
     """The widest empty gap (Å) between consecutive planes of atoms along any lattice
     direction: fractional-coordinate gap x the spacing of that family of lattice planes."""
     reciprocal = structure.lattice.reciprocal_lattice_crystallographic.abc
+    coords = structure.frac_coords % 1.0  # a pymatgen property built from the sites: once
     widest = 0.0
     for axis in range(3):
-        frac = np.sort(structure.frac_coords[:, axis] % 1.0)
+        frac = np.sort(coords[:, axis])
         gaps = np.append(np.diff(frac), 1.0 - frac[-1] + frac[0])
         widest = max(widest, float(gaps.max()) / reciprocal[axis])
     return widest

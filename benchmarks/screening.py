@@ -1,18 +1,29 @@
-"""Screening-aware tuning vs MAE tuning vs the Xie preset, at the quality benchmark's budget.
+"""Screening-aware tuning and training vs MAE tuning vs the Xie preset, at the quality
+benchmark's budget.
 
     python benchmarks/screening.py [--property bulk_modulus --property band_gap] [--workers 2]
+        [--variant screening_tuned --variant mae_tuned_rank --variant pareto_tuned]
 
-Builds on benchmarks/quality.py (run it first for the property): same workspace, same fixed
-test set, same trials x epochs and final epochs. Per property:
-1. a second study with `tune.objective: screening` (the smoothed validation top-N%
-   precision, ties by MAE), same budget and workers as the MAE study;
-2. the screening-tuned preset trained for the final epochs with the same seeds;
-3. on the fixed test set: MAE and top-3% precision with 95% bootstrap intervals, paired
-   against the MAE-tuned and Xie models of quality.py (their stored test predictions);
-4. extrapolation (mpprop.stages.extrapolation): the top 3% held out of training, one model
-   per preset (seed 0), recall of the held-out top in the model's top of the candidate pool,
-   with intervals and paired differences.
-Writes benchmarks/results/screening.json (one entry per property, resumable) and prints a table.
+Builds on benchmarks/quality.py (run it first for the property): the same workspace (rebuilt
+here from the shared snapshot when absent, and checked to give quality's test materials),
+the same fixed test set, trials x epochs and final epochs. The variants (VARIANTS):
+- screening_tuned: a second study with `tune.objective: screening` (the validation top-N%
+  precision averaged over tune.screening_percents, ties by MAE);
+- pareto_tuned: a study with `tune.objective: pareto` (val MAE and val precision; no pruning;
+  tuned/<P>.yaml = tune's pareto pick);
+- mae_tuned_rank: the MAE-tuned hyperparameters with the ranking term of mpprop.losses at
+  weight RANK_WEIGHT, fixed in advance (no test data chose it): what screening-aware
+  training alone does.
+The tuned studies search the paper's space plus the ranking term's weight (RANK_WEIGHTS),
+and every variant's ranking term looks at pairs straddling the train set's top
+train.screening_top_percent (the metric's N). Each variant is trained for the final epochs
+with quality's seeds; on the fixed test set: MAE and top-N% precision with 95% bootstrap
+intervals, paired against the MAE-tuned and Xie models of quality.py (their stored test
+predictions). Extrapolation (mpprop.stages.extrapolation): the top held out of training, one
+model per preset (seed 0), recall of the held-out top in the model's top of the candidate
+pool, with intervals and paired differences.
+Writes benchmarks/results/screening.json (per property and variant, resumable: studies,
+models and extrapolation rankings are cached in the workspace) and prints a table.
 """
 
 from __future__ import annotations
@@ -20,13 +31,23 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import quality
-from quality import RESULTS, final_hyperparams, run_tuning, scaled_tune_overrides, train_job
-from workspace import REPO
+from quality import (
+    LARGE_PROPERTIES,
+    RESULTS,
+    final_hyperparams,
+    run_tuning,
+    scaled_tune_overrides,
+    test_set,
+    train_job,
+)
+from workspace import DEFAULT_DATA, REPO, build_workspace
 
 from mpprop import stats
 from mpprop.config import Hyperparams, load_params
@@ -39,12 +60,24 @@ from mpprop.stages.extrapolation import (
 )
 
 OUT = REPO / "benchmarks" / "results" / "screening.json"
+# the ranking term's weight in the tuned studies' search space (0 = off, the paper's loss)
+RANK_WEIGHTS = [0.0, 0.3, 1.0, 3.0]
+# mae_tuned_rank's weight, chosen before any run: the ranking hinge and the standardised MSE
+# are both O(0.1-1) once training settles, so weight 1 gives them equal say
+RANK_WEIGHT = 1.0
+VARIANTS = {
+    "screening_tuned": {"objective": "screening"},
+    "pareto_tuned": {"objective": "pareto"},
+    "mae_tuned_rank": {"rank_weight": RANK_WEIGHT},
+}
+BASELINES = ("mae_tuned", "xie")
 
 
 def extrapolation_recall(root: Path, overrides: list[str], prop: str, hp: Hyperparams,
-                         top_percent: float) -> dict:
+                         top_percent: float, out: str) -> dict:
     """One model trained without the top (a worker process, one torch thread); its ranking
-    of the candidate pool (mpprop.stages.extrapolation, as `mpprop evaluate --extrapolation`)."""
+    of the candidate pool (mpprop.stages.extrapolation, as `mpprop evaluate --extrapolation`).
+    Writes `out` (the cache a rerun reads)."""
     import torch
 
     torch.set_num_threads(1)
@@ -52,100 +85,201 @@ def extrapolation_recall(root: Path, overrides: list[str], prop: str, hp: Hyperp
     data = property_data(params, open_workspace(params), prop)
     sp = extrapolation_split(data, top_percent, data.spec.better)
     pred, _ = rank_candidates(params, data, sp, hp)
-    return {"pred": pred.tolist(), "is_top": sp["cand_top"].tolist()}
+    record = {"hyperparams": hp.as_dict(), "pred": pred.tolist(), "is_top": sp["cand_top"].tolist()}
+    tmp = Path(out + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(out)
+    return record
 
 
-def run_property(prop: str, args: argparse.Namespace) -> dict:
-    base = json.loads((args.quality_dir / f"{prop}.json").read_text())
+def ensure_workspace(root: Path, prop: str, base: dict, args: argparse.Namespace) -> None:
+    """Quality's workspace, rebuilt when absent; its test materials must be quality's."""
+    n_records = base["budget"]["subsample"] if prop in LARGE_PROPERTIES else None
+    build_workspace(root, args.data, prop, n_records, args.workers)
+    _, ids, _ = test_set(root, [], prop)
+    if ids != base["test_material_ids"]:
+        raise SystemExit(f"[{prop}] the workspace in {root} has other test materials than "
+                         f"{args.quality_dir / (prop + '.json')}: remove it and rerun")
+
+
+def shared_overrides(top_percent: float) -> list[str]:
+    """Overrides of every model here: one torch thread per worker; the ranking term (where
+    on) on pairs straddling the screening metric's top N%."""
+    return ["train.torch_threads=1", f"train.rank_top_percent={top_percent:g}"]
+
+
+def variant_overrides(root: Path, name: str, top_percent: float, tune_epochs: int) -> list[str]:
+    """The params overrides of one variant (its own tuned/ folder and objective)."""
+    sets = [*shared_overrides(top_percent), f"tune.best_params_dir={root / ('tuned-' + name)}"]
+    spec = VARIANTS[name]
+    if "objective" in spec:
+        sets += [f"tune.objective={spec['objective']}",
+                 f"tune.search_space.rank_weight={json.dumps(RANK_WEIGHTS)}",
+                 *scaled_tune_overrides(root / "params.yaml", tune_epochs)]
+    return sets
+
+
+def variant_hyperparams(root: Path, prop: str, name: str, overrides: list[str], base: dict,
+                        args: argparse.Namespace) -> tuple[Hyperparams, dict | None]:
+    """The variant's final hyperparameters, and its study's summary (tuned variants)."""
     budget = base["budget"]
-    root = args.workdir / prop
+    spec = VARIANTS[name]
+    if "objective" not in spec:
+        mae_tuned = Hyperparams(**base["models"]["tuned"]["hyperparams"])
+        return replace(mae_tuned, rank_weight=spec["rank_weight"]), None
     qargs = argparse.Namespace(trials=budget["tune_trials"], tune_epochs=budget["tune_epochs_per_trial"],
                                workers=args.workers)
-    params_file = root / "params.yaml"
-    overrides = ["train.torch_threads=1", f"tune.best_params_dir={root / 'tuned-screening'}",
-                 "tune.objective=screening",
-                 *scaled_tune_overrides(params_file, qargs.tune_epochs), *args.overrides]
-    tuned = run_tuning(root, prop, qargs, overrides, study=f"screening-{prop}",
-                       best_dir=root / "tuned-screening")
-    hp = final_hyperparams(params_file, overrides, prop, "tuned", budget["final_epochs"])
-    seeds = budget["seeds"]
+    tuned = run_tuning(root, prop, qargs, overrides, study=f"{name}-{prop}",
+                       best_dir=root / f"tuned-{name}")
+    hp = final_hyperparams(root / "params.yaml", overrides, prop, "tuned", budget["final_epochs"])
+    summary = {k: tuned.get(k) for k in ("best_val_mae", "best_val_screening", "best_trial",
+                                         "wall_seconds")}
+    return hp, summary
+
+
+def final_models(root: Path, prop: str, name: str, overrides: list[str], hp: Hyperparams,
+                 seeds: int, workers: int) -> list[dict]:
+    """The variant trained with each seed (cached per seed in the workspace)."""
     final_dir = root / "final"
+    final_dir.mkdir(exist_ok=True)
     jobs, records = [], {}
     for seed in range(seeds):
-        out = final_dir / f"screening-{seed}-{hp.epochs}.json"
+        out = final_dir / f"{name}-{seed}-{hp.epochs}.json"
         if out.exists():
             records[seed] = json.loads(out.read_text())
         else:
-            jobs.append((str(root), overrides, prop, "screening", hp.as_dict(), seed, str(out)))
+            jobs.append((str(root), overrides, prop, name, hp.as_dict(), seed, str(out)))
+    print(f"[{prop}] {name}: {len(jobs)} final models to train ({len(records)} done before)",
+          flush=True)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         for rec in pool.map(train_job, *zip(*jobs, strict=True)) if jobs else []:
             records[rec["seed"]] = rec
-    params = load_params(params_file, overrides)
+    return [records[s] for s in range(seeds)]
+
+
+def extrapolation_rankings(root: Path, prop: str, hps: dict[str, tuple[Hyperparams, list[str]]],
+                           top_percent: float, workers: int) -> dict[str, dict]:
+    """Each model's ranking of the extrapolation candidate pool (cached per model)."""
+    ext_dir = root / "extrapolation"
+    ext_dir.mkdir(exist_ok=True)
+    done, todo = {}, {}
+    for name, (hp, overrides) in hps.items():
+        out = ext_dir / f"{name}-{hp.epochs}.json"
+        if out.exists():
+            done[name] = json.loads(out.read_text())
+        else:
+            todo[name] = (hp, overrides, str(out))
+    print(f"[{prop}] extrapolation: {len(todo)} models to train ({len(done)} done before)",
+          flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {name: pool.submit(extrapolation_recall, root, ov, prop, hp, top_percent, out)
+                   for name, (hp, ov, out) in todo.items()}
+        done.update({name: f.result() for name, f in futures.items()})
+    return done
+
+
+def run_variant(prop: str, name: str, base: dict, args: argparse.Namespace) -> dict:
+    """Tune (where the variant does) and train one variant (cached: a rerun reads it back)."""
+    root = args.workdir / prop
+    params = load_params(root / "params.yaml")
+    top = float(params.train["screening_top_percent"])
+    overrides = variant_overrides(root, name, top, base["budget"]["tune_epochs_per_trial"])
+    t0 = time.perf_counter()
+    hp, tuning = variant_hyperparams(root, prop, name, overrides, base, args)
+    print(f"[{prop}] {name}: {hp.as_dict()}", flush=True)
+    records = final_models(root, prop, name, overrides, hp, base["budget"]["seeds"], args.workers)
+    return {"overrides": overrides, "hyperparams": hp.as_dict(), "tuning": tuning,
+            "test_pred_per_seed": [r["test_pred"] for r in records],
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def summarise(prop: str, base: dict, entry: dict, args: argparse.Namespace) -> dict:
+    """Test metrics, paired differences and extrapolation of every variant in `entry`."""
+    root = args.workdir / prop
+    budget = base["budget"]
+    params = load_params(root / "params.yaml")
     data = property_data(params, open_workspace(params), prop)
     y, better = data.test_targets, data.spec.better
     top = float(params.train["screening_top_percent"])
     res = stats.bootstrap_resamples(len(y), budget["bootstrap_resamples"], quality.BOOTSTRAP_SEED)
+    variants = entry["variants"]
     preds = {"xie": np.array(base["models"]["xie"]["test_pred_per_seed"]),
              "mae_tuned": np.array(base["models"]["tuned"]["test_pred_per_seed"]),
-             "screening_tuned": np.array([records[s]["test_pred"] for s in range(seeds)])}
-    models = {k: quality.model_summary(y, v, res, top, better) for k, v in preds.items()}
-    paired = {f"screening_tuned-{k}": quality.paired(y, preds["screening_tuned"], preds[k], res,
-                                                     top, better) for k in ("mae_tuned", "xie")}
+             **{v: np.array(r["test_pred_per_seed"]) for v, r in variants.items()}}
+    models = {k: quality.model_summary(y, p, res, top, better) for k, p in preds.items()}
+    for m in models.values():
+        m.pop("test_pred_per_seed", None)
+    paired = {f"{v}-{b}": quality.paired(y, preds[v], preds[b], res, top, better)
+              for v in variants for b in BASELINES}
     # extrapolation: one model per preset, seed 0, the final epochs
-    hps = {"xie": final_hyperparams(params_file, overrides, prop, "xie", budget["final_epochs"]),
-           "mae_tuned": Hyperparams(**base["models"]["tuned"]["hyperparams"]),
-           "screening_tuned": hp}
+    base_overrides = shared_overrides(top)
+    hps = {"xie": (final_hyperparams(root / "params.yaml", base_overrides, prop, "xie",
+                                     budget["final_epochs"]), base_overrides),
+           "mae_tuned": (Hyperparams(**base["models"]["tuned"]["hyperparams"]), base_overrides),
+           **{v: (Hyperparams(**r["hyperparams"]), r["overrides"]) for v, r in variants.items()}}
     ext_top = float(params.raw["evaluate"]["extrapolation_top_percent"])
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        futures = {k: pool.submit(extrapolation_recall, root, overrides, prop, h, ext_top)
-                   for k, h in hps.items()}
-        ext = {k: f.result() for k, f in futures.items()}
+    ext = extrapolation_rankings(root, prop, hps, ext_top, args.workers)
     is_top = np.array(ext["xie"]["is_top"])
     eres = stats.bootstrap_resamples(len(is_top), budget["bootstrap_resamples"], quality.BOOTSTRAP_SEED)
     pool_preds = {name: np.array(e["pred"]) for name, e in ext.items()}
     extrapolation = {"n_top": int(is_top.sum()), "n_pool": len(is_top),
-                     "random_recall": float(is_top.mean())}
+                     "random_recall": float(is_top.mean()), "top_percent": ext_top}
     for name, pred in pool_preds.items():
         extrapolation[name] = bootstrap_recall(is_top, pred, better, eres).as_dict()
-    for other in ("mae_tuned", "xie"):
-        extrapolation[f"screening_tuned-{other}"] = bootstrap_recall_diff(
-            is_top, pool_preds["screening_tuned"], pool_preds[other], better, eres).as_dict()
-    for m in models.values():
-        m.pop("test_pred_per_seed", None)
-    return {"property": prop, "unit": base["unit"], "budget": {**budget, "extrapolation_seed": 0},
-            "screening_tuned_hyperparams": hp.as_dict(),
-            "tuning": {k: tuned.get(k) for k in ("best_val_mae", "best_val_screening", "best_trial")},
+    for v in variants:
+        for b in BASELINES:
+            extrapolation[f"{v}-{b}"] = bootstrap_recall_diff(
+                is_top, pool_preds[v], pool_preds[b], better, eres).as_dict()
+    return {"property": prop, "unit": base["unit"], "top_percent": top,
+            "budget": {**budget, "extrapolation_seed": 0, "rank_weights_searched": RANK_WEIGHTS},
+            "variants": {v: {k: r[k] for k in ("overrides", "hyperparams", "tuning", "wall_seconds")}
+                         for v, r in variants.items()},
             "models": models, "paired": paired, "extrapolation": extrapolation}
+
+
+def print_entry(r: dict) -> None:
+    prop = r["property"]
+    for k, m in r["models"].items():
+        scr = m.get("screening", {})
+        print(f"[{prop}] {k:<16} MAE {m['test_mae']['value']:.4f} top-{r['top_percent']:g}% "
+              f"{scr.get('value', float('nan')):.1f} [{scr.get('low', 0):.1f}, "
+              f"{scr.get('high', 0):.1f}] extrapolation recall "
+              f"{r['extrapolation'][k]['value']:.2f}")
+    for k, d in r["paired"].items():
+        e = r["extrapolation"][k]
+        print(f"[{prop}] {k}: MAE {d['mae_diff']['value']:+.4f} [{d['mae_diff']['low']:+.4f}, "
+              f"{d['mae_diff']['high']:+.4f}], top-{r['top_percent']:g}% "
+              f"{d['screening_diff']['value']:+.1f} [{d['screening_diff']['low']:+.1f}, "
+              f"{d['screening_diff']['high']:+.1f}], extrapolation recall {e['value']:+.3f} "
+              f"[{e['low']:+.3f}, {e['high']:+.3f}]")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--property", dest="props", action="append", default=None)
+    ap.add_argument("--variant", dest="variants", action="append", choices=list(VARIANTS),
+                    default=None, help="default: all, in the order of VARIANTS")
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work" / "quality")
     ap.add_argument("--quality-dir", type=Path, default=RESULTS)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for prop in args.props or ["bulk_modulus", "band_gap"]:
-        if prop in results:
-            print(f"[{prop}] done before")
-            continue
-        results[prop] = run_property(prop, args)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-        r = results[prop]
-        for k, m in r["models"].items():
-            scr = m.get("screening", {})
-            print(f"[{prop}] {k:<16} MAE {m['test_mae']['value']:.4f} top-3% "
-                  f"{scr.get('value', float('nan')):.1f} [{scr.get('low', 0):.1f}, "
-                  f"{scr.get('high', 0):.1f}] extrapolation recall "
-                  f"{r['extrapolation'][k]['value']:.2f}")
-        for k, d in r["paired"].items():
-            print(f"[{prop}] {k}: MAE {d['mae_diff']['value']:+.4f} [{d['mae_diff']['low']:+.4f}, "
-                  f"{d['mae_diff']['high']:+.4f}], top-3% {d['screening_diff']['value']:+.1f} "
-                  f"[{d['screening_diff']['low']:+.1f}, {d['screening_diff']['high']:+.1f}]")
+        base = json.loads((args.quality_dir / f"{prop}.json").read_text())
+        ensure_workspace(args.workdir / prop, prop, base, args)
+        # variants of earlier runs stay in the result (read back from the workspace cache)
+        earlier = [v for v in results.get(prop, {}).get("variants", {}) if v in VARIANTS]
+        chosen = args.variants or list(VARIANTS)
+        variants = {}
+        for name in [*earlier, *(v for v in chosen if v not in earlier)]:
+            variants[name] = run_variant(prop, name, base, args)
+            results[prop] = summarise(prop, base, {"variants": variants}, args)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+            print_entry(results[prop])
 
 
 if __name__ == "__main__":

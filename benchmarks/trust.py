@@ -14,7 +14,8 @@
    part's quantile, as `mpprop train` stores them. Scored: the fixed test materials (ordinary
    MP crystals) and structures unlike MP's: graphene in a 20 Å vacuum, an isolated atom, the
    test crystals compressed to 0.5x in each direction (1/8 of the volume); beside the score,
-   the share that `mpprop predict` warns about for vacuum (inference.structure_warning).
+   the share that `mpprop predict` warns about (inference.structure_warning: vacuum;
+   inference.graph_warnings: overlapping atoms, short bonds, atoms without neighbours).
 
 Writes benchmarks/results/trust.json and prints two tables.
 """
@@ -34,7 +35,7 @@ from workspace import DEFAULT_DATA, REPO, build_workspace
 from mpprop.config import load_params
 from mpprop.data import open_workspace, property_data, train_val_split, transform_target
 from mpprop.graphs import graphs_from_structures
-from mpprop.inference import embed, structure_warning
+from mpprop.inference import embed, graph_warnings, structure_warning
 from mpprop.model import load_checkpoint, pretrained_path
 from mpprop.ood import OODReference
 from mpprop.snapshot import load_snapshot
@@ -123,13 +124,16 @@ def ood_scores(data: Path, prop: str, workdir: Path, max_records: int | None) ->
     groups = {"MP test crystals": test_structures, **odd_structures(test_structures)}
     rows = []
     for name, structures in groups.items():
-        scores = ood.scores(embed(model, graphs_from_structures(structures, params.graph_settings()),
-                                  batch_size=bs))
+        graphs = graphs_from_structures(structures, params.graph_settings())
+        scores = ood.scores(embed(model, graphs, batch_size=bs))
+        warned = [bool(structure_warning(s) or w) for s, w in zip(structures, graph_warnings(graphs),
+                                                                  strict=True)]
         rows.append({"group": name, "n": len(scores), "median_score": float(np.median(scores)),
                      "p95_score": float(np.quantile(scores, 0.95)),
                      "flagged_fraction": float(np.mean(scores > ood.threshold)),
                      "vacuum_warning_fraction": float(np.mean(
-                         ["vacuum" in structure_warning(s) for s in structures]))})
+                         ["vacuum" in structure_warning(s) for s in structures])),
+                     "warning_fraction": float(np.mean(warned))})
     return {"property": prop, "model": "xie-2018 published checkpoint",
             "n_reference": len(ood.embeddings), "k": ood.k, "threshold": ood.threshold,
             "threshold_quantile": float(pred["ood_quantile"]), "groups": rows}
@@ -158,11 +162,12 @@ def main() -> None:
     o = result["ood"]
     print(f"\nOOD score ({o['model']} {o['property']}; threshold {o['threshold']:.2f} = "
           f"{o['threshold_quantile']:g} quantile of validation)\n"
-          "| structures | n | median score | 95th pct | OOD flagged | vacuum warning |\n"
-          "|---|---|---|---|---|---|")
+          "| structures | n | median score | 95th pct | OOD flagged | vacuum warning "
+          "| any predict warning |\n|---|---|---|---|---|---|---|")
     for g in o["groups"]:
         print(f"| {g['group']} | {g['n']} | {g['median_score']:.2f} | {g['p95_score']:.2f} | "
-              f"{100 * g['flagged_fraction']:.0f}% | {100 * g['vacuum_warning_fraction']:.0f}% |")
+              f"{100 * g['flagged_fraction']:.0f}% | {100 * g['vacuum_warning_fraction']:.0f}% | "
+              f"{100 * g['warning_fraction']:.0f}% |")
     print(f"wrote {args.out}")
 
 

@@ -10,7 +10,17 @@ from pymatgen.core import Lattice, Structure
 from mpprop.bundle import load_model, save_bundle
 from mpprop.config import GraphSettings, Hyperparams, PropertySpec
 from mpprop.graphs import graphs_from_structures
-from mpprop.inference import VACUUM_GAP, embed, predict_structures, structure_warning, vacuum_gap
+from mpprop.inference import (
+    SHORT_BOND_RATIO,
+    VACUUM_GAP,
+    covalent_radii,
+    embed,
+    graph_warnings,
+    predict_structures,
+    shortest_bond_ratios,
+    structure_warning,
+    vacuum_gap,
+)
 from mpprop.model import CrystalGraphConvNet, Normalizer
 from mpprop.ood import OODReference, knn_mean_distance
 from mpprop.training import predict
@@ -93,3 +103,31 @@ def test_vacuum_gap_tells_layers_and_molecules_from_bulk() -> None:
     assert structure_warning(rock_salt) == ""
     assert "vacuum" in structure_warning(graphene) and vacuum_gap(graphene) > VACUUM_GAP
 
+
+
+def test_short_bond_warning_catches_compressed_cells() -> None:
+    salts = rocksalts()[:2]  # NaCl, KCl
+    squeezed = []
+    for s in salts:
+        c = s.copy()
+        c.scale_lattice(s.volume * 0.5**3)
+        squeezed.append(c)
+    cache = graphs_from_structures([*salts, *squeezed], GraphSettings())
+    ratios = shortest_bond_ratios(cache)
+    radii = covalent_radii()
+    nacl = (5.64 / 2) / (radii[11] + radii[17])  # Na-Cl at half the cubic edge
+    assert ratios[0] == pytest.approx(nacl, rel=1e-5)
+    assert ratios[2] == pytest.approx(nacl / 2, rel=1e-5)  # the same bond at 0.5x
+    assert ratios[1] > SHORT_BOND_RATIO > ratios[3]
+    warnings = graph_warnings(cache)
+    assert warnings[:2] == ["", ""]
+    assert all("compressed" in w for w in warnings[2:])
+
+
+def test_shortest_bond_ratio_skips_elements_without_a_radius(monkeypatch) -> None:
+    cache = graphs_from_structures(rocksalts()[:1], GraphSettings())
+    radii = covalent_radii().copy()
+    radii[17] = np.nan  # no Cl radius: the Na-Cl edges drop out, the Na-Na ones remain
+    monkeypatch.setattr("mpprop.inference.covalent_radii", lambda: radii)
+    na_na = (5.64 / np.sqrt(2)) / (2 * radii[11])
+    assert shortest_bond_ratios(cache)[0] == pytest.approx(na_na, rel=1e-5)

@@ -290,6 +290,9 @@ def test_predict_robust_input(ws, pretrained, tmp_path):
     graphene = Structure(Lattice.hexagonal(2.46, 20.0), ["C", "C"],
                          [[1 / 3, 2 / 3, 0.5], [2 / 3, 1 / 3, 0.5]])
     graphene.to(filename=str(tmp_path / "in" / "graphene.vasp"), fmt="poscar")
+    squeezed = good[0].copy()
+    squeezed.scale_lattice(good[0].volume * 0.5**3)
+    squeezed.to(filename=str(tmp_path / "in" / "squeezed.vasp"), fmt="poscar")
     out = tmp_path / "p.csv"
     args = ["predict", "--property", "bulk_modulus", "--alias", "xie-2018",
             "--input", str(tmp_path / "in"), "--input", str(tmp_path / "cut.jsonl.gz"),
@@ -305,6 +308,7 @@ def test_predict_robust_input(ws, pretrained, tmp_path):
     assert rows["overlap.vasp"]["error"] == ""
     assert "20.0 Å of vacuum" in rows["graphene.vasp"]["warning"]
     assert rows["graphene.vasp"]["error"] == "" and rows["graphene.vasp"]["prediction"] != ""
+    assert "compressed cell" in rows["squeezed.vasp"]["warning"]
     assert all(rows[k]["warning"] == "" for k in cif_ids)  # bulk MP crystals: no warning
     # --fail-on-error: the CSV is written, the exit code says some rows failed
     result = CliRunner().invoke(main, ["--params", str(ws.params_file), *args, "--fail-on-error"])

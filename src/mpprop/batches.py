@@ -102,3 +102,13 @@ def iterate_batches(
             cache.gather(rows[pos]), None if targets is None else targets[pos]
         )
         yield pos, batch
+
+
+def collect_in_row_order(positions: list[np.ndarray], chunks: list[torch.Tensor],
+                         out: np.ndarray) -> np.ndarray:
+    """Fill `out` (host array, one entry per row of a pass) with the per-batch outputs that
+    iterate_batches' `positions` place: one copy from the device per pass, not one
+    synchronising .numpy() per batch. Returns `out`."""
+    if chunks:
+        out[np.concatenate(positions)] = torch.cat(chunks).cpu().numpy()
+    return out

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
-from pymatgen.core import Structure
+from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+from pymatgen.core import Element, Structure
 
-from mpprop.batches import iterate_batches
+from mpprop.batches import collect_in_row_order, iterate_batches
 from mpprop.bundle import LoadedModel, ensemble_mean_std, gate_metals
 from mpprop.device import pin_host_memory
 from mpprop.graph_cache import GraphCache, known_elements
@@ -27,6 +29,11 @@ OVERLAP_DISTANCE = 0.5  # Å
 # vacuum (graphene), unlike MP's bulk crystals (measured on 4,000 snapshot structures: 99%
 # have a widest gap < 3.2 Å, 0.15% > 6 Å); the OOD score does not catch these reliably
 VACUUM_GAP = 6.0  # Å
+# a bond shorter than this x the sum of the two atoms' covalent radii: a compressed or broken
+# cell (measured on 6,000 snapshot structures: shortest ratio 0.63, none below 0.6; the same
+# crystals at 0.5x lattice: 99.8% below, at 0.7x: 19%); the OOD score flags only a third of
+# the 0.5x cells
+SHORT_BOND_RATIO = 0.6
 
 
 @dataclass
@@ -55,21 +62,49 @@ def structure_error(structure: Structure) -> str:
     return ""
 
 
+@cache
+def covalent_radii() -> np.ndarray:
+    """Covalent radius (Å) by atomic number (pymatgen's table); NaN where it has none."""
+    radii = np.full(max(known_elements()) + 1, np.nan)
+    for z in range(1, len(radii)):
+        radii[z] = CovalentRadius.radius.get(Element.from_Z(z).symbol, np.nan)
+    return radii
+
+
+def shortest_bond_ratios(cache: GraphCache) -> np.ndarray:
+    """Per crystal: min over its edges of distance / (sum of the two covalent radii); inf for
+    a crystal without edges (the nearest neighbours are always among the edges)."""
+    n_edges = np.diff(cache.edge_offsets)
+    crystal_of_edge = np.repeat(np.arange(len(cache)), n_edges)
+    first_atom = cache.atom_offsets[:-1][crystal_of_edge]
+    radii = covalent_radii()[np.asarray(cache.atomic_numbers)]
+    ratio = cache.edge_distance / (radii[first_atom + cache.edge_src]
+                                   + radii[first_atom + cache.edge_dst])
+    shortest = np.full(len(cache), np.inf)
+    np.fmin.at(shortest, crystal_of_edge, ratio)  # fmin: an element without a radius is skipped
+    return shortest
+
+
 def graph_warnings(cache: GraphCache) -> list[str]:
-    """Per crystal of the cache: overlapping atoms (an edge shorter than OVERLAP_DISTANCE) and
+    """Per crystal of the cache: overlapping atoms (an edge shorter than OVERLAP_DISTANCE),
+    bonds too short for the atoms' covalent radii (SHORT_BOND_RATIO: a compressed cell) and
     atoms with no neighbour within the radius (the convolution cannot see them)."""
     n_edges = np.diff(cache.edge_offsets)
     crystal_of_edge = np.repeat(np.arange(len(cache)), n_edges)
     atom_of_edge = cache.atom_offsets[:-1][crystal_of_edge] + cache.edge_src
     edges_per_atom = np.bincount(atom_of_edge, minlength=int(cache.atom_offsets[-1]))
     lonely = np.add.reduceat(edges_per_atom == 0, cache.atom_offsets[:-1]) if len(cache) else []
-    short = np.zeros(len(cache), bool)
-    np.logical_or.at(short, crystal_of_edge, cache.edge_distance < OVERLAP_DISTANCE)
+    overlap = np.zeros(len(cache), bool)
+    np.logical_or.at(overlap, crystal_of_edge, cache.edge_distance < OVERLAP_DISTANCE)
+    bond_ratio = shortest_bond_ratios(cache)
     out = []
     for i in range(len(cache)):
         notes = []
-        if short[i]:
+        if overlap[i]:
             notes.append(f"atoms closer than {OVERLAP_DISTANCE} Å")
+        elif bond_ratio[i] < SHORT_BOND_RATIO:
+            notes.append(f"a bond {bond_ratio[i]:.2f}x the sum of covalent radii (compressed "
+                         f"cell? MP crystals have >= {SHORT_BOND_RATIO})")
         if cache.n_atoms[i] and lonely[i]:
             notes.append(f"{int(lonely[i])} atom(s) without a neighbour within "
                          f"{cache.settings.radius:g} Å")
@@ -189,7 +224,6 @@ def embed(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray | None
           batch_size: int = 512) -> np.ndarray:
     """Crystal feature vectors (model.embed) of `rows` of the cache, shape (n, h_fea_len)."""
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
-    out = np.empty((len(rows), model.hyperparams.h_fea_len), dtype=np.float32)
     device = model_device(model)
     pin = pin_host_memory(device)
     model.eval()
@@ -198,6 +232,5 @@ def embed(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray | None
         for pos, batch in iterate_batches(cache, rows, batch_size):
             positions.append(pos)
             chunks.append(model.embed(batch.to(device, pin)).float())
-    if chunks:  # one copy to the host per call
-        out[np.concatenate(positions)] = torch.cat(chunks).cpu().numpy()
-    return out
+    out = np.empty((len(rows), model.hyperparams.h_fea_len), dtype=np.float32)
+    return collect_in_row_order(positions, chunks, out)

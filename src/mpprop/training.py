@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpprop.batches import iterate_batches
+from mpprop.batches import collect_in_row_order, iterate_batches
 from mpprop.device import autocast, pin_host_memory
 from mpprop.graph_cache import GraphCache
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
@@ -79,11 +79,7 @@ def run_batches(
                 optimizer.step()
             positions.append(pos)
             outputs.append(out.detach())
-    # one copy to the host per pass, not one synchronising .numpy() per batch
-    preds = np.empty(len(rows), dtype=np.float64)
-    if outputs:
-        preds[np.concatenate(positions)] = torch.cat(outputs).cpu().numpy()
-    return preds
+    return collect_in_row_order(positions, outputs, np.empty(len(rows), dtype=np.float64))
 
 
 def predict(

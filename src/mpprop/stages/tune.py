@@ -30,7 +30,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from mpprop.config import GRAPH_SEARCHABLE, ConfigError, GraphSettings, Hyperparams, Params
-from mpprop.data import open_workspace, property_data, train_val_split
+from mpprop.data import PropertyData, Workspace, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
 from mpprop.losses import LossSettings
 from mpprop.snapshot import atomic_output
@@ -760,17 +760,32 @@ def tune_property(
         return _tune(params, prop, n_trials, epochs, storage, study_name, prune, echo)
 
 
+@dataclass
+class _Worker:
+    """What every trial of one tuning worker shares."""
+
+    params: Params
+    prop: str
+    study_name: str
+    space: dict[str, Any]
+    objective: str
+    epochs: int
+    prune: bool
+    ws: Workspace
+    tags: dict[str, str]
+    device: torch.device
+    precision: str
+    echo: Echo
+
+
 def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
           storage: str | None, study_name: str | None, prune: bool, echo: Echo) -> dict[str, Any]:
-
-
     tune = params.tune
     n_trials = int(n_trials if n_trials is not None else tune["n_trials"])
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     space = search_space(params)
     objective = str(tune["objective"])
-    metric_names, directions = OBJECTIVES[objective]
     if objective == "pareto" and prune:
         # Optuna cannot prune multi-objective trials (trial.report is single-objective)
         echo("note: tune.objective pareto: no pruning (every trial runs all its epochs)")
@@ -779,16 +794,11 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     if objective != "mae" and spec.better is None:
         raise ConfigError(f"tune.objective {objective} needs a screening direction; "
                           f"{prop} has none (property_specs.{prop}.better)")
-    percents = [float(p) for p in tune["screening_percents"]]
-    tie_weight = float(tune["screening_tie_weight"])
     study_name = study_name or f"mpprop-{prop}"
     url = storage_url(study_storage(params, prop, storage))
     set_torch_threads(params.train.get("torch_threads"))
     device, precision = training_device(params.train)  # an absent device fails at once
-
     ws = open_workspace(params)
-    data = property_data(params, ws, prop)
-    graph = params.graph_settings()
 
     init_lock = StorageLock(url, "mpprop-init")
     claim = StorageLock(url, f"mpprop-claim-{study_name}")
@@ -804,33 +814,13 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     # one worker at a time creates tables (Optuna's, MLflow's), the study and its parent run:
     # concurrent CREATE TABLE / CREATE TYPE on a fresh PostgreSQL database collide
     with init_lock:
-        storage_obj = open_storage(
-            params, url, MarkStaleAndRetry(int(tune["failed_trial_max_retry"]), echo)
-        )
-        exp_id = setup_mlflow(params)
-        # setup_mlflow does not activate an experiment it has just created; trial runs
-        # (started by MLflowCallback without an experiment id) must not land in Default
-        mlflow.set_experiment(experiment_id=exp_id)
-        study = optuna.create_study(
-            storage=storage_obj, study_name=study_name, directions=directions,
-            sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
-            pruner=make_pruner(params, int(epochs or tune["epochs"]), prune), load_if_exists=True,
-        )
-        if not study.metric_names:
-            study.set_metric_names(metric_names)
-        study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune["pareto_mae_tolerance"]))
-        if ATTR_EPOCHS in study.user_attrs and epochs is None:
-            epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
-        epochs = int(epochs if epochs is not None else tune["epochs"])
-        expect = {ATTR_PROPERTY: prop, ATTR_OBJECTIVE: objective, ATTR_SNAPSHOT: ws.snapshot_sha256,
-                  ATTR_GRAPH_KEY: ws.cache.key, ATTR_EPOCHS: epochs}
-        _check_study_attrs(study, expect)
-        for key, value in expect.items():
-            if key not in study.user_attrs:
-                study.set_user_attr(key, value)
+        study, epochs, exp_id = _open_study(params, prop, url, study_name, objective, epochs,
+                                            prune, ws, echo)
         n_queued = enqueue_baselines(study, params, space)
         parent_id = _parent_run(study, params, prop, exp_id, tags, url, prune)
-
+    worker = _Worker(params, prop, study_name, space, objective, epochs, prune, ws, tags,
+                     device, precision, echo)
+    metric_names = OBJECTIVES[objective][0]
     mlflc = MLflowCallback(
         tracking_uri=params.tracking_uri(),
         metric_name=metric_names if len(metric_names) > 1 else metric_names[0],
@@ -838,109 +828,12 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         mlflow_kwargs={"nested": True, "experiment_id": exp_id},
         tag_trial_user_attrs=True,
     )
-    seed_base = int(tune["sampler_seed"])
-    every = int(tune.get("progress_every") or 0)
-    val_fraction = float(params.split["val_fraction"])
-
-    datasets = {graph: data}
-
-    def data_for(settings: GraphSettings) -> tuple[Any, GraphSettings]:
-        """The property's data on the graphs of `settings` (built once, cached by key)."""
-        if settings not in datasets:
-            echo(f"graph cache for {settings} (built if absent)")
-            ws_g = open_workspace(params, graph=settings, build=True)
-            datasets[settings] = property_data(params, ws_g, prop)
-        return datasets[settings], settings
-
-    @mlflc.track_in_mlflow()
-    def run_trial(trial: optuna.Trial) -> float | tuple[float, float]:
-        # the trial exists now: other workers may decide whether to start theirs
-        claim.release()
-
-        values = suggest(trial, space)
-        hp = trial_hyperparams(params, values, epochs)
-        data, trial_graph_settings = data_for(trial_graph(params, values))
-        # a re-queued trial carries its original's user attrs: same split as the original
-        seed = int(trial.user_attrs.get(
-            TRIAL_SPLIT_SEED, derive_seed(seed_base, trial.number, _SPLIT_STREAM)
-        ))
-        trial.set_user_attr(TRIAL_SPLIT_SEED, seed)
-        trial.set_user_attr(TRIAL_EPOCHS, epochs)
-        tr, va = train_val_split(len(data.pool_rows), val_fraction, seed)
-        val_y = data.pool_targets[va]
-        val_scale = float(np.std(val_y)) or 1.0
-        mlflow.set_tags({**tags, TAG_KIND: KIND_TRIAL, TAG_TRIAL_NUMBER: str(trial.number)})
-        mlflow.set_tag("graph_cache_key", data.cache.key)
-        mlflow.log_params({
-            **hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(trial_graph_settings).items()},
-            "split_seed": seed, "property": prop, "study_name": study_name,
-            "target_transform": data.spec.transform, "n_train": len(tr), "n_val": len(va),
-        })
-
-        def on_epoch(s: EpochStats) -> None:
-            mlflow.log_metrics(
-                {"val_mae": s.val_mae, "train_mae": s.train_mae, "epoch_seconds": s.seconds},
-                step=s.epoch,
-            )
-            if every and (s.epoch % every == 0 or s.epoch == epochs):
-                echo(f"  trial {trial.number:>4} epoch {s.epoch}/{epochs} val_mae {s.val_mae:.4g} "
-                     f"({s.seconds:.1f} s/epoch)")
-            signal = (screening_signal(val_y, s.val_pred, percents, data.spec.better)
-                      if data.spec.better is not None and s.val_pred is not None else None)
-            if signal is not None:
-                mlflow.log_metric(SCREENING_NAME, signal, step=s.epoch)
-            if objective == "pareto":
-                return  # multi-objective trials take no intermediate values
-            # the pruner sees what the study optimises, epoch by epoch
-            trial.report(s.val_mae if objective == "mae" else
-                         screening_value(signal, s.val_mae, val_scale, tie_weight), s.epoch)
-            if prune and trial.should_prune():
-                raise optuna.TrialPruned(f"val MAE {s.val_mae:.4g} at epoch {s.epoch}")
-
-        try:
-            result = fit_on_pool(
-                hp, trial_graph_settings, data, tr, va, seed, on_epoch, params.predict["batch_size"],
-                LossSettings.from_train(params.train), device, precision,
-            )
-        except optuna.TrialPruned:
-            mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
-            raise
-        except BaseException as exc:
-            # uncaught errors skip Optuna's callbacks: record the state here too
-            error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
-            mlflow.set_tag(STATE_TAG, TrialState.FAIL.name)
-            mlflow.set_tag(TRIAL_ERROR, error)
-            trial.set_user_attr(TRIAL_ERROR, error)
-            raise
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
-        with tempfile.TemporaryDirectory() as tmp:
-            bundle = save_bundle(
-                Path(tmp) / "model.pt", result.model, result.normalizer, data.spec,
-                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": data.cache.key,
-                       "study_name": study_name, "trial": trial.number},
-            )
-            trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))
-        # the signal of the kept (best-MAE) checkpoint: the model the trial hands on
-        best_pred = result.history[result.best_epoch - 1].val_pred
-        signal = (screening_signal(val_y, best_pred, percents, data.spec.better)
-                  if data.spec.better is not None else None)
-        trial.set_user_attr(TRIAL_VAL_MAE, result.best_val_mae)
-        trial.set_user_attr(TRIAL_EPOCHS_RUN, len(result.history))
-        if signal is not None:
-            trial.set_user_attr(TRIAL_VAL_SCREENING, signal)
-            mlflow.log_metric("best_val_screening", signal)
-        if objective == "mae":
-            return result.best_val_mae
-        if objective == "screening":
-            return screening_value(signal, result.best_val_mae, val_scale, tie_weight)
-        return result.best_val_mae, signal
+    run_trial = mlflc.track_in_mlflow()(_TrialRunner(worker, property_data(params, ws, prop), claim))
 
     def progress(study: optuna.Study, trial: FrozenTrial) -> None:
         name_trial_run(trial, prop)
         echo(format_trial_line(study, trial, epochs))
 
-    # a diverged run (NaN loss) or an out-of-memory model is a failed trial, not a dead worker
-    catch = (FloatingPointError, MemoryError, torch.OutOfMemoryError)
     echo(
         f"study {study_name} on {redact(url)}: target {n_trials} finished trials of {epochs} "
         f"epochs; worker {socket.gethostname()}:{os.getpid()}; MLflow parent run {parent_id}"
@@ -950,33 +843,9 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     t0 = time.perf_counter()
     mlflow.start_run(run_id=parent_id)
     status = "KILLED"
-    waiting_note = False
     try:
-        while True:
-            claim.acquire()
-            try:
-                optuna.storages.fail_stale_trials(study)
-                counts = state_counts(study)
-                done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-                if done >= n_trials:
-                    break
-                if counts[TrialState.FAIL] >= n_trials:
-                    raise TuneError(
-                        f"{counts[TrialState.FAIL]} failed trials in study {study_name} "
-                        f"(target {n_trials}); see the failed runs in MLflow"
-                    )
-                if counts[TrialState.WAITING] == 0 and done + counts[TrialState.RUNNING] >= n_trials:
-                    # the rest is running elsewhere: wait, and take over if a worker dies
-                    if not waiting_note:
-                        echo(f"waiting for {counts[TrialState.RUNNING]} trial(s) of other workers")
-                        waiting_note = True
-                    claim.release()
-                    time.sleep(float(tune["heartbeat_interval"]))
-                    continue
-                waiting_note = False
-                study.optimize(run_trial, n_trials=1, catch=catch, callbacks=[mlflc, progress])
-            finally:
-                claim.release()
+        _run_until_done(study, claim, n_trials, run_trial, [mlflc, progress],
+                        float(tune["heartbeat_interval"]), echo)
         status = "FINISHED"
     finally:
         with contextlib.suppress(Exception):  # a summary must not hide why the worker stopped
@@ -995,3 +864,184 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         worker_seconds=time.perf_counter() - t0,
     )
     return summary
+
+
+def _open_study(params: Params, prop: str, url: str, study_name: str, objective: str,
+                epochs: int | None, prune: bool, ws: Workspace, echo: Echo
+                ) -> tuple[optuna.Study, int, str]:
+    """Create or load the study (under the init lock) and check it is the same study:
+    property, objective, snapshot, graphs and epochs. Returns it, its epochs and the MLflow
+    experiment id."""
+    tune = params.tune
+    metric_names, directions = OBJECTIVES[objective]
+    storage_obj = open_storage(
+        params, url, MarkStaleAndRetry(int(tune["failed_trial_max_retry"]), echo)
+    )
+    exp_id = setup_mlflow(params)
+    # setup_mlflow does not activate an experiment it has just created; trial runs
+    # (started by MLflowCallback without an experiment id) must not land in Default
+    mlflow.set_experiment(experiment_id=exp_id)
+    study = optuna.create_study(
+        storage=storage_obj, study_name=study_name, directions=directions,
+        sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
+        pruner=make_pruner(params, int(epochs or tune["epochs"]), prune), load_if_exists=True,
+    )
+    if not study.metric_names:
+        study.set_metric_names(metric_names)
+    study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune["pareto_mae_tolerance"]))
+    if ATTR_EPOCHS in study.user_attrs and epochs is None:
+        epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
+    epochs = int(epochs if epochs is not None else tune["epochs"])
+    expect = {ATTR_PROPERTY: prop, ATTR_OBJECTIVE: objective, ATTR_SNAPSHOT: ws.snapshot_sha256,
+              ATTR_GRAPH_KEY: ws.cache.key, ATTR_EPOCHS: epochs}
+    _check_study_attrs(study, expect)
+    for key, value in expect.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+    return study, epochs, exp_id
+
+
+class _TrialRunner:
+    """The objective of one worker's trials: train on the trial's split, report to the
+    pruner, log the model; returns what the study optimises."""
+
+    def __init__(self, worker: _Worker, data: PropertyData, claim: StorageLock) -> None:
+        self.w = worker
+        self.claim = claim
+        tune = worker.params.tune
+        self.percents = [float(p) for p in tune["screening_percents"]]
+        self.tie_weight = float(tune["screening_tie_weight"])
+        self.seed_base = int(tune["sampler_seed"])
+        self.every = int(tune.get("progress_every") or 0)
+        self.datasets = {worker.params.graph_settings(): data}
+
+    def data_for(self, settings: GraphSettings) -> PropertyData:
+        """The property's data on the graphs of `settings` (built once, cached by key)."""
+        if settings not in self.datasets:
+            self.w.echo(f"graph cache for {settings} (built if absent)")
+            ws_g = open_workspace(self.w.params, graph=settings, build=True)
+            self.datasets[settings] = property_data(self.w.params, ws_g, self.w.prop)
+        return self.datasets[settings]
+
+    def signal(self, val_y: np.ndarray, val_pred: np.ndarray | None, better: str | None
+               ) -> float | None:
+        """The smoothed validation screening precision (None without a direction)."""
+        if better is None or val_pred is None:
+            return None
+        return screening_signal(val_y, val_pred, self.percents, better)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        # the trial exists now: other workers may decide whether to start theirs
+        self.claim.release()
+        w = self.w
+        values = suggest(trial, w.space)
+        hp = trial_hyperparams(w.params, values, w.epochs)
+        graph = trial_graph(w.params, values)
+        data = self.data_for(graph)
+        # a re-queued trial carries its original's user attrs: same split as the original
+        seed = int(trial.user_attrs.get(
+            TRIAL_SPLIT_SEED, derive_seed(self.seed_base, trial.number, _SPLIT_STREAM)
+        ))
+        trial.set_user_attr(TRIAL_SPLIT_SEED, seed)
+        trial.set_user_attr(TRIAL_EPOCHS, w.epochs)
+        tr, va = train_val_split(len(data.pool_rows), float(w.params.split["val_fraction"]), seed)
+        val_y = data.pool_targets[va]
+        val_scale = float(np.std(val_y)) or 1.0
+        better = data.spec.better
+        mlflow.set_tags({**w.tags, TAG_KIND: KIND_TRIAL, TAG_TRIAL_NUMBER: str(trial.number)})
+        mlflow.set_tag("graph_cache_key", data.cache.key)
+        mlflow.log_params({
+            **hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(graph).items()},
+            "split_seed": seed, "property": w.prop, "study_name": w.study_name,
+            "target_transform": data.spec.transform, "n_train": len(tr), "n_val": len(va),
+        })
+
+        def on_epoch(s: EpochStats) -> None:
+            mlflow.log_metrics(
+                {"val_mae": s.val_mae, "train_mae": s.train_mae, "epoch_seconds": s.seconds},
+                step=s.epoch,
+            )
+            if self.every and (s.epoch % self.every == 0 or s.epoch == w.epochs):
+                w.echo(f"  trial {trial.number:>4} epoch {s.epoch}/{w.epochs} val_mae "
+                       f"{s.val_mae:.4g} ({s.seconds:.1f} s/epoch)")
+            signal = self.signal(val_y, s.val_pred, better)
+            if signal is not None:
+                mlflow.log_metric(SCREENING_NAME, signal, step=s.epoch)
+            if w.objective == "pareto":
+                return  # multi-objective trials take no intermediate values
+            # the pruner sees what the study optimises, epoch by epoch
+            trial.report(s.val_mae if w.objective == "mae" else
+                         screening_value(signal, s.val_mae, val_scale, self.tie_weight), s.epoch)
+            if w.prune and trial.should_prune():
+                raise optuna.TrialPruned(f"val MAE {s.val_mae:.4g} at epoch {s.epoch}")
+
+        try:
+            result = fit_on_pool(
+                hp, graph, data, tr, va, seed, on_epoch, w.params.predict["batch_size"],
+                LossSettings.from_train(w.params.train), w.device, w.precision,
+            )
+        except optuna.TrialPruned:
+            mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
+            raise
+        except BaseException as exc:
+            # uncaught errors skip Optuna's callbacks: record the state here too
+            error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+            mlflow.set_tag(STATE_TAG, TrialState.FAIL.name)
+            mlflow.set_tag(TRIAL_ERROR, error)
+            trial.set_user_attr(TRIAL_ERROR, error)
+            raise
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = save_bundle(
+                Path(tmp) / "model.pt", result.model, result.normalizer, data.spec,
+                extra={"snapshot_sha256": w.ws.snapshot_sha256, "graph_cache_key": data.cache.key,
+                       "study_name": w.study_name, "trial": trial.number},
+            )
+            trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))
+        # the signal of the kept (best-MAE) checkpoint: the model the trial hands on
+        signal = self.signal(val_y, result.history[result.best_epoch - 1].val_pred, better)
+        trial.set_user_attr(TRIAL_VAL_MAE, result.best_val_mae)
+        trial.set_user_attr(TRIAL_EPOCHS_RUN, len(result.history))
+        if signal is not None:
+            trial.set_user_attr(TRIAL_VAL_SCREENING, signal)
+            mlflow.log_metric("best_val_screening", signal)
+        if w.objective == "mae":
+            return result.best_val_mae
+        if w.objective == "screening":
+            return screening_value(signal, result.best_val_mae, val_scale, self.tie_weight)
+        return result.best_val_mae, signal
+
+
+def _run_until_done(study: optuna.Study, claim: StorageLock, n_trials: int,
+                    run_trial: Callable[[optuna.Trial], Any], callbacks: list[Callable],
+                    heartbeat: float, echo: Echo) -> None:
+    """Start one trial at a time (under the claim lock, so parallel workers do not overshoot)
+    until the study has `n_trials` finished trials; wait while the last ones run elsewhere."""
+    # a diverged run (NaN loss) or an out-of-memory model is a failed trial, not a dead worker
+    catch = (FloatingPointError, MemoryError, torch.OutOfMemoryError)
+    waiting_note = False
+    while True:
+        claim.acquire()
+        try:
+            optuna.storages.fail_stale_trials(study)
+            counts = state_counts(study)
+            done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+            if done >= n_trials:
+                return
+            if counts[TrialState.FAIL] >= n_trials:
+                raise TuneError(
+                    f"{counts[TrialState.FAIL]} failed trials in study {study.study_name} "
+                    f"(target {n_trials}); see the failed runs in MLflow"
+                )
+            if counts[TrialState.WAITING] == 0 and done + counts[TrialState.RUNNING] >= n_trials:
+                # the rest is running elsewhere: wait, and take over if a worker dies
+                if not waiting_note:
+                    echo(f"waiting for {counts[TrialState.RUNNING]} trial(s) of other workers")
+                    waiting_note = True
+                claim.release()
+                time.sleep(heartbeat)
+                continue
+            waiting_note = False
+            study.optimize(run_trial, n_trials=1, catch=catch, callbacks=callbacks)
+        finally:
+            claim.release()

@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import quality
 from quality import (
-    LARGE_PROPERTIES,
     RESULTS,
     final_hyperparams,
     run_tuning,
@@ -97,8 +96,7 @@ def extrapolation_recall(root: Path, overrides: list[str], prop: str, hp: Hyperp
 
 def ensure_workspace(root: Path, prop: str, base: dict, args: argparse.Namespace) -> None:
     """Quality's workspace, rebuilt when absent; its test materials must be quality's."""
-    n_records = base["budget"]["subsample"] if prop in LARGE_PROPERTIES else None
-    build_workspace(root, args.data, prop, n_records, args.workers)
+    build_workspace(root, args.data, prop, base["budget"]["subsample"], args.workers)
     _, ids, _ = test_set(root, [], prop)
     if ids != base["test_material_ids"]:
         raise SystemExit(f"[{prop}] the workspace in {root} has other test materials than "

@@ -45,6 +45,7 @@ import yaml
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
 from mpprop.config import Hyperparams, load_params
+from mpprop.snapshot import atomic_output
 from mpprop.stages import train as train_stage
 from mpprop.stats import (
     MIN_TOP_MATERIALS,
@@ -165,9 +166,8 @@ def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict,
     record = {"preset": preset, "seed": seed, "hyperparams": hp,
               "best_val_mae": result.best_val_mae, "best_epoch": result.best_epoch,
               "seconds": time.perf_counter() - t0, "test_pred": pred.tolist()}
-    tmp = Path(out + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(out)  # a killed job leaves no half-written record
+    with atomic_output(out) as tmp:  # a killed job leaves no half-written record
+        Path(tmp).write_text(json.dumps(record) + "\n")
     return record
 
 
@@ -343,9 +343,8 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{prop}.tuned.yaml").write_text(yaml.safe_dump(tuned_yaml, sort_keys=False))
-    tmp = args.out_dir / f".{prop}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out_dir / f"{prop}.json")
+    with atomic_output(args.out_dir / f"{prop}.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

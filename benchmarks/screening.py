@@ -52,6 +52,7 @@ from workspace import DEFAULT_DATA, REPO, build_workspace
 from mpprop import stats
 from mpprop.config import Hyperparams, load_params
 from mpprop.data import open_workspace, property_data
+from mpprop.snapshot import atomic_output
 from mpprop.stages.extrapolation import (
     bootstrap_recall,
     bootstrap_recall_diff,
@@ -89,9 +90,8 @@ def extrapolation_recall(root: Path, overrides: list[str], prop: str, hp: Hyperp
     sp = extrapolation_split(data, top_percent, data.spec.better)
     pred, _ = rank_candidates(params, data, sp, hp)
     record = {"hyperparams": hp.as_dict(), "pred": pred.tolist(), "is_top": sp["cand_top"].tolist()}
-    tmp = Path(out + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        Path(tmp).write_text(json.dumps(record) + "\n")
     return record
 
 
@@ -197,8 +197,9 @@ def run_variant(prop: str, name: str, base: dict, args: argparse.Namespace) -> d
             "wall_seconds": time.perf_counter() - t0}
 
 
-def summarise(prop: str, base: dict, entry: dict, args: argparse.Namespace) -> dict:
-    """Test metrics, paired differences and extrapolation of every variant in `entry`."""
+def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.Namespace) -> dict:
+    """Test metrics, paired differences and extrapolation of every variant (run_variant's
+    records by name)."""
     root = args.workdir / prop
     budget = base["budget"]
     params = load_params(root / "params.yaml")
@@ -206,7 +207,6 @@ def summarise(prop: str, base: dict, entry: dict, args: argparse.Namespace) -> d
     y, better = data.test_targets, data.spec.better
     top = float(params.train["screening_top_percent"])
     res = stats.bootstrap_resamples(len(y), budget["bootstrap_resamples"], quality.BOOTSTRAP_SEED)
-    variants = entry["variants"]
     preds = {"xie": np.array(base["models"]["xie"]["test_pred_per_seed"]),
              "mae_tuned": np.array(base["models"]["tuned"]["test_pred_per_seed"]),
              **{v: np.array(r["test_pred_per_seed"]) for v, r in variants.items()}}
@@ -326,8 +326,9 @@ def main() -> None:
         variants = {}
         for name in [*earlier, *(v for v in chosen if v not in earlier)]:
             variants[name] = run_variant(prop, name, base, args)
-            results[prop] = summarise(prop, base, {"variants": variants}, args)
-            args.out.write_text(json.dumps(results, indent=1) + "\n")
+            results[prop] = summarise(prop, base, variants, args)
+            with atomic_output(args.out) as tmp:  # a killed run keeps the last whole result
+                Path(tmp).write_text(json.dumps(results, indent=1) + "\n")
             table_path.write_text(table(results))
             print_entry(results[prop])
 

@@ -126,13 +126,12 @@ def ood_scores(data: Path, prop: str, workdir: Path, max_records: int | None) ->
     for name, structures in groups.items():
         graphs = graphs_from_structures(structures, params.graph_settings())
         scores = ood.scores(embed(model, graphs, batch_size=bs))
-        warned = [bool(structure_warning(s) or w) for s, w in zip(structures, graph_warnings(graphs),
-                                                                  strict=True)]
+        vacuum = ["vacuum" in structure_warning(s) for s in structures]
+        warned = [v or bool(w) for v, w in zip(vacuum, graph_warnings(graphs), strict=True)]
         rows.append({"group": name, "n": len(scores), "median_score": float(np.median(scores)),
                      "p95_score": float(np.quantile(scores, 0.95)),
                      "flagged_fraction": float(np.mean(scores > ood.threshold)),
-                     "vacuum_warning_fraction": float(np.mean(
-                         ["vacuum" in structure_warning(s) for s in structures])),
+                     "vacuum_warning_fraction": float(np.mean(vacuum)),
                      "warning_fraction": float(np.mean(warned))})
     return {"property": prop, "model": "xie-2018 published checkpoint",
             "n_reference": len(ood.embeddings), "k": ood.k, "threshold": ood.threshold,

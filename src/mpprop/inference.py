@@ -71,11 +71,15 @@ def covalent_radii() -> np.ndarray:
     return radii
 
 
-def shortest_bond_ratios(cache: GraphCache) -> np.ndarray:
+def _crystal_of_edge(cache: GraphCache) -> np.ndarray:
+    return np.repeat(np.arange(len(cache)), np.diff(cache.edge_offsets))
+
+
+def shortest_bond_ratios(cache: GraphCache, crystal_of_edge: np.ndarray | None = None) -> np.ndarray:
     """Per crystal: min over its edges of distance / (sum of the two covalent radii); inf for
     a crystal without edges (the nearest neighbours are always among the edges)."""
-    n_edges = np.diff(cache.edge_offsets)
-    crystal_of_edge = np.repeat(np.arange(len(cache)), n_edges)
+    if crystal_of_edge is None:
+        crystal_of_edge = _crystal_of_edge(cache)
     first_atom = cache.atom_offsets[:-1][crystal_of_edge]
     radii = covalent_radii()[np.asarray(cache.atomic_numbers)]
     ratio = cache.edge_distance / (radii[first_atom + cache.edge_src]
@@ -89,14 +93,13 @@ def graph_warnings(cache: GraphCache) -> list[str]:
     """Per crystal of the cache: overlapping atoms (an edge shorter than OVERLAP_DISTANCE),
     bonds too short for the atoms' covalent radii (SHORT_BOND_RATIO: a compressed cell) and
     atoms with no neighbour within the radius (the convolution cannot see them)."""
-    n_edges = np.diff(cache.edge_offsets)
-    crystal_of_edge = np.repeat(np.arange(len(cache)), n_edges)
+    crystal_of_edge = _crystal_of_edge(cache)
     atom_of_edge = cache.atom_offsets[:-1][crystal_of_edge] + cache.edge_src
     edges_per_atom = np.bincount(atom_of_edge, minlength=int(cache.atom_offsets[-1]))
     lonely = np.add.reduceat(edges_per_atom == 0, cache.atom_offsets[:-1]) if len(cache) else []
     overlap = np.zeros(len(cache), bool)
     np.logical_or.at(overlap, crystal_of_edge, cache.edge_distance < OVERLAP_DISTANCE)
-    bond_ratio = shortest_bond_ratios(cache)
+    bond_ratio = shortest_bond_ratios(cache, crystal_of_edge)
     out = []
     for i in range(len(cache)):
         notes = []

@@ -799,6 +799,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     set_torch_threads(params.train.get("torch_threads"))
     device, precision = training_device(params.train)  # an absent device fails at once
     ws = open_workspace(params)
+    data = property_data(params, ws, prop)  # a property without labels fails before any study
 
     init_lock = StorageLock(url, "mpprop-init")
     claim = StorageLock(url, f"mpprop-claim-{study_name}")
@@ -828,7 +829,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         mlflow_kwargs={"nested": True, "experiment_id": exp_id},
         tag_trial_user_attrs=True,
     )
-    run_trial = mlflc.track_in_mlflow()(_TrialRunner(worker, property_data(params, ws, prop), claim))
+    run_trial = mlflc.track_in_mlflow()(_TrialRunner(worker, data, claim))
 
     def progress(study: optuna.Study, trial: FrozenTrial) -> None:
         name_trial_run(trial, prop)

@@ -23,8 +23,10 @@ predictions). Extrapolation (mpprop.stages.extrapolation): the top held out of t
 model per preset (seed 0), recall of the held-out top in the model's top of the candidate
 pool, with intervals and paired differences.
 Writes benchmarks/results/screening.json (per property and variant, resumable: studies,
-models and extrapolation rankings are cached in the workspace) and screening.md (the table;
-`--table` rewrites it alone).
+models and extrapolation rankings are cached in the workspace, and the result carries each
+variant's tuned hyperparameters, test predictions and extrapolation ranking, so a rerun on a
+fresh workspace restores them instead of retuning) and screening.md (the table; `--table`
+rewrites it alone).
 """
 
 from __future__ import annotations
@@ -122,13 +124,19 @@ def variant_overrides(root: Path, name: str, top_percent: float, tune_epochs: in
 
 
 def variant_hyperparams(root: Path, prop: str, name: str, overrides: list[str], base: dict,
-                        args: argparse.Namespace) -> tuple[Hyperparams, dict | None]:
-    """The variant's final hyperparameters, and its study's summary (tuned variants)."""
+                        args: argparse.Namespace, stored: dict | None
+                        ) -> tuple[Hyperparams, dict | None]:
+    """The variant's final hyperparameters, and its study's summary (tuned variants).
+    `stored`: the variant's record in an earlier result of this budget (its study is not
+    rerun)."""
     budget = base["budget"]
     spec = VARIANTS[name]
     if "objective" not in spec:
         mae_tuned = Hyperparams(**base["models"]["tuned"]["hyperparams"])
         return replace(mae_tuned, rank_weight=spec["rank_weight"]), None
+    if stored is not None:
+        print(f"[{prop}] {name}: hyperparameters of the stored result (study not rerun)", flush=True)
+        return Hyperparams(**stored["hyperparams"]), stored["tuning"]
     qargs = argparse.Namespace(trials=budget["tune_trials"], tune_epochs=budget["tune_epochs_per_trial"],
                                workers=args.workers)
     tuned = run_tuning(root, prop, qargs, overrides, study=f"{name}-{prop}",
@@ -182,19 +190,46 @@ def extrapolation_rankings(root: Path, prop: str, hps: dict[str, tuple[Hyperpara
     return done
 
 
-def run_variant(prop: str, name: str, base: dict, args: argparse.Namespace) -> dict:
-    """Tune (where the variant does) and train one variant (cached: a rerun reads it back)."""
+def restore_caches(root: Path, entry: dict) -> None:
+    """Write the final-model and extrapolation caches of an earlier result into a fresh
+    workspace (where absent), so that a rerun trains only what that result lacks."""
+    (root / "final").mkdir(exist_ok=True)
+    (root / "extrapolation").mkdir(exist_ok=True)
+    for name, v in entry.get("variants", {}).items():
+        for seed, pred in enumerate(v.get("test_pred_per_seed", [])):
+            out = root / "final" / f"{name}-{seed}-{v['hyperparams']['epochs']}.json"
+            if not out.exists():
+                out.write_text(json.dumps({"preset": name, "seed": seed,
+                                           "hyperparams": v["hyperparams"],
+                                           "test_pred": pred}) + "\n")
+    ext = entry.get("extrapolation", {})
+    for name, r in ext.get("rankings", {}).items():
+        out = root / "extrapolation" / f"{name}-{r['hyperparams']['epochs']}.json"
+        if not out.exists():
+            out.write_text(json.dumps({**r, "is_top": ext["is_top"]}) + "\n")
+
+
+def stored_variants(entry: dict, base: dict) -> dict[str, dict]:
+    """An earlier result's variants, where that result has quality's budget (else none)."""
+    same = {k: v for k, v in entry.get("budget", {}).items() if k in base["budget"]}
+    return entry.get("variants", {}) if same and same == base["budget"] else {}
+
+
+def run_variant(prop: str, name: str, base: dict, args: argparse.Namespace,
+                stored: dict | None = None) -> dict:
+    """Tune (where the variant does) and train one variant (cached: a rerun reads it back;
+    `stored`: its record in an earlier result)."""
     root = args.workdir / prop
     params = load_params(root / "params.yaml")
     top = float(params.train["screening_top_percent"])
     overrides = variant_overrides(root, name, top, base["budget"]["tune_epochs_per_trial"])
     t0 = time.perf_counter()
-    hp, tuning = variant_hyperparams(root, prop, name, overrides, base, args)
+    hp, tuning = variant_hyperparams(root, prop, name, overrides, base, args, stored)
     print(f"[{prop}] {name}: {hp.as_dict()}", flush=True)
     records = final_models(root, prop, name, overrides, hp, base["budget"]["seeds"], args.workers)
     return {"overrides": overrides, "hyperparams": hp.as_dict(), "tuning": tuning,
             "test_pred_per_seed": [r["test_pred"] for r in records],
-            "wall_seconds": time.perf_counter() - t0}
+            "wall_seconds": (stored or {}).get("wall_seconds", time.perf_counter() - t0)}
 
 
 def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.Namespace) -> dict:
@@ -227,7 +262,10 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
     eres = stats.bootstrap_resamples(len(is_top), budget["bootstrap_resamples"], quality.BOOTSTRAP_SEED)
     pool_preds = {name: np.array(e["pred"]) for name, e in ext.items()}
     extrapolation = {"n_top": int(is_top.sum()), "n_pool": len(is_top),
-                     "random_recall": float(is_top.mean()), "top_percent": ext_top}
+                     "random_recall": float(is_top.mean()), "top_percent": ext_top,
+                     "is_top": is_top.tolist(),
+                     "rankings": {name: {"hyperparams": e["hyperparams"], "pred": e["pred"]}
+                                  for name, e in ext.items()}}
     for name, pred in pool_preds.items():
         extrapolation[name] = bootstrap_recall(is_top, pred, better, eres).as_dict()
     for v in variants:
@@ -236,7 +274,8 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
                 is_top, pool_preds[v], pool_preds[b], better, eres).as_dict()
     return {"property": prop, "unit": base["unit"], "top_percent": top,
             "budget": {**budget, "extrapolation_seed": 0, "rank_weights_searched": RANK_WEIGHTS},
-            "variants": {v: {k: r[k] for k in ("overrides", "hyperparams", "tuning", "wall_seconds")}
+            "variants": {v: {k: r[k] for k in ("overrides", "hyperparams", "tuning",
+                                               "wall_seconds", "test_pred_per_seed")}
                          for v, r in variants.items()},
             "models": models, "paired": paired, "extrapolation": extrapolation}
 
@@ -320,12 +359,15 @@ def main() -> None:
     for prop in args.props or ["bulk_modulus", "band_gap"]:
         base = json.loads((args.quality_dir / f"{prop}.json").read_text())
         ensure_workspace(args.workdir / prop, prop, base, args)
-        # variants of earlier runs stay in the result (read back from the workspace cache)
-        earlier = [v for v in results.get(prop, {}).get("variants", {}) if v in VARIANTS]
+        # variants of an earlier run at this budget stay in the result (restored from it)
+        stored = stored_variants(results.get(prop, {}), base)
+        if stored:
+            restore_caches(args.workdir / prop, results[prop])
+        earlier = [v for v in stored if v in VARIANTS]
         chosen = args.variants or list(VARIANTS)
         variants = {}
         for name in [*earlier, *(v for v in chosen if v not in earlier)]:
-            variants[name] = run_variant(prop, name, base, args)
+            variants[name] = run_variant(prop, name, base, args, stored.get(name))
             results[prop] = summarise(prop, base, variants, args)
             with atomic_output(args.out) as tmp:  # a killed run keeps the last whole result
                 Path(tmp).write_text(json.dumps(results, indent=1) + "\n")

@@ -20,8 +20,8 @@ train.screening_top_percent (the metric's N). Each variant is trained for the fi
 with quality's seeds; on the fixed test set: MAE and top-N% precision with 95% bootstrap
 intervals, paired against the MAE-tuned and Xie models of quality.py (their stored test
 predictions). Extrapolation (mpprop.stages.extrapolation): the top held out of training, one
-model per preset (seed 0), recall of the held-out top in the model's top of the candidate
-pool, with intervals and paired differences.
+model per preset and seed (quality's seeds), recall of the held-out top in the model's top of
+the candidate pool averaged over seeds, with intervals and paired differences.
 Writes benchmarks/results/screening.json (per property and variant, resumable: studies,
 models and extrapolation rankings are cached in the workspace, and the result carries each
 variant's tuned hyperparameters, test predictions and extrapolation ranking, so a rerun on a
@@ -80,18 +80,19 @@ BASELINES = ("mae_tuned", "xie")
 
 
 def extrapolation_recall(root: Path, overrides: list[str], prop: str, hp: Hyperparams,
-                         top_percent: float, out: str) -> dict:
-    """One model trained without the top (a worker process, one torch thread); its ranking
-    of the candidate pool (mpprop.stages.extrapolation, as `mpprop evaluate --extrapolation`).
-    Writes `out` (the cache a rerun reads)."""
+                         top_percent: float, seed: int, out: str) -> dict:
+    """One model (model seed `seed`) trained without the top (a worker process, one torch
+    thread); its ranking of the candidate pool (mpprop.stages.extrapolation, as `mpprop
+    evaluate --extrapolation`). Writes `out` (the cache a rerun reads)."""
     import torch
 
     torch.set_num_threads(1)
     params = load_params(root / "params.yaml", overrides)
     data = property_data(params, open_workspace(params), prop)
     sp = extrapolation_split(data, top_percent, data.spec.better)
-    pred, _ = rank_candidates(params, data, sp, hp)
-    record = {"hyperparams": hp.as_dict(), "pred": pred.tolist(), "is_top": sp["cand_top"].tolist()}
+    pred, _ = rank_candidates(params, data, sp, hp, seed)
+    record = {"hyperparams": hp.as_dict(), "seed": seed, "pred": pred.tolist(),
+              "is_top": sp["cand_top"].tolist()}
     with atomic_output(out) as tmp:
         Path(tmp).write_text(json.dumps(record) + "\n")
     return record
@@ -168,26 +169,35 @@ def final_models(root: Path, prop: str, name: str, overrides: list[str], hp: Hyp
     return [records[s] for s in range(seeds)]
 
 
+def extrapolation_cache(root: Path, name: str, epochs: int, seed: int) -> Path:
+    """One extrapolation model's cached ranking (seed 0 keeps the one-seed name)."""
+    return root / "extrapolation" / f"{name}-{epochs}{'' if seed == 0 else f'-seed{seed}'}.json"
+
+
 def extrapolation_rankings(root: Path, prop: str, hps: dict[str, tuple[Hyperparams, list[str]]],
-                           top_percent: float, workers: int) -> dict[str, dict]:
-    """Each model's ranking of the extrapolation candidate pool (cached per model)."""
-    ext_dir = root / "extrapolation"
-    ext_dir.mkdir(exist_ok=True)
+                           top_percent: float, seeds: int, workers: int) -> dict[str, dict]:
+    """Each preset's ranking of the extrapolation candidate pool, one model per seed
+    (cached per model): {name: {"hyperparams", "pred_per_seed", "is_top"}}."""
+    (root / "extrapolation").mkdir(exist_ok=True)
     done, todo = {}, {}
     for name, (hp, overrides) in hps.items():
-        out = ext_dir / f"{name}-{hp.epochs}.json"
-        if out.exists():
-            done[name] = json.loads(out.read_text())
-        else:
-            todo[name] = (hp, overrides, str(out))
+        for seed in range(seeds):
+            out = extrapolation_cache(root, name, hp.epochs, seed)
+            if out.exists():
+                done[name, seed] = json.loads(out.read_text())
+            else:
+                todo[name, seed] = (hp, overrides, str(out))
     print(f"[{prop}] extrapolation: {len(todo)} models to train ({len(done)} done before)",
           flush=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {name: pool.submit(extrapolation_recall, root, ov, prop, hp, top_percent, out)
-                   for name, (hp, ov, out) in todo.items()}
-        done.update({name: f.result() for name, f in futures.items()})
-    return done
+        futures = {key: pool.submit(extrapolation_recall, root, ov, prop, hp, top_percent,
+                                    key[1], out)
+                   for key, (hp, ov, out) in todo.items()}
+        done.update({key: f.result() for key, f in futures.items()})
+    return {name: {"hyperparams": done[name, 0]["hyperparams"], "is_top": done[name, 0]["is_top"],
+                   "pred_per_seed": [done[name, s]["pred"] for s in range(seeds)]}
+            for name in hps}
 
 
 def restore_caches(root: Path, entry: dict) -> None:
@@ -204,9 +214,12 @@ def restore_caches(root: Path, entry: dict) -> None:
                                            "test_pred": pred}) + "\n")
     ext = entry.get("extrapolation", {})
     for name, r in ext.get("rankings", {}).items():
-        out = root / "extrapolation" / f"{name}-{r['hyperparams']['epochs']}.json"
-        if not out.exists():
-            out.write_text(json.dumps({**r, "is_top": ext["is_top"]}) + "\n")
+        # results older than the multi-seed extrapolation hold seed 0 alone, as "pred"
+        for seed, pred in enumerate(r.get("pred_per_seed", [r.get("pred")])):
+            out = extrapolation_cache(root, name, r["hyperparams"]["epochs"], seed)
+            if not out.exists():
+                out.write_text(json.dumps({"hyperparams": r["hyperparams"], "seed": seed,
+                                           "pred": pred, "is_top": ext["is_top"]}) + "\n")
 
 
 def stored_variants(entry: dict, base: dict) -> dict[str, dict]:
@@ -262,21 +275,22 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
         a, b = key.split("-")
         d["screening_signal_diff"] = stats.bootstrap_paired_difference(
             y, preds[a], preds[b], signal, res).as_dict()
-    # extrapolation: one model per preset, seed 0, the final epochs
+    # extrapolation: one model per preset and seed (quality's seeds), the final epochs
     base_overrides = shared_overrides(top)
     hps = {"xie": (final_hyperparams(root / "params.yaml", base_overrides, prop, "xie",
                                      budget["final_epochs"]), base_overrides),
            "mae_tuned": (Hyperparams(**base["models"]["tuned"]["hyperparams"]), base_overrides),
            **{v: (Hyperparams(**r["hyperparams"]), r["overrides"]) for v, r in variants.items()}}
     ext_top = float(params.raw["evaluate"]["extrapolation_top_percent"])
-    ext = extrapolation_rankings(root, prop, hps, ext_top, args.workers)
+    ext = extrapolation_rankings(root, prop, hps, ext_top, budget["seeds"], args.workers)
     is_top = np.array(ext["xie"]["is_top"])
     eres = stats.bootstrap_resamples(len(is_top), budget["bootstrap_resamples"], quality.BOOTSTRAP_SEED)
-    pool_preds = {name: np.array(e["pred"]) for name, e in ext.items()}
+    pool_preds = {name: np.array(e["pred_per_seed"]) for name, e in ext.items()}
     extrapolation = {"n_top": int(is_top.sum()), "n_pool": len(is_top),
                      "random_recall": float(is_top.mean()), "top_percent": ext_top,
                      "is_top": is_top.tolist(),
-                     "rankings": {name: {"hyperparams": e["hyperparams"], "pred": e["pred"]}
+                     "rankings": {name: {"hyperparams": e["hyperparams"],
+                                         "pred_per_seed": e["pred_per_seed"]}
                                   for name, e in ext.items()}}
     for name, pred in pool_preds.items():
         extrapolation[name] = bootstrap_recall(is_top, pred, better, eres).as_dict()
@@ -286,7 +300,8 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
                 is_top, pool_preds[v], pool_preds[b], better, eres).as_dict()
     return {"property": prop, "unit": base["unit"], "top_percent": top,
             "screening_percents": percents,
-            "budget": {**budget, "extrapolation_seed": 0, "rank_weights_searched": RANK_WEIGHTS},
+            "budget": {**budget, "extrapolation_seeds": budget["seeds"],
+                       "rank_weights_searched": RANK_WEIGHTS},
             "variants": {v: {k: r[k] for k in ("overrides", "hyperparams", "tuning",
                                                "wall_seconds", "test_pred_per_seed")}
                          for v, r in variants.items()},
@@ -335,7 +350,7 @@ def table(results: dict) -> str:
                 f"{b['tune_trials']} x {b['tune_epochs_per_trial']} epochs; final "
                 f"{b['final_epochs']} epochs x {b['seeds']} seeds; extrapolation: "
                 f"{ext['n_top']} top materials held out, pool of {ext['n_pool']}, random recall "
-                f"{ext['random_recall']:.2f})", "",
+                f"{ext['random_recall']:.2f}, {b.get('extrapolation_seeds', 1)} seed(s))", "",
                 f"| model | test MAE | top-{top:g}% precision | {span} precision "
                 "| extrapolation recall |", "|---|---|---|---|---|"]
         for name, m in r["models"].items():

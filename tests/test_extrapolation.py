@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mpprop.config import PropertySpec
 from mpprop.data import PropertyData
-from mpprop.stages.extrapolation import extrapolation_split, held_out_top, recall_at_top
+from mpprop.stages.extrapolation import (
+    bootstrap_recall,
+    bootstrap_recall_diff,
+    extrapolation_split,
+    held_out_top,
+    recall_at_top,
+    seed_mean_recall,
+)
 
 
 def test_held_out_top_follows_the_better_direction() -> None:
@@ -31,3 +39,17 @@ def test_split_keeps_the_top_out_of_training_and_in_the_candidates() -> None:
     assert sorted(sp["train_y"].tolist()) == [1.0, 2.0, 3.0]
     assert sorted(sp["cand_y"].tolist()) == [4.0, 9.0, 10.0]
     assert sorted(sp["cand_y"][sp["cand_top"]].tolist()) == [9.0, 10.0]
+
+
+def test_recall_averages_seeds_and_pairs_on_the_same_pool() -> None:
+    is_top = np.array([True, True, False, False, False])
+    good = np.array([9.0, 8, 1, 2, 3])  # finds both: recall 1
+    half = np.array([9.0, 1, 8, 2, 3])  # finds one: recall 0.5
+    assert seed_mean_recall(is_top, np.stack([good, half]), "higher") == 0.75
+    assert seed_mean_recall(is_top, good, "higher") == 1.0  # one seed as a 1-d array
+    whole = np.arange(5)[None, :]  # the identity resample: the point value alone
+    ci = bootstrap_recall(is_top, np.stack([good, half]), "higher", whole)
+    assert (ci.value, ci.low, ci.high) == (0.75, 0.75, 0.75)
+    d = bootstrap_recall_diff(is_top, np.stack([good, good]), np.stack([good, half]), "higher",
+                              np.repeat(whole, 3, axis=0))
+    assert d.value == pytest.approx(0.25) and d.low == pytest.approx(0.25)

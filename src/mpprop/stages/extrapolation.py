@@ -87,14 +87,16 @@ def _train_val(params: Params, sp: dict[str, np.ndarray]) -> tuple[np.ndarray, n
 
 
 def rank_candidates(params: Params, data: PropertyData, sp: dict[str, np.ndarray],
-                    hp: Hyperparams) -> tuple[np.ndarray, float]:
-    """Train one model (seed train.seed) without the held-out top; its predictions for the
-    candidate pool, and its best validation MAE."""
+                    hp: Hyperparams, seed: int | None = None) -> tuple[np.ndarray, float]:
+    """Train one model without the held-out top (model seed `seed`, default train.seed; the
+    train/val split is always train.seed's); its predictions for the candidate pool, and
+    its best validation MAE."""
     tr, va = _train_val(params, sp)
     sub = PropertyData(data.spec, data.cache, sp["train_rows"], sp["train_y"],
                        sp["cand_rows"], sp["cand_y"])
     device, precision = training_device(params.train)
-    result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, int(params.train["seed"]),
+    model_seed = int(params.train["seed"]) if seed is None else seed
+    result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, model_seed,
                          None, params.predict["batch_size"], LossSettings.from_train(params.train),
                          device, precision)
     loaded = LoadedModel("extrapolation", result.model, result.normalizer, data.spec, {})
@@ -150,15 +152,25 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str]) -> dic
     return out
 
 
+def seed_mean_recall(is_top: np.ndarray, preds: np.ndarray, better: str) -> float:
+    """recall_at_top averaged over the rows of (S, n) predictions (one row per seed; a 1-d
+    array is one seed)."""
+    return float(np.mean([recall_at_top(is_top, p, better) for p in np.atleast_2d(preds)]))
+
+
 def bootstrap_recall(is_top: np.ndarray, pred: np.ndarray, better: str,
-                      resamples: np.ndarray) -> stats.Interval:
-    values = np.array([recall_at_top(is_top[idx], pred[idx], better) for idx in resamples])
-    return stats.interval_of(recall_at_top(is_top, pred, better), values)
+                     resamples: np.ndarray) -> stats.Interval:
+    """Seed-averaged recall of (n,) or (S, n) predictions with its bootstrap interval."""
+    p = np.atleast_2d(pred)
+    values = np.array([seed_mean_recall(is_top[idx], p[:, idx], better) for idx in resamples])
+    return stats.interval_of(seed_mean_recall(is_top, p, better), values)
 
 
 def bootstrap_recall_diff(is_top: np.ndarray, a: np.ndarray, b: np.ndarray, better: str,
-                           resamples: np.ndarray) -> stats.Interval:
-    values = np.array([recall_at_top(is_top[idx], a[idx], better)
-                       - recall_at_top(is_top[idx], b[idx], better) for idx in resamples])
-    point = recall_at_top(is_top, a, better) - recall_at_top(is_top, b, better)
+                          resamples: np.ndarray) -> stats.Interval:
+    """recall(a) - recall(b) on the same resampled pool (each seed-averaged)."""
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    values = np.array([seed_mean_recall(is_top[idx], a[:, idx], better)
+                       - seed_mean_recall(is_top[idx], b[:, idx], better) for idx in resamples])
+    point = seed_mean_recall(is_top, a, better) - seed_mean_recall(is_top, b, better)
     return stats.interval_of(point, values)

@@ -148,6 +148,15 @@ def variant_hyperparams(root: Path, prop: str, name: str, overrides: list[str], 
     return hp, summary
 
 
+def read_cache(path: Path, hp: Hyperparams) -> dict | None:
+    """A cached model record, if there is one for these hyperparameters (one trained with
+    others, e.g. before quality's tuned preset changed, is trained again)."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record["hyperparams"] == hp.as_dict() else None
+
+
 def final_models(root: Path, prop: str, name: str, overrides: list[str], hp: Hyperparams,
                  seeds: int, workers: int) -> list[dict]:
     """The variant trained with each seed (cached per seed in the workspace)."""
@@ -156,8 +165,9 @@ def final_models(root: Path, prop: str, name: str, overrides: list[str], hp: Hyp
     jobs, records = [], {}
     for seed in range(seeds):
         out = final_dir / f"{name}-{seed}-{hp.epochs}.json"
-        if out.exists():
-            records[seed] = json.loads(out.read_text())
+        cached = read_cache(out, hp)
+        if cached is not None:
+            records[seed] = cached
         else:
             jobs.append((str(root), overrides, prop, name, hp.as_dict(), seed, str(out)))
     print(f"[{prop}] {name}: {len(jobs)} final models to train ({len(records)} done before)",
@@ -183,8 +193,9 @@ def extrapolation_rankings(root: Path, prop: str, hps: dict[str, tuple[Hyperpara
     for name, (hp, overrides) in hps.items():
         for seed in range(seeds):
             out = extrapolation_cache(root, name, hp.epochs, seed)
-            if out.exists():
-                done[name, seed] = json.loads(out.read_text())
+            cached = read_cache(out, hp)
+            if cached is not None:
+                done[name, seed] = cached
             else:
                 todo[name, seed] = (hp, overrides, str(out))
     print(f"[{prop}] extrapolation: {len(todo)} models to train ({len(done)} done before)",

@@ -157,14 +157,18 @@ def read_cache(path: Path, hp: Hyperparams) -> dict | None:
     return record if record["hyperparams"] == hp.as_dict() else None
 
 
+def final_cache(root: Path, name: str, epochs: int, seed: int) -> Path:
+    """One final model's cached record (test predictions)."""
+    return root / "final" / f"{name}-{seed}-{epochs}.json"
+
+
 def final_models(root: Path, prop: str, name: str, overrides: list[str], hp: Hyperparams,
                  seeds: int, workers: int) -> list[dict]:
     """The variant trained with each seed (cached per seed in the workspace)."""
-    final_dir = root / "final"
-    final_dir.mkdir(exist_ok=True)
+    (root / "final").mkdir(exist_ok=True)
     jobs, records = [], {}
     for seed in range(seeds):
-        out = final_dir / f"{name}-{seed}-{hp.epochs}.json"
+        out = final_cache(root, name, hp.epochs, seed)
         cached = read_cache(out, hp)
         if cached is not None:
             records[seed] = cached
@@ -218,7 +222,7 @@ def restore_caches(root: Path, entry: dict) -> None:
     (root / "extrapolation").mkdir(exist_ok=True)
     for name, v in entry.get("variants", {}).items():
         for seed, pred in enumerate(v.get("test_pred_per_seed", [])):
-            out = root / "final" / f"{name}-{seed}-{v['hyperparams']['epochs']}.json"
+            out = final_cache(root, name, v["hyperparams"]["epochs"], seed)
             if not out.exists():
                 out.write_text(json.dumps({"preset": name, "seed": seed,
                                            "hyperparams": v["hyperparams"],

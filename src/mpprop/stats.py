@@ -48,8 +48,9 @@ def _as_seed_matrix(preds: np.ndarray) -> np.ndarray:
     return preds[None, :] if preds.ndim == 1 else preds
 
 
-def _seed_mean(metric: Metric, y: np.ndarray, preds: np.ndarray) -> float:
-    return float(np.mean([metric(y, p) for p in preds]))
+def seed_mean(metric: Metric, y: np.ndarray, preds: np.ndarray) -> float:
+    """`metric` averaged over the seeds (rows) of (S, n) predictions; (n,) is one seed."""
+    return float(np.mean([metric(y, p) for p in _as_seed_matrix(preds)]))
 
 
 def bootstrap_resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -63,8 +64,8 @@ def bootstrap_metric(
 ) -> Interval:
     """Seed-averaged `metric` of (S, n) predictions with its bootstrap interval."""
     y, p = np.asarray(y_true, np.float64), _as_seed_matrix(preds)
-    values = np.array([_seed_mean(metric, y[idx], p[:, idx]) for idx in resamples])
-    return interval_of(_seed_mean(metric, y, p), values, level)
+    values = np.array([seed_mean(metric, y[idx], p[:, idx]) for idx in resamples])
+    return interval_of(seed_mean(metric, y, p), values, level)
 
 
 def bootstrap_paired_difference(
@@ -75,10 +76,10 @@ def bootstrap_paired_difference(
     y = np.asarray(y_true, np.float64)
     a, b = _as_seed_matrix(preds_a), _as_seed_matrix(preds_b)
     values = np.array([
-        _seed_mean(metric, y[idx], a[:, idx]) - _seed_mean(metric, y[idx], b[:, idx])
+        seed_mean(metric, y[idx], a[:, idx]) - seed_mean(metric, y[idx], b[:, idx])
         for idx in resamples
     ])
-    point = _seed_mean(metric, y, a) - _seed_mean(metric, y, b)
+    point = seed_mean(metric, y, a) - seed_mean(metric, y, b)
     return interval_of(point, values, level)
 
 

@@ -152,25 +152,28 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str]) -> dic
     return out
 
 
+def recall_metric(better: str) -> stats.Metric:
+    """recall_at_top as a metric of (is_top, pred), for the seed-averaged bootstraps of stats."""
+
+    def metric(is_top: np.ndarray, pred: np.ndarray) -> float:
+        return recall_at_top(is_top, pred, better)
+
+    return metric
+
+
 def seed_mean_recall(is_top: np.ndarray, preds: np.ndarray, better: str) -> float:
     """recall_at_top averaged over the rows of (S, n) predictions (one row per seed; a 1-d
     array is one seed)."""
-    return float(np.mean([recall_at_top(is_top, p, better) for p in np.atleast_2d(preds)]))
+    return stats.seed_mean(recall_metric(better), is_top, preds)
 
 
 def bootstrap_recall(is_top: np.ndarray, pred: np.ndarray, better: str,
                      resamples: np.ndarray) -> stats.Interval:
     """Seed-averaged recall of (n,) or (S, n) predictions with its bootstrap interval."""
-    p = np.atleast_2d(pred)
-    values = np.array([seed_mean_recall(is_top[idx], p[:, idx], better) for idx in resamples])
-    return stats.interval_of(seed_mean_recall(is_top, p, better), values)
+    return stats.bootstrap_metric(is_top, pred, recall_metric(better), resamples)
 
 
 def bootstrap_recall_diff(is_top: np.ndarray, a: np.ndarray, b: np.ndarray, better: str,
                           resamples: np.ndarray) -> stats.Interval:
     """recall(a) - recall(b) on the same resampled pool (each seed-averaged)."""
-    a, b = np.atleast_2d(a), np.atleast_2d(b)
-    values = np.array([seed_mean_recall(is_top[idx], a[:, idx], better)
-                       - seed_mean_recall(is_top[idx], b[:, idx], better) for idx in resamples])
-    point = seed_mean_recall(is_top, a, better) - seed_mean_recall(is_top, b, better)
-    return stats.interval_of(point, values)
+    return stats.bootstrap_paired_difference(is_top, a, b, recall_metric(better), resamples)

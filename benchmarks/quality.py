@@ -136,19 +136,19 @@ def final_hyperparams(params_file: Path, overrides: list[str], prop: str, preset
     return train_stage.final_hyperparams(params, prop, "tuned")
 
 
-def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict, seed: int,
-              out: str) -> dict:
-    """One final model (runs in a worker process with one torch thread); writes `out`."""
+def fit_final(root: str, overrides: list[str], prop: str, preset: str, hp: dict,
+              seed: int) -> tuple[Any, Any, Any, float]:
+    """One final model on the workspace's fixed train/val split of the non-test pool (in a
+    worker process with one torch thread): (FitResult, params, PropertyData, seconds)."""
     import torch
 
     from mpprop.data import open_workspace, property_data, train_val_split
     from mpprop.losses import LossSettings
-    from mpprop.training import EpochStats, fit_on_pool, predict
+    from mpprop.training import EpochStats, fit_on_pool
 
     torch.set_num_threads(1)
     params = load_params(Path(root) / "params.yaml", overrides)
-    ws = open_workspace(params)
-    data = property_data(params, ws, prop)
+    data = property_data(params, open_workspace(params), prop)
     tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"],
                              int(params.train["seed"]))
     hparams = Hyperparams(**hp)
@@ -161,11 +161,20 @@ def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict,
     t0 = time.perf_counter()
     result = fit_on_pool(hparams, params.graph_settings(), data, tr, va, seed, progress,
                          params.predict["batch_size"], LossSettings.from_train(params.train))
+    return result, params, data, time.perf_counter() - t0
+
+
+def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict, seed: int,
+              out: str) -> dict:
+    """One final model and its test predictions; writes `out`."""
+    from mpprop.training import predict
+
+    result, params, data, seconds = fit_final(root, overrides, prop, preset, hp, seed)
     pred = predict(result.model, result.normalizer, data.cache, data.test_rows,
                    params.predict["batch_size"])
     record = {"preset": preset, "seed": seed, "hyperparams": hp,
               "best_val_mae": result.best_val_mae, "best_epoch": result.best_epoch,
-              "seconds": time.perf_counter() - t0, "test_pred": pred.tolist()}
+              "seconds": seconds, "test_pred": pred.tolist()}
     with atomic_output(out) as tmp:  # a killed job leaves no half-written record
         Path(tmp).write_text(json.dumps(record) + "\n")
     return record

@@ -260,6 +260,31 @@ def run_variant(prop: str, name: str, base: dict, args: argparse.Namespace,
             "wall_seconds": (stored or {}).get("wall_seconds", time.perf_counter() - t0)}
 
 
+def compare_models(y: np.ndarray, preds: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                   resamples: np.ndarray, top_percent: float, better: str,
+                   percents: list[float]) -> tuple[dict, dict]:
+    """Each model's MAE, top-N% precision and precision averaged over `percents` (seed-
+    averaged, 95% bootstrap intervals over `resamples`), and the paired differences of
+    `pairs` ((a, b): a - b on the same resampled materials)."""
+    models = {k: quality.model_summary(y, p, resamples, top_percent, better)
+              for k, p in preds.items()}
+    paired = {f"{a}-{b}": quality.paired(y, preds[a], preds[b], resamples, top_percent, better)
+              for a, b in pairs}
+
+    # secondary: the screening studies' own objective (precision averaged over
+    # tune.screening_percents), less step-like than one N on few top materials
+    def signal(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        return stats.screening_signal(y_true, y_pred, percents, better)
+
+    for k, m in models.items():
+        m.pop("test_pred_per_seed", None)
+        m["screening_signal"] = stats.bootstrap_metric(y, preds[k], signal, resamples).as_dict()
+    for a, b in pairs:
+        paired[f"{a}-{b}"]["screening_signal_diff"] = stats.bootstrap_paired_difference(
+            y, preds[a], preds[b], signal, resamples).as_dict()
+    return models, paired
+
+
 def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.Namespace) -> dict:
     """Test metrics, paired differences and extrapolation of every variant (run_variant's
     records by name)."""
@@ -273,23 +298,9 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
     preds = {"xie": np.array(base["models"]["xie"]["test_pred_per_seed"]),
              "mae_tuned": np.array(base["models"]["tuned"]["test_pred_per_seed"]),
              **{v: np.array(r["test_pred_per_seed"]) for v, r in variants.items()}}
-    models = {k: quality.model_summary(y, p, res, top, better) for k, p in preds.items()}
-    paired = {f"{v}-{b}": quality.paired(y, preds[v], preds[b], res, top, better)
-              for v in variants for b in BASELINES}
-    # secondary: the screening studies' own objective (precision averaged over
-    # tune.screening_percents), less step-like than one N on the ~36 top test materials
     percents = [float(x) for x in params.tune["screening_percents"]]
-
-    def signal(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-        return stats.screening_signal(y_true, y_pred, percents, better)
-
-    for k, m in models.items():
-        m.pop("test_pred_per_seed", None)
-        m["screening_signal"] = stats.bootstrap_metric(y, preds[k], signal, res).as_dict()
-    for key, d in paired.items():
-        a, b = key.split("-")
-        d["screening_signal_diff"] = stats.bootstrap_paired_difference(
-            y, preds[a], preds[b], signal, res).as_dict()
+    models, paired = compare_models(y, preds, [(v, b) for v in variants for b in BASELINES],
+                                    res, top, better, percents)
     # extrapolation: one model per preset and seed (quality's seeds), the final epochs
     base_overrides = shared_overrides(top)
     hps = {"xie": (final_hyperparams(root / "params.yaml", base_overrides, prop, "xie",

@@ -146,7 +146,13 @@ def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: 
     for n in done:
         stored = np.array(specs[n]["stored_test_pred"][:seeds])
         again = np.array([records[n, s]["test_pred"] for s in range(seeds)])
-        models[n]["retrained_test_max_abs_diff"] = float(np.max(np.abs(again - stored)))
+        diff = float(np.max(np.abs(again - stored)))
+        models[n]["retrained_test_max_abs_diff"] = diff
+        # else these are models of the same recipe and seeds, not the very ones of the test table
+        models[n]["reproduced"] = diff <= REPRODUCE_TOLERANCE
+        if diff > REPRODUCE_TOLERANCE:
+            print(f"[{prop}] warning: {n} retrained gives test predictions up to {diff:.3g} away "
+                  "from the stored ones (another machine or torch?)", flush=True)
         models[n]["hyperparams"] = specs[n]["hyperparams"]
     result = {"property": prop, "unit": base["unit"], "better": better, "top_percent": top,
               "screening_percents": percents, "n_unseen": len(y),

@@ -206,3 +206,30 @@ def test_one_property_change_reruns_only_its_stages(pipeline: Path) -> None:
     finally:
         path.write_text(original)
     assert json.loads(dvc("status", "--json", cwd=pipeline)) == {}
+
+
+def test_extrapolation_evaluation_and_report_columns(pipeline: Path) -> None:
+    # last in this file: it adds metrics/<P>.extrapolation.json, which the report reads
+    prop = "band_gap"
+    sh([str(VENV_BIN / "mpprop"), "evaluate", "--property", prop, "--extrapolation"], pipeline)
+    out = json.loads((pipeline / f"metrics/{prop}.extrapolation.json").read_text())
+    split = json.loads((pipeline / f"data/splits/{prop}.json").read_text())
+    n_test, n_pool_part = len(split["test"]), len(split["pool"])
+    assert out["n_top"] == math.ceil((n_test + n_pool_part) * out["top_percent"] / 100)
+    # candidates: the random test set and the held-out top (some of it may be in the test set)
+    assert n_test <= out["n_pool"] <= n_test + out["n_top"]
+    held_out_of_pool = out["n_pool"] - n_test
+    assert out["n_train"] + out["n_val"] == n_pool_part - held_out_of_pool
+    assert out["random_recall"] == pytest.approx(out["n_top"] / out["n_pool"])
+    for preset in ("xie", "tuned"):
+        r = out[preset]
+        assert 0.0 <= r["recall_low"] <= r["recall"] <= r["recall_high"] <= 1.0
+        assert r["enrichment"] == pytest.approx(r["recall"] / out["random_recall"])
+    diff = out["paired:tuned-xie"]
+    assert diff["recall_diff"] == pytest.approx(out["tuned"]["recall"] - out["xie"]["recall"])
+
+    sh([str(VENV_BIN / "mpprop"), "report", "--no-mlflow"], pipeline)
+    markdown = (pipeline / "reports/table2.md").read_text()
+    assert "extrapolation recall xie" in markdown and "extrapolation recall tuned" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {prop} |"))
+    assert f"{out['xie']['recall']:.2f} [{out['xie']['recall_low']:.2f}" in row

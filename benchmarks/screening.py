@@ -148,13 +148,13 @@ def variant_hyperparams(root: Path, prop: str, name: str, overrides: list[str], 
     return hp, summary
 
 
-def read_cache(path: Path, hp: Hyperparams) -> dict | None:
+def read_cache(path: Path, hyperparams: dict) -> dict | None:
     """A cached model record, if there is one for these hyperparameters (one trained with
     others, e.g. before quality's tuned preset changed, is trained again)."""
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    return record if record["hyperparams"] == hp.as_dict() else None
+    return record if record["hyperparams"] == hyperparams else None
 
 
 def final_cache(root: Path, name: str, epochs: int, seed: int) -> Path:
@@ -169,7 +169,7 @@ def final_models(root: Path, prop: str, name: str, overrides: list[str], hp: Hyp
     jobs, records = [], {}
     for seed in range(seeds):
         out = final_cache(root, name, hp.epochs, seed)
-        cached = read_cache(out, hp)
+        cached = read_cache(out, hp.as_dict())
         if cached is not None:
             records[seed] = cached
         else:
@@ -197,7 +197,7 @@ def extrapolation_rankings(root: Path, prop: str, hps: dict[str, tuple[Hyperpara
     for name, (hp, overrides) in hps.items():
         for seed in range(seeds):
             out = extrapolation_cache(root, name, hp.epochs, seed)
-            cached = read_cache(out, hp)
+            cached = read_cache(out, hp.as_dict())
             if cached is not None:
                 done[name, seed] = cached
             else:

@@ -135,15 +135,14 @@ def seeds_done(specs: dict, records: dict, seeds: int) -> int:
 def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: np.ndarray,
               ids: list[str], params: object, n_resamples: int) -> tuple[dict, dict]:
     """Metrics over the first `seeds` seeds of every model, and the predictions file entry."""
-    done = list(specs)  # every model has `seeds` seeds here
     better, top = base["better"], float(base["top_percent"])
     percents = [float(x) for x in params.tune["screening_percents"]]
-    preds = {n: np.array([records[n, s]["unseen_pred"] for s in range(seeds)]) for n in done}
-    pairs = [(a, b) for a in done for b in screening.BASELINES
-             if b in done and a != b and not (a == "xie" and b == "mae_tuned")]
+    preds = {n: np.array([records[n, s]["unseen_pred"] for s in range(seeds)]) for n in specs}
+    pairs = [(a, b) for a in specs for b in screening.BASELINES
+             if b in specs and a != b and not (a == "xie" and b == "mae_tuned")]
     res = stats.bootstrap_resamples(len(y), n_resamples, quality.BOOTSTRAP_SEED)
     models, paired = screening.compare_models(y, preds, pairs, res, top, better, percents)
-    for n in done:
+    for n in specs:
         stored = np.array(specs[n]["stored_test_pred"][:seeds])
         again = np.array([records[n, s]["test_pred"] for s in range(seeds)])
         diff = float(np.max(np.abs(again - stored)))
@@ -166,7 +165,7 @@ def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: 
                    "models": {n: {"hyperparams": specs[n]["hyperparams"],
                                   "test_pred_per_seed": [records[n, s]["test_pred"]
                                                          for s in range(seeds)],
-                                  "unseen_pred_per_seed": preds[n].tolist()} for n in done}}
+                                  "unseen_pred_per_seed": preds[n].tolist()} for n in specs}}
     return result, predictions
 
 
@@ -230,8 +229,8 @@ def run_property(prop: str, args: argparse.Namespace, results: dict, predictions
     for seed in range(base["budget"]["seeds"]):  # seed-major: each round completes every model
         for name, spec in specs.items():
             out = cache_path(root, name, spec["hyperparams"]["epochs"], seed)
-            cached = json.loads(out.read_text()) if out.exists() else None
-            if cached is not None and cached["hyperparams"] == spec["hyperparams"]:
+            cached = screening.read_cache(out, spec["hyperparams"])
+            if cached is not None:
                 records[name, seed] = cached
             else:
                 jobs.append((str(root), str(root_all), spec["overrides"], prop, name,
@@ -247,7 +246,7 @@ def run_property(prop: str, args: argparse.Namespace, results: dict, predictions
         print(table({prop: results[prop]}), flush=True)
 
     t0 = time.perf_counter()
-    summarised = seeds_done(specs, records, n_seeds) if jobs else 0
+    summarised = seeds_done(specs, records, n_seeds)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
         futures = [pool.submit(unseen_job, *job) for job in jobs]
@@ -256,10 +255,10 @@ def run_property(prop: str, args: argparse.Namespace, results: dict, predictions
             records[rec["name"], rec["seed"]] = rec
             print(f"[{prop}] {rec['name']} seed {rec['seed']} done ({rec['seconds']:.0f} s; "
                   f"{i}/{len(jobs)}, {time.perf_counter() - t0:.0f} s)", flush=True)
-            if seeds_done(specs, records, n_seeds) > summarised:  # a round of seeds is complete
-                summarised = seeds_done(specs, records, n_seeds)
-                if summarised < n_seeds:
-                    write_summary(summarised)
+            rounds = seeds_done(specs, records, n_seeds)
+            if summarised < rounds < n_seeds:  # a round of seeds is complete: a partial result
+                write_summary(rounds)
+            summarised = rounds
     write_summary(n_seeds)
 
 

@@ -104,10 +104,10 @@ def _top_orders(y_true: np.ndarray, y_pred: np.ndarray, better: str) -> tuple[np
 
 def _precision_of_orders(true_order: np.ndarray, pred_order: np.ndarray,
                          top_percent: float) -> float:
-    n_top = max(1, int(np.ceil(len(true_order) * top_percent / 100.0)))
+    k = n_top(len(true_order), top_percent)
     is_true_top = np.zeros(len(true_order), dtype=bool)
-    is_true_top[true_order[:n_top]] = True
-    return 100.0 * int(is_true_top[pred_order[:n_top]].sum()) / n_top
+    is_true_top[true_order[:k]] = True
+    return 100.0 * int(is_true_top[pred_order[:k]].sum()) / k
 
 
 def screening_precision(

@@ -119,7 +119,7 @@ BAD = [
     ("property_specs.band_gap.better", "up", "property_specs.band_gap.better", "'higher'"),
     ("properties", [*SHIPPED["properties"], "density"], f"properties[{len(SHIPPED['properties'])}]",
      "no entry in property_specs"),
-    ("presets.xie.optimizer", "LBFGS", "presets.xie.optimizer", "'SGD', 'RAdam' or 'Adam'"),
+    ("presets.xie.optimizer", "LBFGS", "presets.xie.optimizer", "'SGD', 'RAdam', 'Adam' or 'AdamW'"),
     ("presets.xie.lr", 0, "presets.xie.lr", "must be > 0"),
     ("presets.xie.n_conv", 0, "presets.xie.n_conv", ">= 1"),
     ("presets.tuned", SHIPPED["presets"]["xie"], "presets.tuned", "reserved"),

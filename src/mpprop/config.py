@@ -292,6 +292,10 @@ class PresetEntry(Section):
     weight_decay: float | None = Field(default=None, ge=0)
     batch_size: PositiveInt | None = None
     ensemble: PositiveInt | None = None  # members trained (default train.ensemble)
+    # the modern recipe's extras (Hyperparams documents them; absent = off)
+    warmup_epochs: NonNegativeInt | None = None
+    ema_decay: float | None = Field(default=None, ge=0, lt=1)
+    early_stop_patience: NonNegativeInt | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ loss, as in RankNet-style pairwise learning to rank).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,8 +83,20 @@ class TrainingLoss:
         return loss
 
 
+def warmup_cosine_factor(epoch: int, warmup: int, epochs: int) -> float:
+    """LR multiplier after `epoch` scheduler steps: linear from 1/(warmup+1) to 1 over the
+    warm-up, then a cosine from 1 to 0 at `epochs`."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup)))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparams) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch: the paper's single x0.1 decay, or a cosine decay to 0."""
+    """Stepped once per epoch: the paper's single x0.1 decay, a cosine decay to 0, or a
+    linear warm-up then a cosine decay (warmup_cosine)."""
+    if hp.lr_schedule == "warmup_cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: warmup_cosine_factor(e, hp.warmup_epochs, hp.epochs))
     if hp.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[hp.lr_decay_epoch], gamma=0.1)

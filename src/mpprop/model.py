@@ -233,6 +233,38 @@ class CrystalGraphConvNet(nn.Module):
         return crys_fea
 
 
+# the layers a fine-tuned model takes from its parent (the atom embedding and the graph
+# convolutions); conv_to_fc, fcs and fc_out are the head, always new
+TRUNK_PREFIXES = ("embedding.", "convs.")
+
+
+class TrunkMismatchError(ValueError):
+    """A parent's trunk that does not fit the model being fine-tuned."""
+
+
+def trunk_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trunk's entries of a state_dict (TRUNK_PREFIXES), as CPU tensors."""
+    return {k: v.detach().cpu() for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
+
+
+def _trunk_shape(trunk: dict[str, torch.Tensor]) -> str:
+    n_conv = len({k.split(".")[1] for k in trunk if k.startswith("convs.")})
+    width = trunk["embedding.weight"].shape[0] if "embedding.weight" in trunk else "?"
+    return f"n_conv={n_conv}, atom_fea_len={width}"
+
+
+def load_trunk(model: CrystalGraphConvNet, trunk: dict[str, torch.Tensor]) -> None:
+    """Copy a parent's trunk weights into `model` (its head stays as initialised). A parent
+    with other layers or widths is a TrunkMismatchError that says both shapes."""
+    own = trunk_state(model.state_dict())
+    mismatched = set(own) ^ set(trunk) or {k for k in own if own[k].shape != trunk[k].shape}
+    if mismatched:
+        raise TrunkMismatchError(
+            f"the parent's trunk ({_trunk_shape(trunk)}) does not fit this model "
+            f"({_trunk_shape(own)}); first differing layer: {sorted(mismatched)[0]}")
+    model.load_state_dict(trunk, strict=False)
+
+
 # the original's classification variant has two classes (fc_out: h_fea_len -> 2)
 N_CLASSES = 2
 # index of the class whose probability a classifier predicts (label 1 of the training data)

@@ -11,13 +11,14 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-Optimizer = Literal["SGD", "RAdam", "Adam"]
+Optimizer = Literal["SGD", "RAdam", "Adam", "AdamW"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 # training loss on standardised targets; "huber" with delta train.huber_delta
 Loss = Literal["mse", "l1", "huber"]
 LOSSES: tuple[str, ...] = get_args(Loss)
-# step: LR x 0.1 once at lr_decay_epoch (the paper); cosine: cosine decay to 0 over the epochs
-LrSchedule = Literal["step", "cosine"]
+# step: LR x 0.1 once at lr_decay_epoch (the paper); cosine: cosine decay to 0 over the epochs;
+# warmup_cosine: linear warm-up over warmup_epochs, then cosine decay to 0
+LrSchedule = Literal["step", "cosine", "warmup_cosine"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 
@@ -72,10 +73,18 @@ class Hyperparams:
     lr_schedule: str = "step"
     # weight of the pairwise ranking term (losses.ranking_loss) added to the regression loss
     rank_weight: float = 0.0
+    # the modern recipe (0 = off, the paper's protocol): epochs of linear LR warm-up (with
+    # lr_schedule warmup_cosine), decay of an exponential moving average of the weights
+    # (validated, kept and saved instead of the raw weights), epochs without a better
+    # validation MAE before training stops
+    warmup_epochs: int = 0
+    ema_decay: float = 0.0
+    early_stop_patience: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be SGD, RAdam or Adam, not {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"not {self.optimizer!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -88,6 +97,13 @@ class Hyperparams:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_epochs < 0 or self.early_stop_patience < 0:
+            raise ConfigError("warmup_epochs and early_stop_patience must be >= 0")
+        if self.lr_schedule == "warmup_cosine" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs "
+                              f"({self.epochs})")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,9 +8,14 @@ it runs on a saved graph cache on a machine with nothing else. It runs where the
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +26,7 @@ from mpprop.batches import collect_in_row_order, iterate_batches
 from mpprop.device import autocast, pin_host_memory
 from mpprop.graph_cache import GraphCache
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
-from mpprop.model import CrystalGraphConvNet, Normalizer
+from mpprop.model import TRUNK_PREFIXES, CrystalGraphConvNet, Normalizer, load_trunk
 from mpprop.settings import GraphSettings, Hyperparams
 from mpprop.stats import screening_precision
 
@@ -48,9 +53,10 @@ def run_batches(
     rng: np.random.Generator | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     precision: str = "fp32",
+    after_step: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """One pass over `rows` on the model's device; trains when an optimizer is given, else
-    predicts.
+    predicts. `after_step` runs after every optimizer step (the weight average's update).
 
     Returns the standardised predictions in the order of `rows` (from the forward pass
     of each batch, i.e. before that batch's update when training). `loss_fn` (pred, target)
@@ -77,6 +83,8 @@ def run_batches(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
             positions.append(pos)
             outputs.append(out.detach())
     return collect_in_row_order(positions, outputs, np.empty(len(rows), dtype=np.float64))
@@ -95,14 +103,42 @@ def predict(
     return normalizer.denorm(run_batches(model, cache, rows, batch_size, precision=precision))
 
 
-def make_optimizer(model: nn.Module, hp: Hyperparams) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, hp: Hyperparams,
+                   trunk_lr_scale: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer of `hp`; with `trunk_lr_scale`, the trunk (model.TRUNK_PREFIXES) is its
+    own parameter group at lr x trunk_lr_scale (fine-tuning)."""
+    params: list | object = model.parameters()
+    if trunk_lr_scale is not None:
+        named = list(model.named_parameters())
+        trunk = [p for n, p in named if n.startswith(TRUNK_PREFIXES)]
+        head = [p for n, p in named if not n.startswith(TRUNK_PREFIXES)]
+        params = [{"params": trunk, "lr": hp.lr * trunk_lr_scale}, {"params": head}]
     if hp.optimizer == "SGD":
-        return torch.optim.SGD(
-            model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
     if hp.optimizer == "RAdam":
-        return torch.optim.RAdam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.RAdam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "AdamW":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """Start from a parent's trunk (model.trunk_state) with a new head; the trunk is frozen
+    for the first `freeze_epochs` epochs and trains at lr x `trunk_lr_scale`."""
+
+    trunk: dict[str, torch.Tensor]
+    freeze_epochs: int = 0
+    trunk_lr_scale: float = 1.0
+    parent: str = ""  # what the trunk came from (a registry name and version, a path)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{self.freeze_epochs}/{self.trunk_lr_scale}".encode())
+        for key in sorted(self.trunk):
+            h.update(key.encode())
+            h.update(self.trunk[key].numpy().tobytes())
+        return h.hexdigest()
 
 
 @dataclass
@@ -124,6 +160,8 @@ class FitResult:
 
 
 EpochCallback = Callable[[EpochStats], None]
+# torch's default, which the original CGCNN uses
+BATCH_NORM_MOMENTUM = 0.1
 
 
 def fit_on_pool(
@@ -138,6 +176,9 @@ def fit_on_pool(
     loss_settings: LossSettings,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    fine_tuning: FineTuning | None = None,
+    checkpoint: Path | str | None = None,
+    checkpoint_every: int = 1,
 ) -> FitResult:
     """`fit` on one train/val split of a property's non-test pool (indices into the pool),
     as both `mpprop train` and every tuning trial do."""
@@ -147,7 +188,8 @@ def fit_on_pool(
         data.pool_rows[val_idx], data.pool_targets[val_idx],
         seed=seed, on_epoch=on_epoch, eval_batch_size=eval_batch_size,
         loss_settings=loss_settings, better=data.spec.better, device=device,
-        precision=precision,
+        precision=precision, fine_tuning=fine_tuning, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
     )
 
 
@@ -176,19 +218,78 @@ def fit(
     better: str | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    fine_tuning: FineTuning | None = None,
+    checkpoint: Path | str | None = None,
+    checkpoint_every: int = 1,
 ) -> FitResult:
     """Train with target standardisation, the LR schedule of `hp`, best-val checkpointing.
 
     The loss is `hp.loss` plus `hp.rank_weight` x the ranking term (mpprop.losses), which
     needs `loss_settings` and the property's `better` direction; without loss_settings only
-    the plain MSE / L1 losses can be used.
+    the plain MSE / L1 losses can be used. With hp.ema_decay > 0 the exponential moving
+    average of the weights is what is validated and kept; hp.early_stop_patience > 0 stops
+    after that many epochs without a better validation MAE.
 
     The model is made on `device` (a torch device; mpprop.device.resolve_device turns
     `train.device` into one) and stays there; `precision` as in run_batches.
+    `fine_tuning` starts from a parent's trunk. `checkpoint`: a file where the whole training
+    state is saved every `checkpoint_every` epochs (atomically); a rerun with the same inputs
+    resumes from it and ends with the same weights as an uninterrupted run.
     `on_epoch` sees each epoch's stats; it may raise (e.g. optuna.TrialPruned) to stop.
     MAEs are in target units. Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or
     a target that is not finite is a TrainingDataError (a ValueError), before any training.
     """
+    _check_training_data(train_rows, train_targets, val_rows, val_targets)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    normalizer = Normalizer.fit(train_targets)
+    # made on the CPU, then moved: the same initial weights for a seed on every device
+    model = CrystalGraphConvNet(hp, graph)
+    if fine_tuning is not None:
+        load_trunk(model, fine_tuning.trunk)
+    model = model.to(device)
+    optimizer = make_optimizer(model, hp, fine_tuning.trunk_lr_scale if fine_tuning else None)
+    scheduler = make_scheduler(optimizer, hp)
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(hp.ema_decay),
+        use_buffers=True) if hp.ema_decay > 0 else None)
+    kept = ema.module if ema is not None else model  # the weights validated and kept
+    train_norm = normalizer.norm(train_targets)
+    loss_fn = _training_loss(hp, loss_settings, better, train_norm)
+    state = _TrainingState()
+    saver = None
+    if checkpoint is not None:
+        saver = _Checkpoint(Path(checkpoint), max(1, int(checkpoint_every)), _fingerprint(
+            hp, graph, seed, train_rows, train_targets, val_rows, val_targets, fine_tuning))
+        saver.resume(state, model, optimizer, scheduler, ema, rng)
+    after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
+    for epoch in range(state.epoch + 1, hp.epochs + 1):
+        if state.stopped_early(hp):
+            break
+        t0 = time.perf_counter()
+        _freeze_trunk(model, fine_tuning is not None and epoch <= fine_tuning.freeze_epochs)
+        train_pred = run_batches(model, cache, train_rows, hp.batch_size, train_norm,
+                                 optimizer, rng, loss_fn, precision, after_step)
+        scheduler.step()
+        train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
+        val_pred = predict(kept, normalizer, cache, val_rows, eval_batch_size, precision)
+        val_mae = float(np.mean(np.abs(val_pred - val_targets)))
+        stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0, val_pred)
+        if not np.isfinite(val_mae):
+            raise FloatingPointError(f"validation MAE is {val_mae} at epoch {epoch}: diverged")
+        state.record(stats, kept)
+        if saver is not None and (epoch % saver.every == 0 or epoch == hp.epochs):
+            saver.save(state, model, optimizer, ema, rng)
+        if on_epoch is not None:
+            on_epoch(stats)
+    assert state.best_state is not None
+    kept.load_state_dict(state.best_state)
+    kept.eval()
+    return FitResult(kept, normalizer, state.best_epoch, state.best_val, state.history)
+
+
+def _check_training_data(train_rows: np.ndarray, train_targets: np.ndarray,
+                         val_rows: np.ndarray, val_targets: np.ndarray) -> None:
     n_train, n_val = len(train_rows), len(val_rows)
     if n_train < MIN_TRAIN_LABELS or n_val < MIN_VAL_LABELS:
         raise TrainingDataError(
@@ -206,45 +307,117 @@ def fit(
             raise TrainingDataError(
                 f"{int((~np.isfinite(t)).sum())} {name} target(s) are not finite numbers"
             )
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    normalizer = Normalizer.fit(train_targets)
-    # made on the CPU, then moved: the same initial weights for a seed on every device
-    model = CrystalGraphConvNet(hp, graph).to(device)
-    optimizer = make_optimizer(model, hp)
-    scheduler = make_scheduler(optimizer, hp)
-    train_norm = normalizer.norm(train_targets)
+
+
+def _training_loss(hp: Hyperparams, loss_settings: LossSettings | None, better: str | None,
+                   train_norm: np.ndarray) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if loss_settings is None:
         if hp.loss == "huber" or hp.rank_weight > 0:
             raise ValueError(f"loss {hp.loss!r} with rank_weight {hp.rank_weight} needs loss_settings")
-        loss_fn = regression_loss(hp.loss, huber_delta=0.0)
-    else:
-        loss_fn = TrainingLoss(hp, loss_settings, better, train_norm)
-    best_state, best_val, best_epoch = None, float("inf"), -1
-    history: list[EpochStats] = []
-    for epoch in range(1, hp.epochs + 1):
-        t0 = time.perf_counter()
-        train_pred = run_batches(
-            model, cache, train_rows, hp.batch_size, train_norm, optimizer, rng, loss_fn,
-            precision,
-        )
-        scheduler.step()
-        train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
-        val_pred = predict(model, normalizer, cache, val_rows, eval_batch_size, precision)
-        val_mae = float(np.mean(np.abs(val_pred - val_targets)))
-        stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0, val_pred)
-        history.append(stats)
-        if not np.isfinite(val_mae):
-            raise FloatingPointError(f"validation MAE is {val_mae} at epoch {epoch}: diverged")
-        if val_mae < best_val:
-            best_val, best_epoch = val_mae, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if on_epoch is not None:
-            on_epoch(stats)
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(model, normalizer, best_epoch, best_val, history)
+        return regression_loss(hp.loss, huber_delta=0.0)
+    return TrainingLoss(hp, loss_settings, better, train_norm)
+
+
+def _freeze_trunk(model: nn.Module, frozen: bool) -> None:
+    # a frozen parameter gets no gradient (every optimizer here skips those), and the trunk's
+    # batch norms keep the parent's running statistics (momentum 0) while frozen
+    for name, module in model.named_modules():
+        if not name.startswith(tuple(p.rstrip(".") for p in TRUNK_PREFIXES)):
+            continue
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(not frozen)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0 if frozen else BATCH_NORM_MOMENTUM
+
+
+@dataclass
+class _TrainingState:
+    """What an epoch loop carries from one epoch to the next (all of it checkpointed)."""
+
+    epoch: int = 0
+    best_val: float = float("inf")
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[EpochStats] = field(default_factory=list)
+
+    def record(self, stats: EpochStats, kept: nn.Module) -> None:
+        self.epoch = stats.epoch
+        self.history.append(stats)
+        if stats.val_mae < self.best_val:
+            self.best_val, self.best_epoch = stats.val_mae, stats.epoch
+            self.best_state = copy.deepcopy(kept.state_dict())
+
+    def stopped_early(self, hp: Hyperparams) -> bool:
+        patience = hp.early_stop_patience
+        return bool(patience) and self.epoch - self.best_epoch >= patience
+
+
+def _fingerprint(hp: Hyperparams, graph: GraphSettings, seed: int, *arrays_and_init: object) -> str:
+    """Hash of everything that changes a training run, so a checkpoint resumes only its own."""
+    h = hashlib.sha256(json.dumps([hp.as_dict(), asdict(graph), seed], sort_keys=True).encode())
+    for item in arrays_and_init:
+        if isinstance(item, FineTuning):
+            h.update(item.digest().encode())
+        elif item is not None:
+            h.update(np.ascontiguousarray(item).tobytes())
+    return h.hexdigest()
+
+
+class CheckpointMismatchError(ValueError):
+    """A training checkpoint written for other settings or data."""
+
+
+@dataclass
+class _Checkpoint:
+    """The whole training state in one file, replaced atomically; read back with
+    torch.load(weights_only=True) (tensors, numbers, strings and containers only)."""
+
+    path: Path
+    every: int
+    fingerprint: str
+
+    def save(self, state: _TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
+             ema: torch.optim.swa_utils.AveragedModel | None, rng: np.random.Generator) -> None:
+        data = {
+            "fingerprint": self.fingerprint, "epoch": state.epoch,
+            "best_val": state.best_val, "best_epoch": state.best_epoch,
+            "best_state": state.best_state, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": json.dumps(rng.bit_generator.state),
+            "history": [[h.epoch, h.train_mae, h.val_mae, h.seconds] for h in state.history],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, self.path)
+
+    def resume(self, state: _TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler,
+               ema: torch.optim.swa_utils.AveragedModel | None,
+               rng: np.random.Generator) -> None:
+        if not self.path.exists():
+            return
+        device = model_device(model)
+        data = torch.load(self.path, map_location=device, weights_only=True)
+        if data.get("fingerprint") != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{self.path} is the checkpoint of another training run (other settings, "
+                "data or seed); remove it to start this one from scratch")
+        model.load_state_dict(data["model"])
+        optimizer.load_state_dict(data["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(data["ema"])
+        rng.bit_generator.state = json.loads(data["rng"])
+        # the schedulers here are functions of the epoch: replaying the steps restores them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "step before optimizer.step"
+            for _ in range(data["epoch"]):
+                scheduler.step()
+        optimizer.load_state_dict(data["optimizer"])
+        state.epoch, state.best_val = data["epoch"], data["best_val"]
+        state.best_epoch, state.best_state = data["best_epoch"], data["best_state"]
+        state.history = [EpochStats(int(e), t, v, s) for e, t, v, s in data["history"]]
 
 
 def evaluate(

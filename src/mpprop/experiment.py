@@ -1,0 +1,133 @@
+"""Experiments the benchmarks run: one configuration trained on a project's workspace, away
+from every property's fixed test set, resumable per epoch, with its test predictions kept.
+
+A job is named by a hash of everything that changes its result (property, hyperparameters,
+seed, validation share, the excluded materials, the parent trunk), so a finished job is
+never trained twice and a killed one resumes from its last checkpoint. Uses the core
+(data, training, bundle) and no MLflow, Optuna or click.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpprop.bundle import load_bundle, save_bundle
+from mpprop.data import PropertyData, load_split, property_data, train_val_split
+from mpprop.losses import LossSettings
+from mpprop.model import trunk_state
+from mpprop.snapshot import atomic_output
+from mpprop.training import EpochStats, FineTuning, fit, predict
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BUNDLE_FILE = "model.pt"
+RESULT_FILE = "result.json"
+
+
+def all_test_ids(params: Any, ws: Any) -> set[str]:
+    """Every material in any configured property's fixed test set: none of them may reach
+    the training, validation or pretraining of a model we report."""
+    ids: set[str] = set()
+    for prop in params.properties:
+        ids.update(load_split(params, ws, prop)["test"])
+    return ids
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to train: a property, its hyperparameters (a Hyperparams dict), a seed,
+    the validation share of the usable pool, and optionally a parent job's trunk."""
+
+    name: str
+    prop: str
+    hyperparams: dict[str, Any]
+    seed: int = 0
+    val_fraction: float = 0.1
+    parent: str | None = None  # name of the job whose trunk this one starts from
+    freeze_epochs: int = 0
+    trunk_lr_scale: float = 1.0
+
+    def key(self, excluded: set[str], parent_key: str | None) -> str:
+        payload = json.dumps([self.prop, self.hyperparams, self.seed, self.val_fraction,
+                              parent_key, self.freeze_epochs, self.trunk_lr_scale],
+                             sort_keys=True)
+        h = hashlib.sha256(payload.encode())
+        h.update("\n".join(sorted(excluded)).encode())
+        return h.hexdigest()[:16]
+
+
+def usable_rows(data: PropertyData, cache_ids: np.ndarray, excluded: set[str]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The property's pool rows (and targets) whose materials are in no test set."""
+    keep = np.array([cache_ids[r] not in excluded for r in data.pool_rows], dtype=bool)
+    return data.pool_rows[keep], data.pool_targets[keep]
+
+
+def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: Path,
+            excluded: set[str], parent_dir: Path | None = None,
+            progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `job` (or resume it, or read its finished result) in work/<name>-<key>/.
+
+    Writes the model bundle and result.json (test predictions, validation MAE, seconds and
+    CPU-hours at one thread) there; returns the result."""
+    parent_key = parent_dir.name.rsplit("-", 1)[-1] if parent_dir is not None else None
+    folder = work / f"{job.name}-{job.key(excluded, parent_key)}"
+    result_path = folder / RESULT_FILE
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    hp = hp_type(**job.hyperparams)
+    data = property_data(params, ws, job.prop)
+    rows, targets = usable_rows(data, ws.cache.material_id, excluded)
+    tr, va = train_val_split(len(rows), job.val_fraction, job.seed)
+    fine_tuning = None
+    if parent_dir is not None:
+        parent, _, _, _ = load_bundle(parent_dir / BUNDLE_FILE)
+        fine_tuning = FineTuning(trunk_state(parent.state_dict()), job.freeze_epochs,
+                                 job.trunk_lr_scale, parent=parent_dir.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds = _previous_seconds(folder)
+    t0 = time.perf_counter()
+
+    def on_epoch(s: EpochStats) -> None:
+        elapsed = seconds + time.perf_counter() - t0
+        (folder / "seconds.json").write_text(json.dumps({"seconds": elapsed}))
+        progress(f"{job.name} epoch {s.epoch}/{hp.epochs} train_mae {s.train_mae:.4f} "
+                 f"val_mae {s.val_mae:.4f} ({s.seconds:.0f} s; {elapsed / 3600:.2f} h)")
+
+    result = fit(hp, params.graph_settings(), ws.cache, rows[tr], targets[tr], rows[va],
+                 targets[va], seed=job.seed, on_epoch=on_epoch,
+                 eval_batch_size=params.predict["batch_size"],
+                 loss_settings=LossSettings.from_train(params.train), better=data.spec.better,
+                 fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE)
+    total = seconds + time.perf_counter() - t0
+    pred = predict(result.model, result.normalizer, ws.cache, data.test_rows,
+                   params.predict["batch_size"])
+    save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,
+                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
+                       "job": job.name, "parent": fine_tuning.parent if fine_tuning else ""})
+    record = {
+        "job": job.name, "property": job.prop, "hyperparams": job.hyperparams,
+        "seed": job.seed, "parent": fine_tuning.parent if fine_tuning else None,
+        "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(data.test_rows)),
+        "n_excluded_from_pool": int(len(data.pool_rows) - len(rows)),
+        "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
+        "epochs_run": len(result.history), "seconds": total, "cpu_hours": total / 3600,
+        "test_ids": ws.cache.material_id[data.test_rows].tolist(),
+        "test_pred": np.round(pred, 6).tolist(),
+        "test_mae": float(np.mean(np.abs(pred - data.test_targets))),
+    }
+    with atomic_output(result_path) as tmp:
+        Path(tmp).write_text(json.dumps(record) + "\n")
+    return record
+
+
+def _previous_seconds(folder: Path) -> float:
+    path = folder / "seconds.json"
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0

@@ -1,0 +1,131 @@
+"""Training that survives a kill (per-epoch checkpoints resumed exactly), fine-tuning from a
+parent's trunk, and the modern recipe's parts (AdamW, warm-up + cosine, EMA, early stop)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import nacl, small_structures
+
+from mpprop.config import ConfigError, GraphSettings, Hyperparams
+from mpprop.graphs import graphs_from_structures
+from mpprop.losses import warmup_cosine_factor
+from mpprop.model import CrystalGraphConvNet, TrunkMismatchError, load_trunk, trunk_state
+from mpprop.training import CheckpointMismatchError, EpochStats, FineTuning, fit
+
+SETTINGS = GraphSettings()
+MODERN = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01,
+                     lr_decay_epoch=100, optimizer="AdamW", epochs=6, batch_size=3,
+                     weight_decay=0.01, loss="l1", lr_schedule="warmup_cosine",
+                     warmup_epochs=2, ema_decay=0.9)
+
+
+class Killed(Exception):
+    """Stands in for a kill at a chosen epoch."""
+
+
+@pytest.fixture(scope="module")
+def cache():
+    structures = small_structures() + [nacl() * (1, 1, 2), nacl() * (2, 1, 1)]
+    return graphs_from_structures(structures, SETTINGS)
+
+
+def _fit(cache, hp=MODERN, **kw):
+    torch.set_num_threads(1)
+    y = np.array([0.1, -0.4, 0.7, 1.2, 0.3, 0.2])
+    return fit(hp, SETTINGS, cache, np.arange(4), y[:4], np.arange(4, 6), y[4:], seed=3, **kw)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_killed_training_resumes_to_the_same_weights(cache, tmp_path, every):
+    whole = _fit(cache)
+    ckpt = tmp_path / "run.ckpt"
+
+    def kill_at_4(s: EpochStats) -> None:
+        if s.epoch == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _fit(cache, checkpoint=ckpt, checkpoint_every=every, on_epoch=kill_at_4)
+    assert ckpt.exists()
+    seen: list[int] = []
+    resumed = _fit(cache, checkpoint=ckpt, checkpoint_every=every,
+                   on_epoch=lambda s: seen.append(s.epoch))
+    # every=1 saved epoch 4; every=2 saved epoch 4 as well (4 % 2 == 0): epochs 5, 6 rerun
+    assert seen == [5, 6]
+    _same_weights(whole.model, resumed.model)
+    assert [h.val_mae for h in resumed.history] == [h.val_mae for h in whole.history]
+    assert resumed.best_epoch == whole.best_epoch
+
+
+def test_checkpoint_of_other_settings_is_refused(cache, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    _fit(cache, hp=replace(MODERN, epochs=3), checkpoint=ckpt)
+    with pytest.raises(CheckpointMismatchError, match="another training run"):
+        _fit(cache, checkpoint=ckpt)
+
+
+def test_finished_checkpoint_trains_nothing_more(cache, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    first = _fit(cache, checkpoint=ckpt)
+    seen: list[int] = []
+    again = _fit(cache, checkpoint=ckpt, on_epoch=lambda s: seen.append(s.epoch))
+    assert seen == []
+    _same_weights(first.model, again.model)
+
+
+def test_ema_keeps_averaged_weights(cache):
+    plain = _fit(cache, hp=replace(MODERN, ema_decay=0.0))
+    averaged = _fit(cache)
+    # same seed, same raw trajectory: only the kept (averaged) weights differ
+    assert not torch.equal(plain.model.fc_out.weight, averaged.model.fc_out.weight)
+    assert set(averaged.model.state_dict()) == set(plain.model.state_dict())
+
+
+def test_early_stopping_stops_after_patience(cache):
+    hp = replace(MODERN, epochs=40, ema_decay=0.0, early_stop_patience=2, lr=0.3)
+    result = _fit(cache, hp=hp)
+    last = result.history[-1].epoch
+    assert last < 40
+    assert last - result.best_epoch == 2
+
+
+def test_warmup_cosine_factor():
+    f = [warmup_cosine_factor(e, 2, 10) for e in range(11)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(f[2:], f[3:], strict=False))
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        replace(MODERN, warmup_epochs=6)
+
+
+def test_fine_tuning_starts_from_the_parent_trunk_and_freezes_it(cache):
+    parent = _fit(cache, hp=replace(MODERN, ema_decay=0.0, epochs=3)).model
+    trunk = trunk_state(parent.state_dict())
+    assert trunk and all(k.startswith(("embedding.", "convs.")) for k in trunk)
+    frozen = _fit(cache, hp=replace(MODERN, ema_decay=0.0, epochs=3),
+                  fine_tuning=FineTuning(trunk, freeze_epochs=3))
+    # frozen for every epoch: the trunk is the parent's, the head has trained
+    for k, v in trunk.items():
+        if not k.endswith("num_batches_tracked"):  # a counter, unused at a set momentum
+            assert torch.equal(frozen.model.state_dict()[k], v), k
+    free = _fit(cache, hp=replace(MODERN, ema_decay=0.0, epochs=3),
+                fine_tuning=FineTuning(trunk, freeze_epochs=0, trunk_lr_scale=0.1))
+    assert not torch.equal(free.model.embedding.weight, trunk["embedding.weight"])
+
+
+def test_trunk_of_another_shape_is_one_line_error():
+    small = CrystalGraphConvNet(replace(MODERN, n_conv=2, atom_fea_len=16), SETTINGS)
+    big = CrystalGraphConvNet(replace(MODERN, n_conv=3, atom_fea_len=16), SETTINGS)
+    with pytest.raises(TrunkMismatchError, match=r"n_conv=3.*n_conv=2"):
+        load_trunk(small, trunk_state(big.state_dict()))

@@ -113,7 +113,7 @@ def trained(ws: Workspace) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def champion(ws: Workspace, trained: dict[str, dict]) -> str:
     """The champion's version (promoted here unless the promotion test already did)."""
-    from mpprop.stages.promote import get_version_by_alias
+    from mpprop.registry import get_version_by_alias
 
     mv = get_version_by_alias(ws.client(), f"mpprop-{PROP}", "champion")
     if mv is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mpprop.config import ConfigError, Params, load_params
+from mpprop.settings import OPTIMIZERS
 
 
 class ParamsError(click.ClickException):
@@ -123,30 +124,49 @@ def split(obj: Context, props: tuple[str, ...], overwrite: bool) -> None:
 @main.command()
 @click.option("--property", "prop", required=True, help="Property key, e.g. bulk_modulus.")
 @click.option("--preset", default="xie", show_default=True,
-              help="xie (the paper's baseline) or tuned (from `mpprop tune`).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--lr-decay-epoch", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--optimizer", type=click.Choice(["SGD", "RAdam", "Adam"]), default=None)
-@click.option("--n-conv", type=int, default=None)
-@click.option("--n-h", type=int, default=None)
-@click.option("--atom-fea-len", type=int, default=None)
-@click.option("--h-fea-len", type=int, default=None)
+              help="xie (the paper's baseline), modern (L1, AdamW, warm-up + cosine, EMA), "
+                   "tuned (from `mpprop tune`) or any name under presets: in params.yaml.")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the preset's).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the preset's).")
+@click.option("--lr-decay-epoch", type=int, default=None,
+              help="Epoch of the x0.1 step decay (lr_schedule step only).")
+@click.option("--batch-size", type=int, default=None, help="Crystals per batch.")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None,
+              help="Optimizer (default: the preset's).")
+@click.option("--n-conv", type=int, default=None, help="Graph convolution layers.")
+@click.option("--n-h", type=int, default=None, help="Hidden layers after pooling.")
+@click.option("--atom-fea-len", type=int, default=None, help="Atom feature length.")
+@click.option("--h-fea-len", type=int, default=None, help="Hidden feature length.")
 @click.option("--ensemble", type=click.IntRange(min=1), default=None,
               help="Members to train (default: presets.<preset>.ensemble or train.ensemble); "
                    "kept as one ensemble, or the best alone with -S train.ensemble_keep=best.")
+@click.option("--init-from", default=None,
+              help="Fine-tune: start from this model's trunk (atom embedding + convolutions) "
+                   "with a new head: mpprop-P@alias, NAME/VERSION, models:/..., a bundle "
+                   "file, or published:P. Default: train.init_from.")
+@click.option("--freeze-trunk-epochs", type=click.IntRange(min=0), default=None,
+              help="Epochs the parent's trunk stays fixed (default: train.freeze_trunk_epochs).")
+@click.option("--trunk-lr-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The trunk's learning rate is lr x this (default: train.trunk_lr_scale).")
 @pass_ctx
-def train(obj: Context, prop: str, preset: str, ensemble: int | None,
+def train(obj: Context, prop: str, preset: str, ensemble: int | None, init_from: str | None,
+          freeze_trunk_epochs: int | None, trunk_lr_scale: float | None,
           **overrides: object) -> None:
     """Train one property's CGCNN, evaluate it on the fixed test set, log it to MLflow."""
+    from mpprop.registry import RegistryError
     from mpprop.stages.train import train_property
 
     params = obj.params
     check_property(params, prop)
+    if freeze_trunk_epochs is not None:
+        params.train["freeze_trunk_epochs"] = freeze_trunk_epochs
+    if trunk_lr_scale is not None:
+        params.train["trunk_lr_scale"] = trunk_lr_scale
     try:
-        metrics = train_property(params, prop, preset, overrides, ensemble=ensemble)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+        metrics = train_property(params, prop, preset, overrides, ensemble=ensemble,
+                                 init_from=init_from)
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError,
+            RegistryError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(metrics, indent=2))
 
@@ -193,7 +213,7 @@ def tune(obj: Context, prop: str, n_trials: int | None, epochs: int | None,
 @pass_ctx
 def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
     """Register each property's best model by validation MAE; point `champion` at it."""
-    from mpprop.stages.promote import RegistryError
+    from mpprop.registry import RegistryError
     from mpprop.stages.promote import promote as promote_property
 
     params = obj.params

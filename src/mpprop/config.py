@@ -331,6 +331,11 @@ class TrainSection(Section):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # bf16 = autocast of the forward pass (weights and loss in float32); off by default
     precision: Literal["fp32", "bf16"] = "fp32"
+    # fine-tuning (registry.resolve_parent reads the reference) and per-epoch checkpoints
+    init_from: str | None = None
+    freeze_trunk_epochs: NonNegativeInt = 0
+    trunk_lr_scale: float = Field(default=1.0, gt=0)
+    checkpoint_every: NonNegativeInt = 1
 
 
 # ---------------------------------------------------------------- tune

@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import LoggedModelStatus, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mpprop.bundle import TASK_CLASSIFICATION, TASK_REGRESSION, BundleError, load_bundle
@@ -41,6 +40,12 @@ from mpprop.model import (
     load_checkpoint,
     pretrained_path,
     read_checkpoint,
+)
+from mpprop.registry import (
+    PARENT_TAGS,
+    RegistryError,
+    get_version_by_alias,
+    registered_name,
 )
 from mpprop.snapshot import SnapshotError, load_metadata, sha256_file
 from mpprop.tracking import (
@@ -90,14 +95,6 @@ METAL_CLASSIFIER_SPEC = PropertySpec(
 PRETRAINED_IMPORT_FORMAT = 2
 
 
-class RegistryError(RuntimeError):
-    """A registry operation that cannot be done (no candidate, no such alias, ...)."""
-
-
-def registered_name(params: Params, prop: str) -> str:
-    return f"{params.mlflow['registry_prefix']}{prop}"
-
-
 def current_snapshot_sha256(params: Params) -> str | None:
     """SHA-256 of the snapshot in data.snapshot_dir, or None where there is none here."""
 
@@ -115,22 +112,6 @@ def _tag(value: Any) -> str:
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-def _is_not_found(exc: MlflowException) -> bool:
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
-
-
-def get_version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    # via the registered model's alias map: a missing alias on an existing model raises
-    # INVALID_PARAMETER_VALUE from get_model_version_by_alias, not a "not found" code
-    try:
-        version = client.get_registered_model(name).aliases.get(alias)
-    except MlflowException as exc:
-        if _is_not_found(exc):
-            return None
-        raise
-    return None if version is None else client.get_model_version(name, str(version))
 
 
 def version_model_id(v: ModelVersion) -> str | None:
@@ -181,6 +162,7 @@ class Candidate:
     graph_cache_key: str | None
     start_time: int
     val_screening: float | None = None  # smoothed val top-N% precision (best_val_screening)
+    lineage: dict[str, str] = field(default_factory=dict)  # parent tags of a fine-tuned run
 
     def sort_key(self, select_by: str = "val_mae") -> tuple[float, float, int, str]:
         # ties go to the earlier run, so repeated promotions choose the same model
@@ -265,6 +247,7 @@ def find_candidates(
                 graph_cache_key=tags.get("graph_cache_key"),
                 start_time=int(r.info.start_time or 0),
                 val_screening=metrics.get(VAL_SCREENING_METRIC),
+                lineage={k: tags[k] for k in PARENT_TAGS if tags.get(k)},
             )
         )
     return out
@@ -345,6 +328,7 @@ def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Pr
                           else f"highest {VAL_SCREENING_METRIC}")
             + f" of {len(candidates)} candidate runs; the test set is not used to choose",
         }
+        tags.update(best.lineage)  # a fine-tuned model's version names its parent
         if _finite(best.test_mae):
             tags["test_mae"] = best.test_mae
         if _finite(best.test_screening_precision):

@@ -11,7 +11,9 @@ out-of-distribution reference (mpprop.ood) fitted on the train and validation em
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -34,6 +36,7 @@ from mpprop.inference import embed
 from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
+from mpprop.registry import resolve_parent
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
     KIND_TRAIN,
@@ -47,7 +50,15 @@ from mpprop.tracking import (
     save_bundle,
     setup_mlflow,
 )
-from mpprop.training import EpochStats, FitResult, fit_on_pool, predict, set_torch_threads
+from mpprop.training import (
+    CheckpointMismatchError,
+    EpochStats,
+    FineTuning,
+    FitResult,
+    fit_on_pool,
+    predict,
+    set_torch_threads,
+)
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
@@ -103,15 +114,23 @@ def train_property(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     ensemble: int | None = None,
+    init_from: str | None = None,
 ) -> dict[str, Any]:
     """Train one property's model(s), evaluate on the test set, log to MLflow; returns the
-    metrics (also written to models/<prop>/<preset>/metrics.json)."""
+    metrics (also written to models/<prop>/<preset>/metrics.json).
+
+    `init_from` (default train.init_from): a model reference (registry.resolve_parent) whose
+    trunk starts every member, fine-tuned with train.freeze_trunk_epochs and
+    train.trunk_lr_scale. Every member checkpoints each train.checkpoint_every epochs beside
+    the model folder; a rerun after a kill resumes it (the MLflow run is a new one)."""
     set_torch_threads(params.train.get("torch_threads"))
     device, precision = training_device(params.train)  # an absent device fails here, at once
     hp = final_hyperparams(params, prop, preset, overrides)
     k = n_members(params, preset, ensemble)
     keep = params.train["ensemble_keep"] if k > 1 else "all"
     graph = params.graph_settings()
+    ref = init_from or params.train.get("init_from")
+    parent = resolve_parent(params, ref) if ref else None
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
     seed = int(params.train["seed"])
@@ -137,7 +156,7 @@ def train_property(
         mlflow.set_tags({
             TAG_PROPERTY: prop, TAG_PRESET: preset, TAG_KIND: KIND_TRAIN,
             TAG_SNAPSHOT: ws.snapshot_sha256, TAG_GRAPH_KEY: ws.cache.key,
-            **process_tags(),
+            **process_tags(), **(parent.tags() if parent else {}),
         })
         mlflow.log_params({
             **hp.as_dict(), "property": prop, "preset": preset,
@@ -149,8 +168,16 @@ def train_property(
             "snapshot_date": ws.snapshot_meta.get("snapshot_date"),
             "graph_cache_key": ws.cache.key,
             **{f"graph_{key}": v for key, v in asdict(graph).items()},
+            "init_from": parent.label if parent else None,
+            "freeze_trunk_epochs": params.train["freeze_trunk_epochs"] if parent else None,
+            "trunk_lr_scale": params.train["trunk_lr_scale"] if parent else None,
         })
-        results = [_fit_member(params, hp, data, tr, va, seed, i, k, bar) for i in range(k)]
+        fine_tuning = (FineTuning(parent.trunk, int(params.train["freeze_trunk_epochs"]),
+                                  float(params.train["trunk_lr_scale"]), parent.label)
+                       if parent else None)
+        checkpoints = params.models_dir() / prop / f".{preset}-checkpoints"
+        results = [_fit_member(params, hp, data, tr, va, seed, i, k, bar, fine_tuning,
+                               checkpoints) for i in range(k)]
         bar.close()
         if keep == "best":
             results = [min(results, key=lambda r: r.best_val_mae)]
@@ -161,18 +188,21 @@ def train_property(
         bundle = save_bundle(
             unit / MODEL_FILE, results[0].model, results[0].normalizer, data.spec,
             extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
-                   "preset": preset, "ensemble": len(results)},
+                   "preset": preset, "ensemble": len(results),
+                   "parent": parent.label if parent else ""},
             members=[(r.model, r.normalizer) for r in results[1:]], ood=ood,
         )
         model_uri = log_model(bundle, name=f"{prop}-{preset}")
         metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
         pause_point("train.between_model_and_metrics")
         (unit / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: nothing to resume
     return metrics
 
 
 def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,
-                va: np.ndarray, seed: int, i: int, k: int, bar: tqdm) -> FitResult:
+                va: np.ndarray, seed: int, i: int, k: int, bar: tqdm,
+                fine_tuning: FineTuning | None, checkpoints: Path) -> FitResult:
     member_seed = seed + i
 
     def on_epoch(s: EpochStats) -> None:
@@ -185,9 +215,22 @@ def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndar
 
     train_idx = _member_split(tr, bool(params.train["ensemble_bootstrap"]) and k > 1, member_seed)
     device, precision = training_device(params.train)
-    return fit_on_pool(hp, params.graph_settings(), data, train_idx, va, member_seed, on_epoch,
-                       params.predict["batch_size"], LossSettings.from_train(params.train),
-                       device, precision)
+    every = int(params.train["checkpoint_every"])
+    checkpoint = checkpoints / f"member-{i}.pt" if every else None
+
+    def fit_member() -> FitResult:
+        return fit_on_pool(hp, params.graph_settings(), data, train_idx, va, member_seed,
+                           on_epoch, params.predict["batch_size"],
+                           LossSettings.from_train(params.train), device, precision,
+                           fine_tuning, checkpoint, max(1, every))
+
+    try:
+        return fit_member()
+    except CheckpointMismatchError:
+        # left by a killed run of other settings: this run starts afresh
+        tqdm.write(f"{checkpoint}: a killed run of other settings; starting from scratch")
+        checkpoint.unlink()
+        return fit_member()
 
 
 def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,

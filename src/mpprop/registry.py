@@ -1,0 +1,148 @@
+"""The model registry contract: registered names, aliases, version lookups, lineage tags, and
+resolving a model reference (`mpprop-P@alias`, `models:/...`, a bundle file, a published
+checkpoint) to the weights of a parent model.
+
+Owned here, read by the stages (promote, predict, train): no stage resolves a registry
+reference on its own. Only bundle files are read, with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mpprop.bundle import BundleError, load_bundle
+from mpprop.config import Params
+from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path, trunk_state
+from mpprop.settings import GraphSettings
+from mpprop.tracking import download_bundle
+
+# lineage of a fine-tuned model: on its training run and on its registry version
+TAG_PARENT_NAME = "mpprop.parent.name"
+TAG_PARENT_VERSION = "mpprop.parent.version"
+TAG_PARENT_RUN_ID = "mpprop.parent.run_id"
+TAG_PARENT_SOURCE = "mpprop.parent.source"
+PARENT_TAGS = (TAG_PARENT_NAME, TAG_PARENT_VERSION, TAG_PARENT_RUN_ID, TAG_PARENT_SOURCE)
+# `published:<property>`: the CGCNN checkpoint of Xie & Grossman 2018 for that property
+PUBLISHED_PREFIX = "published:"
+MODELS_PREFIX = "models:/"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (no candidate, no such alias, ...)."""
+
+
+def registered_name(params: Params, prop: str) -> str:
+    return f"{params.mlflow['registry_prefix']}{prop}"
+
+
+def is_not_found(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def get_version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    # via the registered model's alias map: a missing alias on an existing model raises
+    # INVALID_PARAMETER_VALUE from get_model_version_by_alias, not a "not found" code
+    try:
+        version = client.get_registered_model(name).aliases.get(alias)
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+@dataclass(frozen=True)
+class ParentModel:
+    """The trunk of a model to fine-tune from, and where it came from."""
+
+    trunk: dict[str, torch.Tensor]
+    graph_settings: GraphSettings
+    source: str  # the reference as given
+    name: str = ""  # registered model name, where it is one
+    version: str = ""
+    run_id: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.name else self.source
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_PARENT_NAME: self.name, TAG_PARENT_VERSION: self.version,
+                TAG_PARENT_RUN_ID: self.run_id, TAG_PARENT_SOURCE: self.source}
+
+
+def resolve_parent(params: Params, ref: str) -> ParentModel:
+    """The parent a `--init-from REF` names: a registered model (`mpprop-P@alias`,
+    `name/version`, `models:/name@alias`, `models:/name/N`), a bundle file, or a published
+    checkpoint (`published:<property>` or a `*.pth.tar` path). Its graph settings must be
+    params' (the trunk's filters read those Gaussians): else a RegistryError naming them."""
+    path = Path(ref).expanduser()
+    if ref.startswith(PUBLISHED_PREFIX) or ref.endswith(".pth.tar") or path.is_file():
+        parent = _parent_from_file(params, ref, path)
+    else:
+        parent = _parent_from_registry(params, ref)
+    wanted = params.graph_settings()
+    if parent.graph_settings != wanted:
+        diff = {k: (v, asdict(wanted)[k]) for k, v in asdict(parent.graph_settings).items()
+                if asdict(wanted)[k] != v}
+        raise RegistryError(
+            f"{parent.label} was trained on other graphs than params' `graph`: "
+            + ", ".join(f"{k} {a} (parent) vs {b}" for k, (a, b) in diff.items()))
+    return parent
+
+
+def _parent_from_file(params: Params, ref: str, path: Path) -> ParentModel:
+    graph = params.graph_settings()
+    if ref.startswith(PUBLISHED_PREFIX):
+        prop = ref[len(PUBLISHED_PREFIX):]
+        if prop not in PRETRAINED_FILES:
+            raise RegistryError(f"no published checkpoint for {prop!r}; known: "
+                                + ", ".join(PRETRAINED_FILES))
+        path = pretrained_path(prop)
+    if not path.is_file():
+        raise RegistryError(f"{ref}: no such file")
+    try:
+        if path.name.endswith(".pth.tar"):
+            # the original format stores no graph settings: it was made with the defaults
+            model, _, _ = load_checkpoint(path, graph)
+            return ParentModel(trunk_state(model.state_dict()), GraphSettings(), ref)
+        model, _, _, _ = load_bundle(path)
+    except (BundleError, ValueError, RuntimeError, KeyError) as exc:
+        raise RegistryError(f"{ref}: not a loadable model: {exc}") from exc
+    return ParentModel(trunk_state(model.state_dict()), model.graph_settings, ref)
+
+
+def _parent_from_registry(params: Params, ref: str) -> ParentModel:
+    mlflow.set_tracking_uri(params.tracking_uri())
+    client = MlflowClient()
+    spec = ref[len(MODELS_PREFIX):] if ref.startswith(MODELS_PREFIX) else ref
+    try:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            mv = get_version_by_alias(client, name, alias)
+            if mv is None:
+                raise RegistryError(f"{ref}: {name} has no version with alias {alias!r}")
+        elif "/" in spec:
+            name, version = spec.split("/", 1)
+            mv = client.get_model_version(name, version)
+        else:
+            raise RegistryError(f"{ref}: not a file, and not a registered model as "
+                                "NAME@ALIAS, NAME/VERSION or models:/...")
+    except MlflowException as exc:
+        raise RegistryError(f"{ref}: {exc.message.splitlines()[0]}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            model, _, _, _ = load_bundle(download_bundle(f"models:/{mv.name}/{mv.version}", tmp))
+        except (BundleError, MlflowException, OSError) as exc:
+            raise RegistryError(f"{mv.name} v{mv.version}: its model cannot be read: "
+                                f"{str(exc).splitlines()[0]}") from exc
+    return ParentModel(trunk_state(model.state_dict()), model.graph_settings, ref,
+                       mv.name, str(mv.version), mv.run_id or "")

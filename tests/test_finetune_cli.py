@@ -1,0 +1,125 @@
+"""`mpprop train --init-from`: fine-tuning from a registered model, a bundle file or a
+published checkpoint on real MP records; lineage on the run and the registry version;
+one-line errors for references that do not fit."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import REPO, require_shared_data
+from mlflow.tracking import MlflowClient
+
+from mpprop.bundle import load_bundle
+from mpprop.cli import main
+from mpprop.config import load_params
+from mpprop.model import trunk_state
+from mpprop.registry import TAG_PARENT_NAME, TAG_PARENT_RUN_ID, TAG_PARENT_VERSION
+
+PROP = "bulk_modulus"
+N_RECORDS = 60
+pytestmark = pytest.mark.e2e  # real MP records from ../shared/data
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(batch_size=16, torch_threads=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    records = []
+    with gzip.open(require_shared_data(), "rt") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get(PROP) is not None:
+                records.append(line)
+                if len(records) == N_RECORDS:
+                    break
+    source = root / "records.jsonl.gz"
+    with gzip.open(source, "wt") as fh:
+        fh.writelines(records)
+    for args in (["-S", f"data.path={source}", "fetch"], ["featurize", "--workers", "1"],
+                 ["split", "--property", PROP]):
+        cli(root, *args)
+    return root
+
+
+def cli(root: Path, *args: str, ok: bool = True) -> str:
+    result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *args])
+    assert (result.exit_code == 0) == ok, result.output + repr(result.exception)
+    return result.output
+
+
+def metrics_of(output: str) -> dict:
+    return json.loads(output[output.index("{"):])
+
+
+def test_fine_tuning_from_the_registry_records_the_parent(project):
+    parent = metrics_of(cli(project, "train", "--property", PROP, "--epochs", "2"))
+    cli(project, "promote", "--property", PROP)
+    parent_trunk = trunk_state(load_bundle(project / f"models/{PROP}/xie/model.pt")[0].state_dict())
+
+    child = metrics_of(cli(project, "train", "--property", PROP, "--preset", "xie",
+                           "--epochs", "2", "--init-from", f"mpprop-{PROP}@champion",
+                           "--freeze-trunk-epochs", "2"))
+    # frozen for both epochs: the child's trunk is the parent's, its head is its own
+    child_state = load_bundle(project / f"models/{PROP}/xie/model.pt")[0].state_dict()
+    for key, value in parent_trunk.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(child_state[key], value), key
+    assert not torch.equal(child_state["fc_out.weight"],
+                           load_bundle_fc_out(project, parent["run_id"]))
+
+    mlflow.set_tracking_uri(load_params(project / "params.yaml").tracking_uri())
+    client = MlflowClient()
+    tags = client.get_run(child["run_id"]).data.tags
+    assert tags[TAG_PARENT_NAME] == f"mpprop-{PROP}"
+    assert tags[TAG_PARENT_VERSION] == "1"
+    assert tags[TAG_PARENT_RUN_ID] == parent["run_id"]
+    assert client.get_run(child["run_id"]).data.params["init_from"] == f"mpprop-{PROP} v1"
+
+    # the registry version of a fine-tuned model names its parent too
+    from mpprop.stages.promote import find_candidates
+
+    snapshot = tags["snapshot_sha256"]
+    lineage = {c.run_id: c.lineage for c in find_candidates(client, PROP, snapshot)}
+    assert lineage[child["run_id"]][TAG_PARENT_RUN_ID] == parent["run_id"]
+    assert lineage[parent["run_id"]] == {}
+
+
+def load_bundle_fc_out(project: Path, run_id: str) -> torch.Tensor:
+    from mpprop.tracking import download_bundle
+
+    mlflow.set_tracking_uri(load_params(project / "params.yaml").tracking_uri())
+    model_id = next(m.model_id for m in mlflow.search_logged_models(output_format="list")
+                    if m.source_run_id == run_id)
+    path = download_bundle(f"models:/{model_id}", project / "dl")
+    return load_bundle(path)[0].state_dict()["fc_out.weight"]
+
+
+def test_references_that_do_not_fit_are_one_line_errors(project):
+    # the published bulk-modulus checkpoint is the Xie architecture: it loads
+    cli(project, "train", "--property", PROP, "--epochs", "1", "--init-from",
+        "published:bulk_modulus")
+    # another architecture: names both shapes
+    out = cli(project, "train", "--property", PROP, "--epochs", "1", "--n-conv", "2",
+              "--init-from", "published:bulk_modulus", ok=False)
+    assert "n_conv=4, atom_fea_len=64" in out and "n_conv=2" in out
+    assert "Traceback" not in out
+    # other graph settings: names the setting
+    out = cli(project, "-S", "graph.max_neighbors=8", "train", "--property", PROP, "--epochs",
+              "1", "--init-from", "published:bulk_modulus", ok=False)
+    assert "max_neighbors 12 (parent) vs 8" in out
+    for ref, message in (("no-such-model@champion", "no-such-model"),
+                         ("published:density", "no published checkpoint for 'density'"),
+                         ("nothing-here.pt", "not a file, and not a registered model")):
+        out = cli(project, "train", "--property", PROP, "--epochs", "1", "--init-from", ref,
+                  ok=False)
+        assert message in out, out
+        assert len(out.strip().splitlines()) == 1, out

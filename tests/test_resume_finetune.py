@@ -129,3 +129,24 @@ def test_trunk_of_another_shape_is_one_line_error():
     big = CrystalGraphConvNet(replace(MODERN, n_conv=3, atom_fea_len=16), SETTINGS)
     with pytest.raises(TrunkMismatchError, match=r"n_conv=3.*n_conv=2"):
         load_trunk(small, trunk_state(big.state_dict()))
+
+
+def test_element_offsets_carry_the_composition_part(cache):
+    # targets that are exactly a per-element sum: the least-squares references explain
+    # them, so the untrained network's part is small and the fit starts near the answer
+    refs = {11: -1.3, 17: -1.8, 14: -5.4, 55: -0.9, 3: -1.9, 26: -8.3, 8: -4.9}
+    x = cache.composition(np.arange(len(cache)))
+    y = x[:, list(refs)] @ np.array(list(refs.values()))
+    hp = replace(MODERN, element_offsets=True, epochs=3, ema_decay=0.0)
+    result = fit(hp, SETTINGS, cache, np.arange(4), y[:4], np.arange(4, 6), y[4:], seed=0,
+                 on_epoch=None)
+    assert result.model.element_offsets.shape == (101,)
+    # the train rows' compositions are reproduced to float precision by the references
+    offsets = result.model.element_offsets.double().numpy() * result.normalizer.std
+    np.testing.assert_allclose(x[:4] @ offsets + result.normalizer.mean, y[:4], atol=1e-5)
+    # saved and loaded with the weights (a bundle round trip keeps the buffer)
+    state = result.model.state_dict()
+    assert "element_offsets" in state
+    fresh = CrystalGraphConvNet(hp, SETTINGS)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.element_offsets, result.model.element_offsets)

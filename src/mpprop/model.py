@@ -28,7 +28,7 @@ from torch import nn
 
 from mpprop import kernels
 from mpprop.batches import Batch
-from mpprop.graph_cache import atom_feature_table, gaussian_centers
+from mpprop.graph_cache import N_ELEMENT_ROWS, atom_feature_table, gaussian_centers
 from mpprop.settings import GraphSettings, Hyperparams
 
 ORIG_ATOM_FEA_LEN = 92
@@ -200,10 +200,26 @@ class CrystalGraphConvNet(nn.Module):
             )
             self.softpluses = nn.ModuleList([nn.Softplus() for _ in range(hp.n_h - 1)])
         self.fc_out = nn.Linear(hp.h_fea_len, 1)
+        if hp.element_offsets:
+            # per-element references in standardised units, set by training (fit), saved
+            # with the weights; absent otherwise, so the original checkpoints still load
+            self.register_buffer("element_offsets", torch.zeros(N_ELEMENT_ROWS))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Standardised prediction per crystal, shape (n_crystals,)."""
-        return self.fc_out(self.embed(batch)).squeeze(1)
+        out = self.fc_out(self.embed(batch)).squeeze(1)
+        if self.hyperparams.element_offsets:
+            out = out + self.composition_offset(batch)
+        return out
+
+    def composition_offset(self, batch: Batch) -> torch.Tensor:
+        """sum_Z x_Z e_Z per crystal (x_Z: element fractions), i.e. the mean over its atoms
+        of the per-element offsets."""
+        per_atom = self.element_offsets.index_select(0, batch.atomic_numbers)
+        total = torch.zeros(batch.n_crystals, dtype=per_atom.dtype, device=per_atom.device)
+        total.index_add_(0, batch.crystal_index, per_atom)
+        counts = torch.bincount(batch.crystal_index, minlength=batch.n_crystals).clamp_min(1)
+        return total / counts.to(per_atom.dtype)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """The crystal feature vector the output layer reads, shape (n_crystals, h_fea_len):

@@ -80,6 +80,10 @@ class Hyperparams:
     warmup_epochs: int = 0
     ema_decay: float = 0.0
     early_stop_patience: int = 0
+    # per-element reference offsets: a composition-weighted sum of per-element values fitted
+    # by least squares on the train split, with the network learning the rest (as machine-
+    # learned potentials do for total energies)
+    element_offsets: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

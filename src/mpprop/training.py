@@ -245,6 +245,8 @@ def fit(
     normalizer = Normalizer.fit(train_targets)
     # made on the CPU, then moved: the same initial weights for a seed on every device
     model = CrystalGraphConvNet(hp, graph)
+    if hp.element_offsets:
+        normalizer = _fit_element_offsets(model, cache, train_rows, train_targets)
     if fine_tuning is not None:
         load_trunk(model, fine_tuning.trunk)
     model = model.to(device)
@@ -307,6 +309,21 @@ def _check_training_data(train_rows: np.ndarray, train_targets: np.ndarray,
             raise TrainingDataError(
                 f"{int((~np.isfinite(t)).sum())} {name} target(s) are not finite numbers"
             )
+
+
+def _fit_element_offsets(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray,
+                         targets: np.ndarray) -> Normalizer:
+    """Per-element references by least squares on the train split (composition fractions
+    x, y ~ x.w), put into the model in standardised units; the returned normalizer
+    standardises the rest, y - x.w, which is what the network learns."""
+    x = cache.composition(rows)
+    present = np.flatnonzero(x.any(axis=0))
+    w = np.zeros(x.shape[1])
+    w[present] = np.linalg.lstsq(x[:, present], targets, rcond=None)[0]
+    normalizer = Normalizer.fit(targets - x @ w)
+    with torch.no_grad():
+        model.element_offsets.copy_(torch.as_tensor(w / normalizer.std, dtype=torch.float32))
+    return normalizer
 
 
 def _training_loss(hp: Hyperparams, loss_settings: LossSettings | None, better: str | None,

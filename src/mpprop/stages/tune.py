@@ -40,7 +40,7 @@ import optuna
 import pandas as pd
 import torch
 import yaml
-from optuna.samplers import BaseSampler, TPESampler
+from optuna.samplers import BaseSampler, GPSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration.mlflow import MLflowCallback
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
@@ -180,22 +180,31 @@ def derive_seed(base_seed: int, trial_number: int, stream: int) -> int:
     return int(seq.generate_state(1)[0])
 
 
-class TrialSeededTPESampler(BaseSampler):
-    """TPE whose random state is reseeded from (seed, trial number) before every trial.
+SAMPLER_LABELS = {"tpe": "TPE(constant_liar, reseeded per trial)",
+                  "gp": "GPSampler(reseeded per trial)"}
+
+
+class TrialSeededSampler(BaseSampler):
+    """TPE (or the Gaussian-process sampler, `tune.sampler: gp`) whose random state is
+    reseeded from (seed, trial number) before every trial.
 
     Why: workers that all seed TPE with the same `tune.sampler_seed` would otherwise draw
     the same "random" start-up configurations, in lockstep. Reseeding by trial number keeps
     a single-worker study reproducible and gives every trial of a parallel study its own
     draw. `constant_liar` makes TPE treat other workers' running trials as bad, so they do
-    not all crowd around the same point.
+    not all crowd around the same point. Optuna's guide places TPE at 100+ trials and the GP
+    sampler below that; the GP sampler has no constant liar.
     """
 
-    def __init__(self, seed: int, constant_liar: bool = True) -> None:
+    def __init__(self, seed: int, constant_liar: bool = True, kind: str = "tpe") -> None:
         self._seed = int(seed)
         self._constant_liar = constant_liar
+        self._kind = kind
         self._tpe = self._make(self._seed)
 
-    def _make(self, seed: int) -> TPESampler:
+    def _make(self, seed: int) -> BaseSampler:
+        if self._kind == "gp":
+            return GPSampler(seed=seed)
         return TPESampler(seed=seed, constant_liar=self._constant_liar)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -626,7 +635,7 @@ def _parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
             "property": prop,
             "study_name": study.study_name,
             "epochs": study.user_attrs[ATTR_EPOCHS],
-            "sampler": "TPE(constant_liar, reseeded per trial)",
+            "sampler": SAMPLER_LABELS[tune["sampler"]],
             "sampler_seed": tune["sampler_seed"],
             "pruner": pruner_label(params) if prune else "none",
             "search_space": yaml.safe_dump(search_space(params), default_flow_style=True).strip(),
@@ -884,7 +893,7 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
     mlflow.set_experiment(experiment_id=exp_id)
     study = optuna.create_study(
         storage=storage_obj, study_name=study_name, directions=directions,
-        sampler=TrialSeededTPESampler(int(tune["sampler_seed"])),
+        sampler=TrialSeededSampler(int(tune["sampler_seed"]), kind=tune["sampler"]),
         pruner=make_pruner(params, int(epochs or tune["epochs"]), prune), load_if_exists=True,
     )
     if not study.metric_names:

@@ -123,3 +123,26 @@ def test_references_that_do_not_fit_are_one_line_errors(project):
                   ok=False)
         assert message in out, out
         assert len(out.strip().splitlines()) == 1, out
+
+
+def test_tuning_with_a_parent_searches_the_fine_tuning_settings(project):
+    out = cli(project, "-S", "train.init_from=published:bulk_modulus",
+              "-S", "tune.search_space.trunk_lr_scale=[0.1, 0.5]",
+              "-S", "tune.search_space.freeze_trunk_epochs={low: 0, high: 1}",
+              "-S", "tune.pruner_warmup_steps=5",
+              "tune", "--property", PROP, "--n-trials", "2", "--epochs", "1",
+              "--study-name", "ft-study")
+    assert "trial" in out
+    tuned = yaml.safe_load((project / f"tuned/{PROP}.yaml").read_text())
+    # the published trunk is the Xie architecture: it wins over what the sampler drew
+    assert tuned["hyperparams"]["n_conv"] == 4 and tuned["hyperparams"]["atom_fea_len"] == 64
+    ft = tuned["fine_tuning"]
+    assert ft["init_from"] == "published:bulk_modulus"
+    assert ft["trunk_lr_scale"] in (0.1, 0.5) and ft["freeze_trunk_epochs"] in (0, 1)
+    # train --preset tuned starts from the same parent with the tuned settings
+    child = metrics_of(cli(project, "train", "--property", PROP, "--preset", "tuned",
+                           "--epochs", "1"))
+    mlflow.set_tracking_uri(load_params(project / "params.yaml").tracking_uri())
+    run = MlflowClient().get_run(child["run_id"])
+    assert run.data.params["init_from"] == "published:bulk_modulus"
+    assert float(run.data.params["trunk_lr_scale"]) == ft["trunk_lr_scale"]

@@ -38,6 +38,14 @@ class Context:
         return self._params
 
 
+class RefusedError(click.ClickException):
+    """An argument refused because using it would destroy data (an --output that is an input
+    or in a project folder): `Error: <message>` in one line and exit code 2, like a usage
+    error, but without the usage text."""
+
+    exit_code = 2
+
+
 pass_ctx = click.make_pass_decorator(Context)
 
 
@@ -275,7 +283,12 @@ def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
               help="Structure folder, list file (.txt), structure file, snapshot folder or "
                    ".jsonl(.gz) of MP records; repeatable.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="CSV to write (atomically).")
+              help="CSV to write (atomically). Never an input, a file in an input folder or "
+                   "list, or in the project's data, models, tracking or .dvc folders; an "
+                   "existing file only if it is an earlier prediction CSV.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --output that is not an earlier prediction CSV "
+                   "(inputs and project folders stay refused).")
 @click.option("--alias", default=None, help="Registry alias (default: mlflow.champion_alias).")
 @click.option("--version", type=int, default=None, help="Registry version instead of an alias.")
 @click.option("--batch-size", type=int, default=None,
@@ -283,11 +296,18 @@ def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
 @click.option("--fail-on-error", is_flag=True,
               help="Exit non-zero (1) if any row has an error (the CSV is still written).")
 @pass_ctx
-def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
+def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, overwrite: bool,
             alias: str | None, version: int | None, batch_size: int | None,
             fail_on_error: bool) -> None:
     """Predict properties of structures with registered models; one CSV row per structure."""
-    from mpprop.stages.predict import PredictError, resolve_models, run_prediction
+    from mpprop.inference import StructureLimits
+    from mpprop.stages.predict import (
+        OutputRefused,
+        PredictError,
+        check_prediction_output,
+        resolve_models,
+        run_prediction,
+    )
 
     params = obj.params
     if prop != "all":
@@ -295,12 +315,18 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path,
     if alias and version is not None:
         raise click.UsageError("give --alias or --version, not both")
     try:
+        # before any model is loaded: a refused --output writes nothing
+        check_prediction_output(params, list(inputs), output, overwrite)
+    except OutputRefused as exc:
+        raise RefusedError(str(exc)) from exc
+    try:
         models = resolve_models(params, prop, alias, version)
     except PredictError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         summary = run_prediction(
-            models, list(inputs), output, batch_size or int(params.predict["batch_size"])
+            models, list(inputs), output, batch_size or int(params.predict["batch_size"]),
+            limits=StructureLimits.from_params(params.predict),
         )
     except PredictError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -367,22 +393,38 @@ def report(obj: Context, no_mlflow: bool) -> None:
 @click.option("--input", "inputs", multiple=True, required=True,
               type=click.Path(path_type=Path), help="As for `mpprop predict`; repeatable.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="X.npy (+ X.ids.txt) or X.parquet.")
+              help="X.npy (+ X.ids.txt) or X.parquet; refused where `predict --output` is, "
+                   "an existing file only if `mpprop embed` wrote it.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing files that `mpprop embed` did not write (inputs and "
+                   "project folders stay refused).")
 @click.option("--alias", default=None, help="Registry alias (default: mlflow.champion_alias).")
 @click.option("--version", type=int, default=None, help="Registry version instead of an alias.")
 @pass_ctx
-def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, alias: str | None,
-          version: int | None) -> None:
+def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, overwrite: bool,
+          alias: str | None, version: int | None) -> None:
     """Crystal feature vectors (the vector the model's output layer reads) of any input."""
-    from mpprop.stages.predict import PredictError, resolve_models, run_embedding
+    from mpprop.inference import StructureLimits
+    from mpprop.stages.predict import (
+        OutputRefused,
+        PredictError,
+        check_embedding_output,
+        resolve_models,
+        run_embedding,
+    )
 
     params = obj.params
     check_property(params, prop)
     if alias and version is not None:
         raise click.UsageError("give --alias or --version, not both")
     try:
+        check_embedding_output(params, list(inputs), output, overwrite)
+    except OutputRefused as exc:
+        raise RefusedError(str(exc)) from exc
+    try:
         (model,) = resolve_models(params, prop, alias, version)
-        summary = run_embedding(model, list(inputs), output, int(params.predict["batch_size"]))
+        summary = run_embedding(model, list(inputs), output, int(params.predict["batch_size"]),
+                                limits=StructureLimits.from_params(params.predict))
     except PredictError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(summary.format())

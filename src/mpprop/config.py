@@ -53,6 +53,8 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 TRAIN_DEFAULTS = ("batch_size", "momentum", "weight_decay", "loss", "lr_schedule", "rank_weight")
 # graph settings a study may search (each value its own graph cache, built on demand)
 GRAPH_SEARCHABLE = ("radius", "max_neighbors", "gaussian_step")
+# fine-tuning settings a study may search when train.init_from is set
+FINETUNE_SEARCHABLE = ("freeze_trunk_epochs", "trunk_lr_scale")
 # percentile: the paper's PercentilePruner; hyperband: Optuna's HyperbandPruner (budget-aware)
 Pruner = Literal["percentile", "hyperband"]
 
@@ -341,7 +343,8 @@ class TrainSection(Section):
 
 # ---------------------------------------------------------------- tune
 # the Hyperparams fields a study may search (epochs is tune.epochs)
-SEARCHABLE = tuple(f.name for f in fields(Hyperparams) if f.name != "epochs") + GRAPH_SEARCHABLE
+SEARCHABLE = (tuple(f.name for f in fields(Hyperparams) if f.name != "epochs")
+              + GRAPH_SEARCHABLE + FINETUNE_SEARCHABLE)
 
 
 class SearchRange(Section):
@@ -455,6 +458,12 @@ class PredictSection(Section):
     # the published band-gap model (xie-2018) saw non-metals only: 0 where the published
     # metal classifier says metal (the CSV's model column names the classifier); false = off
     xie_band_gap_metal_gate: bool = True
+    # bounds on one structure's work, checked before the neighbour search
+    # (inference.StructureLimits, whose defaults these are; 0 = no bound): rows outside
+    # them get an error naming the number, the batch goes on
+    max_atoms: NonNegativeInt = 1000
+    min_volume_per_atom: float = Field(default=1.0, ge=0)  # Å^3; crystals have > ~5
+    min_distance: float = Field(default=0.3, ge=0)  # Å, periodic images included
 
 
 # ---------------------------------------------------------------- evaluate, report

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,58 @@ def write_split(path: Path, split: dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(split, indent=1) + "\n")
 
 
+def _remake(path: Path) -> str:
+    return f"rerun `mpprop split --property {path.stem} --overwrite`"
+
+
+def _json_text(value: Any, limit: int = 40) -> str:
+    """A JSON value as the file has it, cut short for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_split(path: Path, split: Any) -> dict[str, Any]:
+    """`split` (the parsed JSON of `path`) if it is a usable split: an object whose `test` and
+    `pool` are lists of material ids (strings), none twice, none in both (a test material in
+    the pool would be trained on and then scored as unseen). Else a one-line SplitError
+    naming the file and the problem."""
+    if not isinstance(split, dict):
+        raise SplitError(f"{path}: must be a JSON object with the lists `test` and `pool` "
+                         f"(got {_json_text(split)}); {_remake(path)}")
+    for key in ("test", "pool"):
+        ids = split.get(key)
+        if not isinstance(ids, list):
+            got = "nothing" if key not in split else _json_text(ids)
+            raise SplitError(f"{path}: `{key}` must be a list of material ids (got {got}); "
+                             f"{_remake(path)}")
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise SplitError(f"{path}: `{key}` must hold material ids as strings (got "
+                             f"{_json_text(bad[0])}); {_remake(path)}")
+        repeated = [i for i, n in Counter(ids).items() if n > 1]
+        if repeated:
+            raise SplitError(f"{path}: {len(repeated)} ids occur more than once in `{key}` "
+                             f"(e.g. {repeated[0]}); {_remake(path)}")
+    both = set(split["test"]).intersection(split["pool"])
+    if both:
+        raise SplitError(f"{path}: {len(both)} ids are in both test and pool (e.g. "
+                         f"{min(both)}); {_remake(path)}")
+    return split
+
+
 def read_split(path: Path) -> dict[str, Any]:
+    """The split file `mpprop split` wrote, checked (check_split); any problem, unreadable
+    JSON included, is a one-line SplitError naming the file."""
     if not path.exists():
         raise SplitError(f"split file {path} not found; run `mpprop split`")
-    return json.loads(path.read_text())
+    try:
+        split = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise SplitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}); {_remake(path)}") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise SplitError(f"{path}: cannot be read as JSON ({exc}); {_remake(path)}") from None
+    return check_split(path, split)
 
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,11 +230,17 @@ def load_split(params: Any, ws: Workspace, prop: str) -> dict[str, Any]:
     stage owns it), checked against the current snapshot."""
     path = split_path(params, prop)
     split = read_split(path)
-    if split.get("snapshot_sha256") != ws.snapshot_sha256:
+    made_from = split.get("snapshot_sha256")
+    if made_from != ws.snapshot_sha256:
         raise SplitError(
-            f"{path} was made from snapshot {split.get('snapshot_sha256', '?')[:12]}, not the "
+            f"{path} was made from snapshot {str(made_from or '?')[:12]}, not the "
             f"current {ws.snapshot_sha256[:12]}; rerun `mpprop split`"
         )
+    known = set(ws.cache.material_id.tolist())
+    missing = [m for m in split["test"] + split["pool"] if m not in known]
+    if missing:
+        raise SplitError(f"{path}: {len(missing)} ids are not in the snapshot's graph cache "
+                         f"(e.g. {missing[0]}); {_remake(path)}")
     return split
 
 

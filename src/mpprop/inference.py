@@ -4,14 +4,19 @@ every model run on them. Used by `mpprop predict` and by the served MLflow model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
 from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
-from pymatgen.core import Element, Structure
+from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core.periodic_table import DummySpecies
+from pymatgen.io.cif import CifParser
 
 from mpprop.batches import collect_in_row_order, iterate_batches
 from mpprop.bundle import LoadedModel, ensemble_mean_std, gate_metals
@@ -34,6 +39,106 @@ VACUUM_GAP = 6.0  # Å
 # crystals at 0.5x lattice: 99.8% below, at 0.7x: 19%); the OOD score flags only a third of
 # the 0.5x cells
 SHORT_BOND_RATIO = 0.6
+# lattice translations whose shortest one, on an LLL-reduced basis, is the shortest lattice
+# vector (the 26 neighbours of the origin)
+_IMAGES = np.array([v for v in itertools.product((-1, 0, 1), repeat=3) if any(v)], dtype=float)
+# pairs of sites per block of the shortest-distance check (bounds its memory)
+_DISTANCE_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StructureLimits:
+    """Bounds on the work one structure may cost, checked before the neighbour search
+    (predict.max_atoms, predict.min_volume_per_atom, predict.min_distance; 0 = no bound).
+
+    The search visits every periodic image within the graph radius: a cell far denser than
+    any crystal (a 0.02 Å cube: 8e-6 Å^3 per atom) or with a tiny lattice vector has
+    millions of them (18 GB, 29 s for one atom), so such cells are refused, not searched.
+    Real crystals have > ~5 Å^3 per atom and bonds > 0.7 Å (H2); the warning for atoms
+    closer than OVERLAP_DISTANCE stays a warning above min_distance. The defaults are those
+    of params.yaml; the served model (tracking.CGCNNPyfunc) uses them too.
+    """
+
+    max_atoms: int = 1000
+    min_volume_per_atom: float = 1.0  # Å^3
+    min_distance: float = 0.3  # Å, periodic images included
+
+    @classmethod
+    def from_params(cls, predict: Mapping[str, Any]) -> StructureLimits:
+        """The limits of params `predict:` (defaults where a key is absent)."""
+        default = cls()
+        return cls(
+            max_atoms=int(predict.get("max_atoms", default.max_atoms)),
+            min_volume_per_atom=float(predict.get("min_volume_per_atom",
+                                                  default.min_volume_per_atom)),
+            min_distance=float(predict.get("min_distance", default.min_distance)),
+        )
+
+
+DEFAULT_LIMITS = StructureLimits()
+
+
+def shortest_distance(structure: Structure) -> float:
+    """The shortest distance (Å) between two atoms, periodic images included (an atom and its
+    own image: the shortest lattice vector). Minimum image on the LLL-reduced lattice
+    (pymatgen's pbc_shortest_vectors), O(n^2) in blocks: call it after the atom count check."""
+    lattice = Lattice(structure.lattice.matrix)  # periodic in 3D, as the graphs are
+    shortest = float(np.linalg.norm(_IMAGES @ lattice.lll_matrix, axis=1).min())
+    frac = structure.frac_coords
+    n = len(frac)
+    step = max(1, _DISTANCE_BLOCK // max(n, 1))
+    for lo in range(0, n if n > 1 else 0, step):
+        d = lattice.get_all_distances(frac[lo:lo + step], frac)
+        rows = np.arange(len(d))
+        d[rows, lo + rows] = np.inf  # an atom and itself (the zero translation)
+        shortest = min(shortest, float(d.min()))
+    return shortest
+
+
+def limit_error(structure: Structure, limits: StructureLimits = DEFAULT_LIMITS) -> str:
+    """Why a structure would cost unbounded work ('' if it would not): the cheap checks first,
+    the O(n^2) distance check only on cells within max_atoms."""
+    n = len(structure)
+    if limits.max_atoms and n > limits.max_atoms:
+        return (f"{n} atoms is above predict.max_atoms ({limits.max_atoms}): too large to "
+                "featurize here")
+    volume = abs(float(np.linalg.det(structure.lattice.matrix))) / n
+    if volume < limits.min_volume_per_atom:
+        return (f"volume per atom {volume:.3g} Å^3 is below predict.min_volume_per_atom "
+                f"({limits.min_volume_per_atom!r} Å^3; crystals have > ~5): the crystal graph "
+                "would explode")
+    if limits.min_distance > 0:
+        shortest = shortest_distance(structure)
+        if shortest < limits.min_distance:
+            return (f"shortest interatomic distance {shortest:.3g} Å (periodic images "
+                    f"included) is below predict.min_distance ({limits.min_distance!r} Å): "
+                    "overlapping atoms or a collapsed cell")
+    return ""
+
+
+def parse_cif(text: str) -> list[Structure]:
+    """The structures of a CIF's data blocks (pymatgen's CifParser, primitive=False). Where
+    pymatgen finds none it says only "no structures" and gives the reason as a warning (two
+    atoms on one site: "Occupancy 2.0 exceeded tolerance"): that reason joins the error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen's CIF parser warns a lot
+        parser = CifParser.from_str(text)
+        try:
+            return parser.parse_structures(primitive=False)
+        except ValueError as exc:
+            reasons = _cif_failure_reasons(getattr(parser, "warnings", []))
+            if not reasons:
+                raise
+            raise ValueError(f"{exc} pymatgen: {reasons}") from exc
+
+
+def _cif_failure_reasons(messages: Sequence[str]) -> str:
+    """pymatgen's reasons for the blocks it could not parse (its warning "No structure parsed
+    for section 1 in CIF." is followed by the reason on the next line); all its warnings where
+    none has that form."""
+    reasons = [m.split("\n", 1)[1] for m in messages
+               if m.startswith("No structure parsed") and "\n" in m]
+    return "; ".join(r.replace("\n", " ") for r in (reasons or messages))
 
 
 @dataclass
@@ -49,17 +154,24 @@ class Predictions:
     ood_flags: list[np.ndarray]  # bool: score above the model's validation threshold
 
 
-def structure_error(structure: Structure) -> str:
-    """Why a structure cannot be predicted ('' if it can): the fetch checks plus the
-    elements the CGCNN feature table covers."""
+def structure_error(structure: Structure, limits: StructureLimits = DEFAULT_LIMITS) -> str:
+    """Why a structure cannot be predicted ('' if it can): the fetch checks, the elements the
+    CGCNN feature table covers, and the limits on its work (before any neighbour search)."""
     problem = structure_problem(structure)
+    if problem == "unsupported_species":
+        # a symbol that is no element (pymatgen's DummySpecies): name it
+        dummies = sorted({str(sp.symbol) for sp in structure.species
+                          if isinstance(sp, DummySpecies)})
+        return (f"unusable structure: {', '.join(dummies)} is not a chemical element "
+                "(the CGCNN feature table covers elements 1-100)")
     if problem:
         return f"unusable structure: {problem.replace('_', ' ')}"
     known = _known_elements()
     unknown = {sp.symbol for sp in structure.species if sp.Z not in known}
     if unknown:
-        return f"element(s) {', '.join(sorted(unknown))} outside the CGCNN feature table"
-    return ""
+        return (f"element(s) {', '.join(sorted(unknown))} outside the CGCNN feature table "
+                "(elements 1-100)")
+    return limit_error(structure, limits)
 
 
 @cache
@@ -162,16 +274,17 @@ def _graphs(structures: list[Structure], settings: GraphSettings, rows: list[int
 def predict_structures(
     models: Sequence[LoadedModel], structures: Sequence[Structure | None],
     errors: Sequence[str] | None = None, batch_size: int = 512,
+    limits: StructureLimits = DEFAULT_LIMITS,
 ) -> Predictions:
-    """Every model on every usable structure; None entries (unreadable input) and given
-    errors are passed through as failed rows."""
+    """Every model on every usable structure; None entries (unreadable input), given errors
+    and structures outside `limits` are passed through as failed rows."""
     errs = list(errors) if errors is not None else [""] * len(structures)
     items = list(structures)
     for i, s in enumerate(items):
         if s is None:
             errs[i] = errs[i] or "no structure"
         elif not errs[i]:
-            errs[i] = structure_error(s)
+            errs[i] = structure_error(s, limits)
     usable = [i for i, s in enumerate(items) if s is not None and not errs[i]]
     values = [np.full(len(items), np.nan) for _ in models]
     stds = [np.full(len(items), np.nan) for _ in models]
@@ -208,9 +321,10 @@ def predict_structures(
 
 
 def graph_inputs(structures: Sequence[Structure | None], errors: Sequence[str],
-                 settings: GraphSettings) -> tuple[GraphCache | None, list[int]]:
-    """Graphs of the usable structures, and which positions they are."""
-    errs = [e or ("no structure" if s is None else structure_error(s))
+                 settings: GraphSettings, limits: StructureLimits = DEFAULT_LIMITS,
+                 ) -> tuple[GraphCache | None, list[int]]:
+    """Graphs of the usable structures (within `limits`), and which positions they are."""
+    errs = [e or ("no structure" if s is None else structure_error(s, limits))
             for s, e in zip(structures, errors, strict=True)]
     usable = [i for i, e in enumerate(errs) if not e]
     return _graphs(list(structures), settings, usable, errs)

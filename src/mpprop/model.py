@@ -263,9 +263,15 @@ def trunk_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
 
 
-def _trunk_shape(trunk: dict[str, torch.Tensor]) -> str:
+def trunk_shape(trunk: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(n_conv, atom_fea_len) of a trunk: what a model fine-tuned from it must have."""
     n_conv = len({k.split(".")[1] for k in trunk if k.startswith("convs.")})
-    width = trunk["embedding.weight"].shape[0] if "embedding.weight" in trunk else "?"
+    width = int(trunk["embedding.weight"].shape[0]) if "embedding.weight" in trunk else 0
+    return n_conv, width
+
+
+def _trunk_shape(trunk: dict[str, torch.Tensor]) -> str:
+    n_conv, width = trunk_shape(trunk)
     return f"n_conv={n_conv}, atom_fea_len={width}"
 
 

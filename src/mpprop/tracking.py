@@ -102,12 +102,16 @@ def parse_structure_cell(value: Any, kind: str):
     """A pymatgen Structure from a cell of the input frame (dict/JSON, CIF or POSCAR text)."""
     from pymatgen.core import Structure
 
+    from mpprop.inference import parse_cif
+
     if kind == "structure":
         if isinstance(value, str):
             value = json.loads(value)
         return Structure.from_dict(value)
-    fmt = "cif" if kind == "cif" else "poscar"
-    return Structure.from_str(value, fmt=fmt)
+    if kind == "cif":
+        # the first data block, as Structure.from_str; with pymatgen's reason where it fails
+        return parse_cif(value)[0]
+    return Structure.from_str(value, fmt="poscar")
 
 
 class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
@@ -119,7 +123,9 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
     model), `value` and `unit` in natural units (GPa), `ood_score` / `ood_flag` (distance to
     the training materials in the model's embedding; NaN / False where the model has no OOD
     reference), and `error` (empty where it worked); a structure that cannot be parsed or
-    featurized gets NaN and its error, the rest go on.
+    featurized gets NaN and its error, the rest go on. Structures outside the default
+    inference.StructureLimits (too many atoms, too dense, atoms too close: work without
+    bound) are refused before any neighbour search, as by `mpprop predict`.
 
     A classifier's `prediction` and `value` are the probability of its positive class (the
     metal classifier: of metal). A model logged with a GATE_ARTIFACT (the published band-gap

@@ -21,10 +21,11 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from mpprop.bundle import BundleError, LoadedModel, attach_metal_gate, load_model
-from mpprop.config import Params, PropertySpec
+from mpprop.config import TRACKING_URI_ENV, Params, PropertySpec
 from mpprop.data import inverse_transform, natural_unit
 from mpprop.device import training_device
-from mpprop.inference import embed, graph_inputs, predict_structures
+from mpprop.inference import (
+    DEFAULT_LIMITS,
+    StructureLimits,
+    embed,
+    graph_inputs,
+    parse_cif,
+    predict_structures,
+)
 from mpprop.model import DOMAIN_NON_METALS, METAL_CLASSIFIER
 from mpprop.snapshot import atomic_output
 
@@ -56,6 +64,10 @@ GATE_LABEL = "+metal-classifier"
 
 class PredictError(RuntimeError):
     """Prediction that cannot start (no model, no input)."""
+
+
+class OutputRefused(PredictError):
+    """An --output that could destroy data (an input, a project folder, another file)."""
 
 
 @dataclass
@@ -125,17 +137,15 @@ def read_structure_file(path: Path, row_id: str) -> list[InputRow]:
 def _cif_rows(text: str, row_id: str) -> list[InputRow]:
     """One row per data block (`file.cif#block` where there are several), each parsed on
     its own so one bad block does not hide the others."""
-    from pymatgen.io.cif import CifFile, CifParser
+    from pymatgen.io.cif import CifFile
 
     blocks = CifFile.from_str(text).data
     rows = []
     for name, block in blocks.items():
         block_id = row_id if len(blocks) == 1 else f"{row_id}#{name}"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # pymatgen's CIF parser warns a lot
-                structure = CifParser.from_str(str(block)).parse_structures(primitive=False)[0]
-            rows.append(InputRow(block_id, structure))
+            # pymatgen's reason joins "no structures" (parse_cif)
+            rows.append(InputRow(block_id, parse_cif(str(block))[0]))
         except Exception as exc:  # noqa: BLE001 - reported in the row
             rows.append(InputRow(block_id, error=_error_text(exc)))
     return rows or [InputRow(row_id, error="no CIF data block")]
@@ -151,6 +161,12 @@ def _folder_files(folder: Path) -> list[Path]:
 def _list_entries(list_file: Path) -> list[str]:
     lines = (line.strip() for line in list_file.read_text().splitlines())
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def _listed_path(list_file: Path, entry: str) -> Path:
+    """The file a list entry names: relative entries are relative to the list's folder."""
+    p = Path(entry)
+    return p if p.is_absolute() else list_file.parent / p
 
 
 def _open_text(path: Path) -> Any:
@@ -223,8 +239,7 @@ def open_source(path: Path) -> Source:
 
         def listed() -> Iterator[InputRow]:
             for entry in entries:
-                p = Path(entry)
-                p = p if p.is_absolute() else path.parent / p
+                p = _listed_path(path, entry)
                 if not p.is_file():
                     yield InputRow(entry, error=f"file not found: {p}")
                 else:
@@ -232,6 +247,161 @@ def open_source(path: Path) -> Source:
 
         return Source(path, "list", len(entries), listed())
     return Source(path, "file", 1, read_structure_file(path, path.name))
+
+
+# ---------------------------------------------------------------- where outputs may go
+
+
+def is_prediction_csv(path: Path) -> bool:
+    """Whether `path` starts with the header row of an mpprop prediction CSV: `id, property,
+    prediction` first, then only prediction columns (this version's or an earlier one's,
+    which had fewer)."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(4096)
+    except OSError:
+        return False
+    fields = first.decode("utf-8", "replace").strip().split(",")
+    return fields[:3] == ["id", "property", "prediction"] and set(fields) <= set(OUTPUT_COLUMNS)
+
+
+def embedding_files(output: Path) -> list[Path]:
+    """The files `run_embedding` writes for --output: X.parquet, or X.npy and X.ids.txt."""
+    if output.name.endswith(".parquet"):
+        return [output]
+    return [output, output.with_name(output.name.removesuffix(".npy") + ".ids.txt")]
+
+
+def is_embedding_file(path: Path) -> bool:
+    """Whether `path` is what `mpprop embed` writes: a 2-D float32 .npy (and its .ids.txt
+    beside it), or a parquet of `id, f0, f1, ...`."""
+    name = path.name
+    if name.endswith(".ids.txt"):
+        # the ids of an embedding: replaceable together with the .npy they belong to
+        return is_embedding_file(path.with_name(name.removesuffix(".ids.txt") + ".npy"))
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq  # what pandas writes parquet with
+
+            names = pq.read_schema(path).names
+            return names[:1] == ["id"] and names[1:] == [f"f{i}" for i in range(len(names) - 1)]
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(fh)
+        return len(shape) == 2 and dtype == np.float32
+    except Exception:  # noqa: BLE001 - anything unreadable is not an earlier embedding
+        return False
+
+
+def _local_store_path(params: Params, uri: str) -> Path | None:
+    """The local file (sqlite) or folder (file: or a plain path) of an MLflow / Optuna store
+    URI; None for a server or a remote store."""
+    if uri.startswith("sqlite:///"):
+        return params.path(uri[len("sqlite:///"):])
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    return params.path(uri) if "://" not in uri and not uri.startswith("sqlite:") else None
+
+
+def protected_paths(params: Params) -> list[tuple[str, Path]]:
+    """(what, path) of the project's folders and stores that no --output may write into,
+    even with --overwrite: what `mpprop` and DVC own (data, models, tracking, .dvc)."""
+    root = params.root.resolve()
+    out = [
+        ("the project's snapshot folder (data.snapshot_dir)", params.snapshot_dir()),
+        ("the project's graph cache (graph.cache_dir)", params.graph_cache_dir()),
+        ("the project's split folder (split.dir)", params.split_dir()),
+        ("the project's models folder (train.models_dir)", params.models_dir()),
+        ("the project's DVC folder", params.root / ".dvc"),
+    ]
+    for _, folder in out[:3]:
+        # the data folder that holds them (data/), where it is one inside the project
+        parent = folder.resolve().parent
+        if parent != root and parent.is_relative_to(root):
+            out.append(("the project's data folder", parent))
+    # as Params.tracking_uri reads it, without creating the database's folder
+    tracking = (params.builtin and os.environ.get(TRACKING_URI_ENV)) or params.mlflow["tracking_uri"]
+    stores = [("the MLflow tracking store (mlflow.tracking_uri)", tracking),
+              ("the MLflow artifact store (mlflow.artifact_location)",
+               params.mlflow["artifact_location"]),
+              ("the Optuna study store (tune.storage)", params.tune["storage"])]
+    for what, uri in stores:
+        path = _local_store_path(params, uri)
+        if path is None or "{" in str(path.parent):
+            continue
+        out.append((what, path))
+        # a database file's own folder (mlruns/), where it is one inside the project
+        parent = path.resolve().parent
+        if uri.startswith("sqlite:") and parent != root and parent.is_relative_to(root):
+            out.append((f"{what}'s folder", parent))
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:
+        return False
+
+
+def _refuse_reason(params: Params, inputs: Sequence[Path], target: Path) -> str | None:
+    """Why writing `target` would destroy an input or project data (None: it would not)."""
+    # the file os.replace swaps out (a symlink itself) and the one the path leads to
+    where = {target.parent.resolve() / target.name, target.resolve()}
+    for src in inputs:
+        resolved = src.resolve()
+        if any(_same_file(w, resolved) for w in where):
+            return f"is the input {src}"
+        if src.is_dir() and any(w.is_relative_to(resolved) for w in where):
+            return f"is inside the input folder {src}"
+        if src.is_file() and src.name.lower().endswith(LIST_SUFFIXES):
+            try:
+                entries = _list_entries(src)
+            except (OSError, UnicodeDecodeError):
+                entries = []
+            for entry in entries:
+                listed = _listed_path(src, entry).resolve()
+                if any(_same_file(w, listed) for w in where):
+                    return f"is listed in the input list {src}"
+    for what, path in protected_paths(params):
+        resolved = path.resolve()
+        if any(w == resolved or w.is_relative_to(resolved) for w in where):
+            return f"is inside {what}, {path}"
+    return None
+
+
+def _check_outputs(params: Params, inputs: Sequence[Path], outputs: Sequence[Path],
+                   overwrite: bool, is_previous: Callable[[Path], bool], previous: str) -> None:
+    for target in outputs:
+        reason = _refuse_reason(params, inputs, target)
+        if reason:
+            raise OutputRefused(f"--output {target} {reason}: refused (even with "
+                                "--overwrite); write elsewhere, e.g. predictions/")
+        if os.path.lexists(target) and not overwrite and not is_previous(target):
+            raise OutputRefused(f"--output {target} exists and is not {previous}; give "
+                                "--overwrite to replace it, or another path")
+
+
+def check_prediction_output(params: Params, inputs: Sequence[Path], output: Path,
+                            overwrite: bool = False) -> None:
+    """OutputRefused unless writing the prediction CSV `output` is safe: never an input, a
+    file an input list names, a path inside an input folder or the project's folders
+    (protected_paths); an existing file only if it is an earlier prediction CSV (its header)
+    or with `overwrite`. Called before any model is loaded: a refusal writes nothing."""
+    _check_outputs(params, inputs, [output], overwrite, is_prediction_csv,
+                   "an mpprop prediction CSV (header id,property,prediction,...)")
+
+
+def check_embedding_output(params: Params, inputs: Sequence[Path], output: Path,
+                           overwrite: bool = False) -> None:
+    """check_prediction_output for `mpprop embed`: every file it writes (embedding_files),
+    an existing one only if `mpprop embed` wrote it (is_embedding_file) or with `overwrite`."""
+    _check_outputs(params, inputs, embedding_files(output), overwrite, is_embedding_file,
+                   "an mpprop embedding (.npy of float32 rows and its .ids.txt, or .parquet)")
 
 
 # ---------------------------------------------------------------- models
@@ -343,12 +513,14 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def predict_rows(
-    models: list[RegisteredModel], rows: list[InputRow]
+    models: list[RegisteredModel], rows: list[InputRow],
+    limits: StructureLimits = DEFAULT_LIMITS,
 ) -> list[dict[str, Any]]:
     """Output rows (one per input row and model, input order) for one batch: structures are
-    checked and featurized once per graph setting, whatever the number of models."""
+    checked (within `limits`) and featurized once per graph setting, whatever the number of
+    models."""
     out = predict_structures([m.loaded for m in models], [r.structure for r in rows],
-                             [r.error for r in rows])
+                             [r.error for r in rows], limits=limits)
     per_input: list[list[dict[str, Any]]] = [[] for _ in rows]
     for k, (model, preds) in enumerate(zip(models, out.values, strict=True)):
         values = inverse_transform(preds, model.spec)
@@ -412,8 +584,10 @@ def run_prediction(
     output: Path,
     batch_size: int,
     progress: bool = True,
+    limits: StructureLimits = DEFAULT_LIMITS,
 ) -> PredictSummary:
-    """Predict every input row with every model; write the CSV atomically."""
+    """Predict every input row with every model; write the CSV atomically (a temp file beside
+    it, renamed over it at the end). Where the CSV may go: check_prediction_output."""
     sources = [open_source(p) for p in inputs]
     total = (
         sum(s.count for s in sources) if all(s.count is not None for s in sources) else None
@@ -429,7 +603,7 @@ def run_prediction(
             writer = csv.DictWriter(fh, fieldnames=OUTPUT_COLUMNS)
             writer.writeheader()
             for batch in _batches(rows, batch_size):
-                for row in predict_rows(models, batch):
+                for row in predict_rows(models, batch, limits):
                     writer.writerow(row)
                     n_rows += 1
                     if row["error"]:
@@ -461,17 +635,19 @@ class EmbedSummary:
 
 
 def run_embedding(model: RegisteredModel, inputs: list[Path], output: Path, batch_size: int,
-                  progress: bool = True) -> EmbedSummary:
+                  progress: bool = True, limits: StructureLimits = DEFAULT_LIMITS,
+                  ) -> EmbedSummary:
     """The crystal feature vectors of every readable input structure (the vector the
     output layer reads), as .npy (+ `<name>.ids.txt`, one id per row) or .parquet (id +
-    one column per feature). Structures that cannot be embedded are left out and counted."""
+    one column per feature), each file written atomically. Structures that cannot be
+    embedded (unreadable, outside `limits`) are left out and counted."""
     rows = [r for s in (open_source(p) for p in inputs) for r in s.rows]
     if not rows:
         raise PredictError("no structures in the input(s): " + ", ".join(map(str, inputs)))
     ids, chunks = [], []
     for batch in tqdm(list(_batches(rows, batch_size)), desc="embed", disable=not progress):
         cache, kept = graph_inputs([r.structure for r in batch], [r.error for r in batch],
-                                   model.loaded.graph_settings)
+                                   model.loaded.graph_settings, limits)
         if cache is not None:
             chunks.append(embed(model.loaded.model, cache, batch_size=batch_size))
             ids += [batch[i].id for i in kept]
@@ -484,7 +660,7 @@ def run_embedding(model: RegisteredModel, inputs: list[Path], output: Path, batc
         with atomic_output(output) as tmp:
             frame.to_parquet(tmp, index=False)
     else:
-        ids_file = output.with_name(output.name.removesuffix(".npy") + ".ids.txt")
+        ids_file = embedding_files(output)[1]
         with atomic_output(ids_file) as tmp:
             Path(tmp).write_text("".join(f"{i}\n" for i in ids))
         with atomic_output(output) as tmp, open(tmp, "wb") as fh:

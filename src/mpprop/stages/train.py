@@ -18,6 +18,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import yaml
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
@@ -130,6 +131,14 @@ def train_property(
     keep = params.train["ensemble_keep"] if k > 1 else "all"
     graph = params.graph_settings()
     ref = init_from or params.train.get("init_from")
+    tuned_file = params.best_params_path(prop)
+    if preset == "tuned" and not ref and tuned_file.exists():
+        # a study of fine-tuned trials names its parent and settings in the tuned file
+        tuned_ft = (yaml.safe_load(tuned_file.read_text()) or {}).get("fine_tuning")
+        if tuned_ft:
+            ref = tuned_ft["init_from"]
+            params.train.update(freeze_trunk_epochs=tuned_ft["freeze_trunk_epochs"],
+                                trunk_lr_scale=tuned_ft["trunk_lr_scale"])
     parent = resolve_parent(params, ref) if ref else None
     ws = open_workspace(params)
     data = property_data(params, ws, prop)

@@ -49,10 +49,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from mpprop.config import GRAPH_SEARCHABLE, ConfigError, GraphSettings, Hyperparams, Params
+from mpprop.config import (
+    FINETUNE_SEARCHABLE,
+    GRAPH_SEARCHABLE,
+    ConfigError,
+    GraphSettings,
+    Hyperparams,
+    Params,
+)
 from mpprop.data import PropertyData, Workspace, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
 from mpprop.losses import LossSettings
+from mpprop.model import trunk_shape
+from mpprop.registry import resolve_parent
 from mpprop.snapshot import atomic_output
 from mpprop.stats import screening_signal
 from mpprop.tracking import (
@@ -66,7 +75,7 @@ from mpprop.tracking import (
     save_bundle,
     setup_mlflow,
 )
-from mpprop.training import EpochStats, fit_on_pool, set_torch_threads
+from mpprop.training import EpochStats, FineTuning, fit_on_pool, set_torch_threads
 
 # study user attrs: what the study was made from, and where its trials are tracked
 ATTR_PROPERTY = "mpprop.property"
@@ -78,6 +87,10 @@ ATTR_EXPERIMENT = "mpprop.mlflow_experiment_id"
 # trial user attrs (tagged on the trial's MLflow run by MLflowCallback)
 TRIAL_SPLIT_SEED = "split_seed"
 TRIAL_EPOCHS = "epochs"
+# a fine-tuned trial: its parent and fine-tuning settings (write_best_params reads it)
+TRIAL_FINE_TUNING = "mpprop.fine_tuning"
+# the searched keys a parent's trunk decides
+TRUNK_KEYS = ("n_conv", "atom_fea_len")
 TRIAL_MODEL_URI = "model_uri"
 TRIAL_ERROR = "error"
 TRIAL_ENQUEUED = "enqueued_baseline"
@@ -122,8 +135,13 @@ def search_space(params: Params) -> dict[str, Any]:
     space = dict(params.tune["search_space"])
     if params.tune.get("extend_search_space"):
         space.update(params.tune.get("extended_search_space") or {})
-    missing = [k for k in SEARCHED if k not in space]
-    known = {f.name for f in fields(Hyperparams)} | set(GRAPH_SEARCHABLE)
+    if params.train.get("init_from"):
+        # fine-tuned trials take n_conv and atom_fea_len from the parent's trunk
+        for key in TRUNK_KEYS:
+            space.pop(key, None)
+    missing = [k for k in SEARCHED if k not in space
+               and not (params.train.get("init_from") and k in TRUNK_KEYS)]
+    known = {f.name for f in fields(Hyperparams)} | set(GRAPH_SEARCHABLE) | set(FINETUNE_SEARCHABLE)
     unknown = [k for k in space if k not in known or k == "epochs"]
     if missing or unknown:
         raise ConfigError(
@@ -164,7 +182,8 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
 
 def trial_hyperparams(params: Params, values: dict[str, Any], epochs: int) -> Hyperparams:
     """A trial's full configuration: searched values, tuning epochs, and train.* settings."""
-    searched = {k: v for k, v in values.items() if k not in GRAPH_SEARCHABLE}
+    searched = {k: v for k, v in values.items()
+                if k not in GRAPH_SEARCHABLE and k not in FINETUNE_SEARCHABLE}
     return Hyperparams(**{**params.train_defaults(), **searched, "epochs": int(epochs)})
 
 
@@ -265,6 +284,8 @@ def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]
     under the init lock, for a study without trials. Returns the number queued.
     """
     entries = params.tune.get("enqueue") or []
+    if params.train.get("init_from"):  # the parent's trunk decides these
+        entries = [{k: v for k, v in e.items() if k not in TRUNK_KEYS} for e in entries]
     for i, entry in enumerate(entries):
         unknown = sorted(set(entry) - set(space))
         if unknown:
@@ -514,13 +535,21 @@ def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | 
     if best is None:
         return None
     epochs = int(best.user_attrs.get(TRIAL_EPOCHS, study.user_attrs[ATTR_EPOCHS]))
-    hp = trial_hyperparams(params, {k: best.params[k] for k in best.params}, epochs)
+    fine_tuning = best.user_attrs.get(TRIAL_FINE_TUNING)
+    # with a parent, its trunk fixed n_conv and atom_fea_len (not searched)
+    trunk = {k: fine_tuning[k] for k in ("n_conv", "atom_fea_len")} if fine_tuning else {}
+    hp = trial_hyperparams(params, {**best.params, **trunk}, epochs)
     summary = study_summary(study)
     payload = {
         "hyperparams": {k: v for k, v in hp.as_dict().items()
-                        if k in best.params or k in (*SEARCHED, "epochs")},
+                        if k in best.params or k in (*SEARCHED, "epochs")
+                        and k not in FINETUNE_SEARCHABLE},
         # searched graph settings (train --preset tuned builds that graph cache if absent)
         "graph": {k: best.params[k] for k in GRAPH_SEARCHABLE if k in best.params},
+        # a study of fine-tuned trials: `train --preset tuned` starts from the same parent
+        "fine_tuning": ({k: fine_tuning[k] for k in
+                         ("init_from", "freeze_trunk_epochs", "trunk_lr_scale")}
+                        if fine_tuning else None),
         "best_val_mae": trial_val_mae(best),
         "best_val_screening": best.user_attrs.get(TRIAL_VAL_SCREENING),
         "objective": study.user_attrs.get(ATTR_OBJECTIVE, "mae"),
@@ -924,6 +953,27 @@ class _TrialRunner:
         self.seed_base = int(tune["sampler_seed"])
         self.every = int(tune.get("progress_every") or 0)
         self.datasets = {worker.params.graph_settings(): data}
+        # train.init_from: every trial fine-tunes this parent's trunk (its n_conv and
+        # atom_fea_len win over searched ones; the fine-tuning settings may be searched)
+        init = worker.params.train.get("init_from")
+        self.parent = resolve_parent(worker.params, init) if init else None
+
+    def trunk_values(self) -> dict[str, int]:
+        """n_conv and atom_fea_len of the parent's trunk (not searched with a parent)."""
+        if self.parent is None:
+            return {}
+        n_conv, width = trunk_shape(self.parent.trunk)
+        return {"n_conv": n_conv, "atom_fea_len": width}
+
+    def fine_tuning(self, values: dict[str, Any]) -> FineTuning | None:
+        if self.parent is None:
+            return None
+        train = self.w.params.train
+        return FineTuning(
+            self.parent.trunk,
+            int(values.get("freeze_trunk_epochs", train["freeze_trunk_epochs"])),
+            float(values.get("trunk_lr_scale", train["trunk_lr_scale"])), self.parent.label,
+        )
 
     def data_for(self, settings: GraphSettings) -> PropertyData:
         """The property's data on the graphs of `settings` (built once, cached by key)."""
@@ -944,8 +994,9 @@ class _TrialRunner:
         # the trial exists now: other workers may decide whether to start theirs
         self.claim.release()
         w = self.w
-        values = suggest(trial, w.space)
+        values = {**suggest(trial, w.space), **self.trunk_values()}
         hp = trial_hyperparams(w.params, values, w.epochs)
+        fine_tuning = self.fine_tuning(values)
         graph = trial_graph(w.params, values)
         data = self.data_for(graph)
         # a re-queued trial carries its original's user attrs: same split as the original
@@ -964,7 +1015,14 @@ class _TrialRunner:
             **hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(graph).items()},
             "split_seed": seed, "property": w.prop, "study_name": w.study_name,
             "target_transform": data.spec.transform, "n_train": len(tr), "n_val": len(va),
+            "init_from": fine_tuning.parent if fine_tuning else None,
         })
+        if fine_tuning is not None:
+            mlflow.set_tags(self.parent.tags())
+            trial.set_user_attr(TRIAL_FINE_TUNING, {
+                "init_from": w.params.train["init_from"], "n_conv": hp.n_conv,
+                "atom_fea_len": hp.atom_fea_len, "freeze_trunk_epochs": fine_tuning.freeze_epochs,
+                "trunk_lr_scale": fine_tuning.trunk_lr_scale})
 
         def on_epoch(s: EpochStats) -> None:
             mlflow.log_metrics(
@@ -988,7 +1046,7 @@ class _TrialRunner:
         try:
             result = fit_on_pool(
                 hp, graph, data, tr, va, seed, on_epoch, w.params.predict["batch_size"],
-                LossSettings.from_train(w.params.train), w.device, w.precision,
+                LossSettings.from_train(w.params.train), w.device, w.precision, fine_tuning,
             )
         except optuna.TrialPruned:
             mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)

@@ -130,6 +130,19 @@ def split(obj: Context, props: tuple[str, ...], overwrite: bool) -> None:
 
 
 @main.command()
+@pass_ctx
+def pretrain(obj: Context) -> None:
+    """Train the trunk the tuned models fine-tune (params `pretrain`; off by default)."""
+    from mpprop.stages.pretrain import pretrain as run_pretrain
+
+    try:
+        metrics = run_pretrain(obj.params)
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command()
 @click.option("--property", "prop", required=True, help="Property key, e.g. bulk_modulus.")
 @click.option("--preset", default="xie", show_default=True,
               help="xie (the paper's baseline), modern (L1, AdamW, warm-up + cosine, EMA), "

@@ -113,6 +113,22 @@ class Params:
     def predict(self) -> dict[str, Any]:
         return self.raw["predict"]
 
+    @property
+    def pretrain(self) -> dict[str, Any]:
+        return self.raw["pretrain"]
+
+    def trunk_dir(self) -> Path:
+        return self.path(self.raw["pretrain"]["dir"])
+
+    def tuning_parent(self) -> str | None:
+        """The model tuning trials fine-tune: train.init_from, else the pipeline's trunk
+        (pretrain.enabled), else none (the paper)."""
+        if self.train.get("init_from"):
+            return str(self.train["init_from"])
+        if self.raw["pretrain"]["enabled"]:
+            return str(self.trunk_dir() / "model.pt")
+        return None
+
     def snapshot_dir(self) -> Path:
         return self.path(self.data["snapshot_dir"])
 
@@ -495,6 +511,18 @@ class ReportSection(Section):
     dir: Name
 
 
+class PretrainSection(Section):
+    """`pretrain`: the trunk (one CGCNN on the largest labelled set, away from every
+    property's test set) that the tuned models fine-tune when enabled."""
+
+    enabled: bool = False
+    property: Name = "formation_energy_per_atom"
+    preset: Name = "modern"
+    epochs: PositiveInt | None = None  # null: the preset's
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    dir: Name = "models/trunk"
+
+
 # ---------------------------------------------------------------- the whole file
 class PromoteSection(Section):
     """`promote`: how the champion of each property is chosen among the candidate runs."""
@@ -520,6 +548,7 @@ class ParamsSchema(Section):
     evaluate: EvaluateSection
     report: ReportSection
     promote: PromoteSection = PromoteSection()
+    pretrain: PretrainSection = PretrainSection()
 
     @model_validator(mode="after")
     def _check(self) -> ParamsSchema:

@@ -374,16 +374,22 @@ def _refuse_reason(params: Params, inputs: Sequence[Path], target: Path) -> str 
     return None
 
 
-def _check_outputs(params: Params, inputs: Sequence[Path], outputs: Sequence[Path],
-                   overwrite: bool, is_previous: Callable[[Path], bool], previous: str) -> None:
-    for target in outputs:
+def _check_outputs(params: Params, inputs: Sequence[Path], output: Path,
+                   files: Sequence[Path], overwrite: bool,
+                   is_previous: Callable[[Path], bool], previous: str) -> None:
+    """OutputRefused where writing `files` (the files --output `output` stands for) could
+    destroy data; see check_prediction_output."""
+    for target in files:
+        # a second file (embed's X.ids.txt) is named with the --output it comes from
+        name = f"--output {output}" + ("" if target == output else f" would write {target},"
+                                        " which")
         reason = _refuse_reason(params, inputs, target)
         if reason:
-            raise OutputRefused(f"--output {target} {reason}: refused (even with "
-                                "--overwrite); write elsewhere, e.g. predictions/")
+            raise OutputRefused(f"{name} {reason}: refused (even with --overwrite); write "
+                                "elsewhere, e.g. predictions/")
         if os.path.lexists(target) and not overwrite and not is_previous(target):
-            raise OutputRefused(f"--output {target} exists and is not {previous}; give "
-                                "--overwrite to replace it, or another path")
+            raise OutputRefused(f"{name} exists and is not {previous}; give --overwrite to "
+                                "replace it, or another path")
 
 
 def check_prediction_output(params: Params, inputs: Sequence[Path], output: Path,
@@ -392,7 +398,7 @@ def check_prediction_output(params: Params, inputs: Sequence[Path], output: Path
     file an input list names, a path inside an input folder or the project's folders
     (protected_paths); an existing file only if it is an earlier prediction CSV (its header)
     or with `overwrite`. Called before any model is loaded: a refusal writes nothing."""
-    _check_outputs(params, inputs, [output], overwrite, is_prediction_csv,
+    _check_outputs(params, inputs, output, [output], overwrite, is_prediction_csv,
                    "an mpprop prediction CSV (header id,property,prediction,...)")
 
 
@@ -400,7 +406,8 @@ def check_embedding_output(params: Params, inputs: Sequence[Path], output: Path,
                            overwrite: bool = False) -> None:
     """check_prediction_output for `mpprop embed`: every file it writes (embedding_files),
     an existing one only if `mpprop embed` wrote it (is_embedding_file) or with `overwrite`."""
-    _check_outputs(params, inputs, embedding_files(output), overwrite, is_embedding_file,
+    _check_outputs(params, inputs, output, embedding_files(output), overwrite,
+                   is_embedding_file,
                    "an mpprop embedding (.npy of float32 rows and its .ids.txt, or .parquet)")
 
 

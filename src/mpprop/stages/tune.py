@@ -135,12 +135,12 @@ def search_space(params: Params) -> dict[str, Any]:
     space = dict(params.tune["search_space"])
     if params.tune.get("extend_search_space"):
         space.update(params.tune.get("extended_search_space") or {})
-    if params.train.get("init_from"):
+    if params.tuning_parent():
         # fine-tuned trials take n_conv and atom_fea_len from the parent's trunk
         for key in TRUNK_KEYS:
             space.pop(key, None)
     missing = [k for k in SEARCHED if k not in space
-               and not (params.train.get("init_from") and k in TRUNK_KEYS)]
+               and not (params.tuning_parent() and k in TRUNK_KEYS)]
     known = {f.name for f in fields(Hyperparams)} | set(GRAPH_SEARCHABLE) | set(FINETUNE_SEARCHABLE)
     unknown = [k for k in space if k not in known or k == "epochs"]
     if missing or unknown:
@@ -284,7 +284,7 @@ def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]
     under the init lock, for a study without trials. Returns the number queued.
     """
     entries = params.tune.get("enqueue") or []
-    if params.train.get("init_from"):  # the parent's trunk decides these
+    if params.tuning_parent():  # the parent's trunk decides these
         entries = [{k: v for k, v in e.items() if k not in TRUNK_KEYS} for e in entries]
     for i, entry in enumerate(entries):
         unknown = sorted(set(entry) - set(space))
@@ -955,7 +955,7 @@ class _TrialRunner:
         self.datasets = {worker.params.graph_settings(): data}
         # train.init_from: every trial fine-tunes this parent's trunk (its n_conv and
         # atom_fea_len win over searched ones; the fine-tuning settings may be searched)
-        init = worker.params.train.get("init_from")
+        init = worker.params.tuning_parent()
         self.parent = resolve_parent(worker.params, init) if init else None
 
     def trunk_values(self) -> dict[str, int]:
@@ -1020,7 +1020,7 @@ class _TrialRunner:
         if fine_tuning is not None:
             mlflow.set_tags(self.parent.tags())
             trial.set_user_attr(TRIAL_FINE_TUNING, {
-                "init_from": w.params.train["init_from"], "n_conv": hp.n_conv,
+                "init_from": w.params.tuning_parent(), "n_conv": hp.n_conv,
                 "atom_fea_len": hp.atom_fea_len, "freeze_trunk_epochs": fine_tuning.freeze_epochs,
                 "trunk_lr_scale": fine_tuning.trunk_lr_scale})
 

@@ -21,13 +21,25 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from workspace import DEFAULT_DATA, REPO
 
+from mpprop.bundle import gate_metals
 from mpprop.config import Hyperparams, load_params
-from mpprop.data import open_workspace
-from mpprop.experiment import Job, all_test_ids, run_job
+from mpprop.data import open_workspace, property_data
+from mpprop.experiment import Job, all_test_ids, model_summary, paired, run_job
+from mpprop.model import (
+    DOMAIN_NON_METALS,
+    METAL_CLASSIFIER,
+    PRETRAINED_DOMAINS,
+    load_checkpoint,
+    pretrained_path,
+)
+from mpprop.stats import bootstrap_resamples
+from mpprop.training import predict
 
 WORK = REPO / "benchmarks" / "work" / "fulldata"
 RESULTS = REPO / "benchmarks" / "results" / "fulldata"
@@ -49,6 +61,96 @@ JOBS = {
     "xie-fe": Job("xie-fe", "formation_energy_per_atom",
                   {**XIE, "epochs": 100, "lr_decay_epoch": 80}),
 }
+
+
+# per property: the rows of the comparison, each a list of jobs (seeds); "best" is the model
+# mpprop ships, compared with "xie" (same data, same final epochs) and the published checkpoint
+COMPARISONS = {
+    "formation_energy_per_atom": {"best": ["trunk-fe"], "xie": ["xie-fe"]},
+}
+BOOTSTRAP = 1000
+
+
+def published_predictions(params: Any, ws: Any, prop: str) -> tuple[np.ndarray, str]:
+    """The 2018 checkpoint on the property's test set; band gap as `mpprop predict` serves
+    it: the non-metal regressor gated by the published metal classifier (0 for metals)."""
+    data = property_data(params, ws, prop)
+    graph = params.graph_settings()
+    model, normalizer, _ = load_checkpoint(pretrained_path(prop), graph)
+    bs = params.predict["batch_size"]
+    pred = predict(model, normalizer, ws.cache, data.test_rows, bs)
+    if PRETRAINED_DOMAINS.get(prop) != DOMAIN_NON_METALS:
+        return pred, "published (xie-2018)"
+    gate, gate_norm, _ = load_checkpoint(pretrained_path(METAL_CLASSIFIER), graph)
+    p_metal = predict(gate, gate_norm, ws.cache, data.test_rows, bs)
+    gated, _ = gate_metals(pred, np.full_like(pred, np.nan), p_metal)
+    return gated, "published pair (xie-2018 regressor + metal classifier)"
+
+
+def report() -> dict:
+    """Every property with finished jobs: statistics, paired differences, CPU-hours."""
+    params = load_params(WORK / "params.yaml")
+    ws = open_workspace(params)
+    top = float(params.train["screening_top_percent"])
+    out: dict[str, Any] = {}
+    for prop, rows in COMPARISONS.items():
+        records = {k: [_result(j) for j in jobs] for k, jobs in rows.items()}
+        if any(r is None for rs in records.values() for r in rs):
+            continue
+        data = property_data(params, ws, prop)
+        y, better = data.test_targets, data.spec.better
+        ids = ws.cache.material_id[data.test_rows].tolist()
+        preds = {}
+        for key, recs in records.items():
+            assert all(r["test_ids"] == ids for r in recs), f"{prop} {key}: other test set"
+            preds[key] = np.array([r["test_pred"] for r in recs])
+        preds["published"], published_label = published_predictions(params, ws, prop)
+        resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
+        out[prop] = {
+            "n_test": len(y), "published": published_label,
+            "models": {k: model_summary(y, p, resamples, top, better) for k, p in preds.items()},
+            "paired": {f"{a}-{b}": paired(y, preds[a], preds[b], resamples, top, better)
+                       for a, b in (("best", "xie"), ("best", "published"),
+                                    ("xie", "published"))},
+            "cpu_hours": {k: [r["cpu_hours"] for r in recs] for k, recs in records.items()},
+            "jobs": {k: [{x: r[x] for x in ("job", "hyperparams", "parent", "n_train", "n_val",
+                                            "best_epoch", "epochs_run")} for r in recs]
+                     for k, recs in records.items()},
+        }
+    (RESULTS / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / "table.md").write_text(_table(out))
+    print(_table(out))
+    return out
+
+
+def _result(job: str) -> dict | None:
+    path = RESULTS / f"{job}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _interval(d: dict, scale: float = 1.0, digits: int = 4) -> str:
+    return (f"{d['point'] * scale:.{digits}f} [{d['low'] * scale:.{digits}f}, "
+            f"{d['high'] * scale:.{digits}f}]")
+
+
+def _table(out: dict) -> str:
+    lines = ["| property | n test | model | test MAE [95%] | top-3% precision [95%] | CPU-h |",
+             "|---|---|---|---|---|---|"]
+    diffs = ["", "| property | best - Xie, MAE | best - published, MAE | "
+             "best - published, top-3% (points) |", "|---|---|---|---|"]
+    for prop, r in out.items():
+        for key, m in r["models"].items():
+            scr = _interval(m["screening"], 100, 1) if "screening" in m else "(none)"
+            hours = r["cpu_hours"].get(key)
+            cpu = f"{sum(hours):.2f}" if hours else "-"
+            label = r["published"] if key == "published" else key
+            lines.append(f"| {prop} | {r['n_test']} | {label} | {_interval(m['test_mae'])} "
+                         f"| {scr} | {cpu} |")
+        pb = r["paired"]["best-published"]
+        scr = _interval(pb["screening_diff"], 100, 1) if "screening_diff" in pb else "(none)"
+        diffs.append(f"| {prop} | {_interval(r['paired']['best-xie']['mae_diff'])} | "
+                     f"{_interval(pb['mae_diff'])} | {scr} |")
+    return "\n".join(lines + diffs) + "\n"
 
 
 def build() -> None:
@@ -90,11 +192,14 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     sub.add_parser("list")
+    sub.add_parser("report")
     args = ap.parse_args()
     if args.command == "build":
         build()
     elif args.command == "run":
         run(args.jobs)
+    elif args.command == "report":
+        report()
     else:
         for name in JOBS:
             done = (RESULTS / f"{name}.json").exists()

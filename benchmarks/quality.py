@@ -45,18 +45,13 @@ import yaml
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
 from mpprop.config import Hyperparams, load_params
+from mpprop.experiment import model_summary, paired
 from mpprop.snapshot import atomic_output
 from mpprop.stages import train as train_stage
 from mpprop.stats import (
     MIN_TOP_MATERIALS,
-    bootstrap_metric,
-    bootstrap_paired_difference,
     bootstrap_resamples,
-    is_near_constant,
-    mae,
     n_top,
-    prediction_spread_ratio,
-    screening_metric,
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "quality"
@@ -68,7 +63,6 @@ XIE_DECAY_FRACTION = 0.8
 PAPER_TUNE_EPOCHS = 200
 BOOTSTRAP_SEED = 0
 PROGRESS_EVERY = 10  # epochs between progress lines of a final-training job
-PRED_DECIMALS = 6  # test predictions stored in the result (target units)
 
 
 def scaled_tune_overrides(params_file: Path, tune_epochs: int) -> list[str]:
@@ -201,44 +195,6 @@ def test_set(root: Path, overrides: list[str], prop: str) -> tuple[np.ndarray, l
     data = property_data(params, ws, prop)
     ids = ws.cache.material_id[data.test_rows].tolist()
     return data.test_targets, ids, data.spec
-
-
-def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_percent: float,
-                  better: str | None, per_seed: list[dict] | None = None) -> dict:
-    preds = np.atleast_2d(preds)
-    maes = [mae(y, p) for p in preds]
-    out: dict[str, Any] = {
-        "n_seeds": len(preds),
-        "test_mae": bootstrap_metric(y, preds, mae, resamples).as_dict(),
-        "test_mae_seed_mean": float(np.mean(maes)),
-        "test_mae_seed_std": float(np.std(maes, ddof=1)) if len(maes) > 1 else None,
-        "test_mae_per_seed": maes,
-        "prediction_spread_ratio": float(np.mean([prediction_spread_ratio(y, p) for p in preds])),
-        "near_constant": any(is_near_constant(y, p) for p in preds),
-    }
-    if better is not None:
-        metric = screening_metric(top_percent, better)
-        scr = [metric(y, p) for p in preds]
-        out["screening"] = bootstrap_metric(y, preds, metric, resamples).as_dict()
-        out["screening_seed_std"] = float(np.std(scr, ddof=1)) if len(scr) > 1 else None
-        out["screening_per_seed"] = scr
-    # kept so later benchmarks (screening.py) can pair new models with these on the same materials
-    out["test_pred_per_seed"] = np.round(preds, PRED_DECIMALS).tolist()
-    if per_seed is not None:
-        out["best_val_mae_per_seed"] = [r["best_val_mae"] for r in per_seed]
-        out["best_epoch_per_seed"] = [r["best_epoch"] for r in per_seed]
-        out["train_seconds_per_seed"] = [r["seconds"] for r in per_seed]
-        out["hyperparams"] = per_seed[0]["hyperparams"]
-    return out
-
-
-def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: np.ndarray,
-           top_percent: float, better: str | None) -> dict:
-    out = {"mae_diff": bootstrap_paired_difference(y, a, b, mae, resamples).as_dict()}
-    if better is not None:
-        out["screening_diff"] = bootstrap_paired_difference(
-            y, a, b, screening_metric(top_percent, better), resamples).as_dict()
-    return out
 
 
 def run_property(prop: str, args: argparse.Namespace) -> dict:

@@ -51,7 +51,7 @@ from quality import (
 )
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
-from mpprop import stats
+from mpprop import experiment, stats
 from mpprop.config import Hyperparams, load_params
 from mpprop.data import open_workspace, property_data
 from mpprop.snapshot import atomic_output
@@ -266,10 +266,10 @@ def compare_models(y: np.ndarray, preds: dict[str, np.ndarray], pairs: list[tupl
     """Each model's MAE, top-N% precision and precision averaged over `percents` (seed-
     averaged, 95% bootstrap intervals over `resamples`), and the paired differences of
     `pairs` ((a, b): a - b on the same resampled materials)."""
-    models = {k: quality.model_summary(y, p, resamples, top_percent, better)
+    models = {k: experiment.model_summary(y, p, resamples, top_percent, better)
               for k, p in preds.items()}
-    paired = {f"{a}-{b}": quality.paired(y, preds[a], preds[b], resamples, top_percent, better)
-              for a, b in pairs}
+    paired = {f"{a}-{b}": experiment.paired(y, preds[a], preds[b], resamples, top_percent,
+                                            better) for a, b in pairs}
 
     # secondary: the screening studies' own objective (precision averaged over
     # tune.screening_percents), less step-like than one N on few top materials

@@ -179,3 +179,63 @@ def test_pretrained_trunk_never_sees_any_property_test_material(project):
     out = metrics_of(cli(project, "pretrain"))
     assert out == {"enabled": False}
     assert not (project / "models/trunk/model.pt").exists()
+
+
+def test_shipped_models_register_at_their_alias_and_predict(project, tmp_path):
+    from mpprop.shipped import ShippedModelError, add_to_index, shipped_models
+    from mpprop.stages.promote import import_shipped
+
+    if not (project / f"models/{PROP}/xie/model.pt").exists():
+        cli(project, "train", "--property", PROP, "--epochs", "1")
+    folder = tmp_path / "shipped"
+    add_to_index(folder, PROP, project / f"models/{PROP}/xie/model.pt",
+                 "# bulk modulus\nlog10 GPa; test MAE 0.1 [0.09, 0.11]\n",
+                 {"test_mae": 0.1, "data": "60 MP records"})
+    params = load_params(project / "params.yaml")
+    first = import_shipped(params, folder=folder)
+    assert [(r.name, r.alias, r.status) for r in first] == [
+        (f"mpprop-{PROP}", "mpprop-2026", "registered")]
+    mlflow.set_tracking_uri(params.tracking_uri())
+    mv = MlflowClient().get_model_version_by_alias(f"mpprop-{PROP}", "mpprop-2026")
+    assert mv.description.startswith("# bulk modulus")
+    assert mv.tags["test_mae"] == "0.1" and mv.tags["checkpoint_sha256"] == first[0].checkpoint_sha256
+    # idempotent: the same file is not registered twice
+    again = import_shipped(params, folder=folder)
+    assert again[0].status == "already registered" and again[0].version == first[0].version
+    # it predicts by its alias
+    structures = project / "in"
+    structures.mkdir()
+    (structures / "nacl.cif").write_text(NACL_CIF)
+    cli(project, "predict", "--property", PROP, "--alias", "mpprop-2026", "--input",
+        str(structures), "--output", str(tmp_path / "out.csv"))
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert len(rows) == 2 and "mpprop-2026" in rows[1]
+    # a tampered file is refused with the property named
+    (folder / f"{PROP}.pt").write_bytes((folder / f"{PROP}.pt").read_bytes() + b"x")
+    with pytest.raises(ShippedModelError, match=f"shipped model of {PROP}.*SHA-256"):
+        shipped_models(folder)
+
+
+NACL_CIF = """data_NaCl
+_cell_length_a 5.64
+_cell_length_b 5.64
+_cell_length_c 5.64
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+Na1 Na 0 0 0
+Na2 Na 0 0.5 0.5
+Na3 Na 0.5 0 0.5
+Na4 Na 0.5 0.5 0
+Cl1 Cl 0.5 0 0
+Cl2 Cl 0 0.5 0
+Cl3 Cl 0 0 0.5
+Cl4 Cl 0.5 0.5 0.5
+"""

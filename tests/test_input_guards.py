@@ -183,9 +183,10 @@ def test_predict_never_writes_over_or_into_its_inputs(project, cifs, output, inp
                                     "models/p.csv", "mlruns/artifacts/p.csv", ".dvc/p.csv",
                                     "optuna/p.csv"])
 def test_predict_never_writes_into_project_folders(project, cifs, inside):
-    line = refused(predict(project, [cifs / "NaCl.cif"], project / inside, "--overwrite"))
-    assert "the project's" in line or "store" in line, line
-    assert not (project / inside).exists()
+    for extra in ((), ("--overwrite",)):
+        line = refused(predict(project, [cifs / "NaCl.cif"], project / inside, *extra))
+        assert "the project's" in line or "store" in line, line
+        assert not (project / inside).exists()
 
 
 def test_an_existing_file_is_replaced_only_if_it_is_a_prediction_csv(project, cifs):

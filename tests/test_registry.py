@@ -284,8 +284,10 @@ def test_predict_robust_input(ws, pretrained, tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])  # truncated
     blocks = [str(CifWriter(s)).replace("data_", f"data_b{i}_", 1) for i, s in enumerate(good)]
     (tmp_path / "in" / "three.cif").write_text("\n".join(blocks))
+    # two Cl 0.45 Å apart: a warning (closer than 0.5 Å), above predict.min_distance (0.3 Å,
+    # below which the row is an error: tests/test_input_guards.py)
     overlap = Structure(Lattice.cubic(5.6), ["Na", "Cl", "Cl"],
-                        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.52]])
+                        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.58]])
     overlap.to(filename=str(tmp_path / "in" / "overlap.vasp"), fmt="poscar")
     graphene = Structure(Lattice.hexagonal(2.46, 20.0), ["C", "C"],
                          [[1 / 3, 2 / 3, 0.5], [2 / 3, 1 / 3, 0.5]])

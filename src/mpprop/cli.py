@@ -274,16 +274,24 @@ def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
                    "band_gap brings the metal classifier (is_metal), which can be named too.")
 @pass_ctx
 def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
-    """Register the published CGCNN checkpoints (Xie & Grossman 2018) under their alias:
-    seven regressions and the metal / non-metal classifier."""
+    """Register the published CGCNN checkpoints (Xie & Grossman 2018) under their alias
+    (seven regressions and the metal / non-metal classifier), and mpprop's own shipped
+    models under theirs (mlflow.shipped_alias, e.g. mpprop-2026)."""
     from mpprop.model import PRETRAINED_CLASSIFIER_FILES
+    from mpprop.shipped import ShippedModelError
     from mpprop.stages.promote import import_pretrained as do_import
+    from mpprop.stages.promote import import_shipped
 
     params = obj.params
     for prop in props:
         if prop not in PRETRAINED_CLASSIFIER_FILES:
             check_property(params, prop)
-    for r in do_import(params, list(props) or None):
+    try:
+        results = do_import(params, list(props) or None)
+        results += import_shipped(params, props=list(props) or None)
+    except ShippedModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for r in results:
         click.echo(f"{r.name}@{r.alias} -> v{r.version} ({r.status}; "
                    f"checkpoint sha256 {r.checkpoint_sha256[:12]})")
 

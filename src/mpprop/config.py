@@ -460,6 +460,8 @@ class MlflowSection(Section):
     registry_prefix: str
     champion_alias: Name
     pretrained_alias: Name
+    # mpprop's own shipped models (mpprop.shipped), registered by import-pretrained
+    shipped_alias: Name = "mpprop-2026"
     system_metrics: bool = True  # CPU, memory (and GPU where present) of training runs
 
 

@@ -24,11 +24,20 @@ from mpprop.data import PropertyData, load_split, property_data, train_val_split
 from mpprop.losses import LossSettings
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
+from mpprop.stats import (
+    bootstrap_metric,
+    bootstrap_paired_difference,
+    is_near_constant,
+    mae,
+    prediction_spread_ratio,
+    screening_metric,
+)
 from mpprop.training import EpochStats, FineTuning, fit, predict
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BUNDLE_FILE = "model.pt"
 RESULT_FILE = "result.json"
+PRED_DECIMALS = 6  # test predictions stored in results (target units)
 
 
 def all_test_ids(params: Any, ws: Any) -> set[str]:
@@ -68,6 +77,49 @@ def usable_rows(data: PropertyData, cache_ids: np.ndarray, excluded: set[str]
     """The property's pool rows (and targets) whose materials are in no test set."""
     keep = np.array([cache_ids[r] not in excluded for r in data.pool_rows], dtype=bool)
     return data.pool_rows[keep], data.pool_targets[keep]
+
+
+def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_percent: float,
+                  better: str | None, per_seed: list[dict] | None = None) -> dict:
+    """One model's test statistics over its seeds (rows of `preds`): the seed-averaged MAE
+    and top-N% precision with 95% bootstrap intervals over the materials (`resamples`),
+    the seed spread, and the predictions themselves (so later comparisons can pair them)."""
+    preds = np.atleast_2d(preds)
+    maes = [mae(y, p) for p in preds]
+    out: dict[str, Any] = {
+        "n_seeds": len(preds),
+        "test_mae": bootstrap_metric(y, preds, mae, resamples).as_dict(),
+        "test_mae_seed_mean": float(np.mean(maes)),
+        "test_mae_seed_std": float(np.std(maes, ddof=1)) if len(maes) > 1 else None,
+        "test_mae_per_seed": maes,
+        "prediction_spread_ratio": float(np.mean([prediction_spread_ratio(y, p) for p in preds])),
+        "near_constant": any(is_near_constant(y, p) for p in preds),
+    }
+    if better is not None:
+        metric = screening_metric(top_percent, better)
+        scr = [metric(y, p) for p in preds]
+        out["screening"] = bootstrap_metric(y, preds, metric, resamples).as_dict()
+        out["screening_seed_std"] = float(np.std(scr, ddof=1)) if len(scr) > 1 else None
+        out["screening_per_seed"] = scr
+    # kept so later benchmarks (screening.py) can pair new models with these on the same materials
+    out["test_pred_per_seed"] = np.round(preds, PRED_DECIMALS).tolist()
+    if per_seed is not None:
+        out["best_val_mae_per_seed"] = [r["best_val_mae"] for r in per_seed]
+        out["best_epoch_per_seed"] = [r["best_epoch"] for r in per_seed]
+        out["train_seconds_per_seed"] = [r["seconds"] for r in per_seed]
+        out["hyperparams"] = per_seed[0]["hyperparams"]
+    return out
+
+
+def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: np.ndarray,
+           top_percent: float, better: str | None) -> dict:
+    """Paired bootstrap of metric(a) - metric(b) on the same materials: MAE and, with a
+    screening direction, top-N% precision."""
+    out = {"mae_diff": bootstrap_paired_difference(y, a, b, mae, resamples).as_dict()}
+    if better is not None:
+        out["screening_diff"] = bootstrap_paired_difference(
+            y, a, b, screening_metric(top_percent, better), resamples).as_dict()
+    return out
 
 
 def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: Path,
@@ -120,7 +172,7 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
         "epochs_run": len(result.history), "seconds": total, "cpu_hours": total / 3600,
         "test_ids": ws.cache.material_id[data.test_rows].tolist(),
-        "test_pred": np.round(pred, 6).tolist(),
+        "test_pred": np.round(pred, PRED_DECIMALS).tolist(),
         "test_mae": float(np.mean(np.abs(pred - data.test_targets))),
     }
     with atomic_output(result_path) as tmp:

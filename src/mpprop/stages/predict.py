@@ -13,7 +13,13 @@ Every input row gives one output row per model: rows in = rows out. A row that c
 read or predicted carries its error and an empty prediction; it never stops the batch.
 Each structure is parsed and checked once and featurized once per graph setting, then every
 requested model runs on the same graphs (mpprop.inference); models are read from their
-bundle files only (no MLflow model loading, no unpickling).
+bundle files only (no MLflow model loading, no unpickling). Structures outside
+predict.max_atoms / min_volume_per_atom / min_distance fail their row before any neighbour
+search (inference.StructureLimits).
+
+The output never destroys data (check_prediction_output, before any model is loaded): not an
+input, a file an input list names, a path inside an input folder or the project's folders;
+an existing file only if it is an earlier prediction CSV, or with --overwrite.
 """
 
 from __future__ import annotations

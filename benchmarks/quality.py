@@ -44,10 +44,10 @@ import numpy as np
 import yaml
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
+from mpprop import presets
 from mpprop.config import Hyperparams, load_params
 from mpprop.experiment import model_summary, paired
 from mpprop.snapshot import atomic_output
-from mpprop.stages import train as train_stage
 from mpprop.stats import (
     MIN_TOP_MATERIALS,
     bootstrap_resamples,
@@ -125,9 +125,9 @@ def final_hyperparams(params_file: Path, overrides: list[str], prop: str, preset
     params = load_params(params_file, [*overrides, f"tune.final_epochs={final_epochs}"])
     if preset == "xie":
         decay = max(1, round(XIE_DECAY_FRACTION * final_epochs))
-        return train_stage.final_hyperparams(params, prop, "xie",
+        return presets.final_hyperparams(params, prop, "xie",
                                              {"epochs": final_epochs, "lr_decay_epoch": decay})
-    return train_stage.final_hyperparams(params, prop, "tuned")
+    return presets.final_hyperparams(params, prop, "tuned")
 
 
 def fit_final(root: str, overrides: list[str], prop: str, preset: str, hp: dict,

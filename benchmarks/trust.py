@@ -34,12 +34,12 @@ from workspace import DEFAULT_DATA, REPO, build_workspace
 
 from mpprop.config import load_params
 from mpprop.data import open_workspace, property_data, train_val_split, transform_target
+from mpprop.experiment import calibration
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import embed, graph_warnings, structure_warning
 from mpprop.model import load_checkpoint, pretrained_path
 from mpprop.ood import OODReference
 from mpprop.snapshot import load_snapshot
-from mpprop.stages.train import calibration
 
 QUALITY = REPO / "benchmarks" / "results" / "quality"
 OUT = REPO / "benchmarks" / "results" / "trust.json"

@@ -20,6 +20,7 @@ from mpprop.bundle import load_bundle
 from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.model import trunk_state
+from mpprop.presets import tuning_parent
 from mpprop.registry import TAG_PARENT_NAME, TAG_PARENT_RUN_ID, TAG_PARENT_VERSION
 
 PROP = "bulk_modulus"
@@ -170,7 +171,7 @@ def test_pretrained_trunk_never_sees_any_property_test_material(project):
     assert metrics["registered"] == "mpprop-trunk v1"
     # the pipeline's tuned models fine-tune it
     params = load_params(project / "params.yaml", [s for s in sets if s != "-S"])
-    assert params.tuning_parent() == str(project / "models/trunk/model.pt")
+    assert tuning_parent(params) == str(project / "models/trunk/model.pt")
     mlflow.set_tracking_uri(params.tracking_uri())
     mv = MlflowClient().get_model_version_by_alias("mpprop-trunk", "champion")
     assert mv.tags["property"] == "shear_modulus"

@@ -205,6 +205,11 @@ def test_an_existing_file_is_replaced_only_if_it_is_a_prediction_csv(project, ci
     rows = read_rows(notes)
     assert [r["id"] for r in rows] == ["in/NaCl.cif"] and rows[0]["error"] == ""
     assert [p.name for p in project.iterdir() if p.name.startswith(".notes")] == []
+    # an empty file (mktemp's) holds nothing to lose
+    empty = project / "empty.csv"
+    empty.touch()
+    assert predict(project, [cifs / "NaCl.cif"], empty).exit_code == 0
+    assert empty.read_text().splitlines()[0] == HEADER
 
 
 def test_prediction_csv_is_recognised_by_its_header(tmp_path):

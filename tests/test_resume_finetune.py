@@ -150,3 +150,20 @@ def test_element_offsets_carry_the_composition_part(cache):
     fresh = CrystalGraphConvNet(hp, SETTINGS)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.element_offsets, result.model.element_offsets)
+
+
+def test_moving_average_warms_up_from_the_trained_weights():
+    """The average follows the trained weights from the first steps (no pull towards the
+    initial ones), then averages with the full decay."""
+    from mpprop.training import ema_with_warmup
+
+    update = ema_with_warmup(0.999)
+    avg, cur = [torch.zeros(3)], [torch.ones(3)]
+    update(avg, cur, torch.tensor(0))  # first update: weight 1 - 1/10
+    assert torch.allclose(avg[0], torch.full((3,), 0.9))
+    for n in range(1, 2000):
+        update(avg, cur, torch.tensor(n))
+    assert torch.allclose(avg[0], torch.ones(3), atol=1e-6)
+    counters = [torch.tensor(5)]
+    update(counters, [torch.tensor(9)], torch.tensor(3))
+    assert int(counters[0]) == 9

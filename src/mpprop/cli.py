@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mpprop.config import ConfigError, Params, load_params
+from mpprop.outputs import OutputBusyError
 from mpprop.settings import OPTIMIZERS
 
 
@@ -58,7 +59,18 @@ def check_property(params: Params, prop: str) -> str:
     return prop
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class MappedErrorsGroup(click.Group):
+    """The command group that turns the core's own errors into one-line CLI errors: the core
+    knows nothing of click, the CLI maps what it raises (exit code 1, no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except OutputBusyError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=MappedErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               help="Params file (the project's configuration).")
 @click.option("-S", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -372,8 +384,9 @@ def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool,
              extrapolation: bool) -> None:
     """Test-set metrics, parity and screening plots of a property's saved models."""
     from mpprop.data import SplitError
+    from mpprop.presets import default_presets
     from mpprop.snapshot import SnapshotError
-    from mpprop.stages.evaluate import EvaluationError, default_presets, evaluate_property, format_results
+    from mpprop.stages.evaluate import EvaluationError, evaluate_property, format_results
 
     params = obj.params
     check_property(params, prop)

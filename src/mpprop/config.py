@@ -120,15 +120,6 @@ class Params:
     def trunk_dir(self) -> Path:
         return self.path(self.raw["pretrain"]["dir"])
 
-    def tuning_parent(self) -> str | None:
-        """The model tuning trials fine-tune: train.init_from, else the pipeline's trunk
-        (pretrain.enabled), else none (the paper)."""
-        if self.train.get("init_from"):
-            return str(self.train["init_from"])
-        if self.raw["pretrain"]["enabled"]:
-            return str(self.trunk_dir() / "model.pt")
-        return None
-
     def snapshot_dir(self) -> Path:
         return self.path(self.data["snapshot_dir"])
 

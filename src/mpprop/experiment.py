@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
-from mpprop.bundle import load_bundle, save_bundle
+from mpprop.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
 from mpprop.losses import LossSettings
 from mpprop.model import trunk_state
@@ -35,7 +36,6 @@ from mpprop.stats import (
 from mpprop.training import EpochStats, FineTuning, fit, predict
 
 CHECKPOINT_FILE = "checkpoint.pt"
-BUNDLE_FILE = "model.pt"
 RESULT_FILE = "result.json"
 PRED_DECIMALS = 6  # test predictions stored in results (target units)
 
@@ -120,6 +120,18 @@ def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: np.ndarray,
         out["screening_diff"] = bootstrap_paired_difference(
             y, a, b, screening_metric(top_percent, better), resamples).as_dict()
     return out
+
+
+def calibration(y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict[str, float | None]:
+    """Is the ensemble std an error bar? Share of |error| within 1 and 2 std (a Gaussian
+    would give 68% and 95%) and the Spearman correlation of |error| with std."""
+    if not np.all(np.isfinite(std)):
+        return {}
+    err = np.abs(mean - y)
+    rho = spearmanr(err, std).statistic if np.std(std) > 0 else float("nan")
+    return {"test_within_1std": float(np.mean(err <= std)),
+            "test_within_2std": float(np.mean(err <= 2 * std)),
+            "test_spearman_error_std": float(rho)}
 
 
 def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: Path,

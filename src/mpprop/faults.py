@@ -8,7 +8,7 @@ until it is killed, so a test can kill a command at a chosen point, never by tim
 MLflow runs: an exception or a signal (SIGTERM, Ctrl-C) ends a run FAILED or KILLED, but a
 kill -9 leaves it RUNNING for ever. Each run is therefore tagged with its host and process
 (`process_tags`), and a later command of the same kind ends the runs of dead processes on
-this host as KILLED (`end_orphaned_runs`).
+this host as KILLED (`tracking.end_orphaned_runs`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ PAUSE_FILE_ENV = "MPPROP_PAUSE_FILE"
 HOST_TAG = "mpprop.host"
 PID_TAG = "mpprop.pid"
 PID_START_TAG = "mpprop.pid_start"  # the process's start time: a reused pid is not the same
-KIND_TAG = "mpprop.kind"
 
 
 def pause_point(name: str) -> None:
@@ -102,42 +101,3 @@ def process_tags() -> dict[str, str]:
     return tags
 
 
-@contextlib.contextmanager
-def killed_on_interrupt() -> Iterator[None]:
-    """Inside `mlflow.start_run()`: a signal (Terminated, KeyboardInterrupt) ends the active
-    run KILLED; other exceptions leave it to start_run, which ends it FAILED."""
-    import mlflow
-
-    try:
-        yield
-    except KeyboardInterrupt:
-        if mlflow.active_run() is not None:
-            mlflow.end_run(status="KILLED")
-        raise
-
-
-def end_orphaned_runs(experiment_id: str, kind: str) -> list[str]:
-    """End as KILLED the RUNNING runs of this kind (tag mpprop.kind) started on this host by
-    processes that no longer run (killed with -9, or the machine went down); their ids."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    host = socket.gethostname().replace("'", "")
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{KIND_TAG}` = '{kind}' and tags.`{HOST_TAG}` = '{host}' "
-        "and attributes.status = 'RUNNING'",
-        max_results=1000,
-    )
-    ended = []
-    for run in runs:
-        tags = run.data.tags
-        try:
-            pid = int(tags[PID_TAG])
-        except (KeyError, ValueError):
-            continue
-        if pid == os.getpid() or process_alive(pid, tags.get(PID_START_TAG)):
-            continue
-        client.set_terminated(run.info.run_id, "KILLED")
-        ended.append(run.info.run_id)
-    return ended

@@ -26,7 +26,6 @@ from pymatgen.core import Structure
 from pymatgen.optimization.neighbors import find_points_in_spheres
 from tqdm import tqdm
 
-from mpprop.config import GraphSettings
 from mpprop.graph_cache import (
     CACHE_ARRAYS,
     CACHE_META,
@@ -35,6 +34,7 @@ from mpprop.graph_cache import (
     known_elements,
 )
 from mpprop.outputs import output_dir, readable_dir
+from mpprop.settings import GraphSettings
 from mpprop.snapshot import Snapshot
 
 

@@ -102,7 +102,7 @@ def limit_error(structure: Structure, limits: StructureLimits = DEFAULT_LIMITS) 
     if limits.max_atoms and n > limits.max_atoms:
         return (f"{n} atoms is above predict.max_atoms ({limits.max_atoms}): too large to "
                 "featurize here")
-    volume = abs(float(np.linalg.det(structure.lattice.matrix))) / n
+    volume = abs(float(np.linalg.det(structure.lattice.matrix))) / max(n, 1)
     if volume < limits.min_volume_per_atom:
         return (f"volume per atom {volume:.3g} Å^3 is below predict.min_volume_per_atom "
                 f"({limits.min_volume_per_atom!r} Å^3; crystals have > ~5): the crystal graph "

@@ -36,7 +36,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
 from filelock import FileLock, Timeout
 
 from mpprop.faults import pause_point
@@ -46,9 +45,8 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-class OutputBusyError(click.ClickException):
-    """Another process writes this output now. A ClickException, so that every command
-    reports it as `Error: <message>` (exit code 1) without a traceback."""
+class OutputBusyError(RuntimeError):
+    """Another process writes this output now (the CLI reports it in one line, exit code 1)."""
 
 
 def lock_path(target: Path) -> Path:

@@ -3,7 +3,11 @@ structures (what the registry serves and `mlflow models serve` answers with)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +15,12 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
 from mpprop.bundle import BundleError, attach_metal_gate, load_bundle, load_model, save_bundle
 from mpprop.config import Params
+from mpprop.faults import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
 
 MODEL_ARTIFACT = "checkpoint"
 # a second bundle logged with a model whose domain is non-metals: the metal classifier that
@@ -39,6 +45,7 @@ KIND_TRAIN = "train"
 KIND_TRIAL = "tune-trial"
 KIND_STUDY = "tune-study"
 KIND_PRETRAINED = "pretrained"
+KIND_PRETRAIN = "pretrain"  # the trunk of `mpprop pretrain`
 KIND_REPORT = "report"
 KIND_EXTRAPOLATION = "extrapolation"
 # what a model predicts (bundle.TASK_*) and the materials it was trained on (model.DOMAIN_*)
@@ -236,3 +243,43 @@ def _example_structure_json() -> str:
         "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
     )
     return json.dumps(nacl.as_dict())
+
+
+# ---- runs of killed processes: ended by the next command that opens the store
+
+
+@contextlib.contextmanager
+def killed_on_interrupt() -> Iterator[None]:
+    """Inside `mlflow.start_run()`: a signal (Terminated, KeyboardInterrupt) ends the active
+    run KILLED; other exceptions leave it to start_run, which ends it FAILED."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status="KILLED")
+        raise
+
+
+def end_orphaned_runs(experiment_id: str, kind: str) -> list[str]:
+    """End as KILLED the RUNNING runs of this kind (tag mpprop.kind) started on this host by
+    processes that no longer run (killed with -9, or the machine went down); their ids."""
+    client = MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{TAG_KIND}` = '{kind}' and tags.`{HOST_TAG}` = '{host}' "
+        "and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags[PID_TAG])
+        except (KeyError, ValueError):
+            continue
+        if pid == os.getpid() or process_alive(pid, tags.get(PID_START_TAG)):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended

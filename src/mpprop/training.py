@@ -253,8 +253,8 @@ def fit(
     optimizer = make_optimizer(model, hp, fine_tuning.trunk_lr_scale if fine_tuning else None)
     scheduler = make_scheduler(optimizer, hp)
     ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(hp.ema_decay),
-        use_buffers=True) if hp.ema_decay > 0 else None)
+        model, multi_avg_fn=ema_with_warmup(hp.ema_decay), use_buffers=True)
+        if hp.ema_decay > 0 else None)
     kept = ema.module if ema is not None else model  # the weights validated and kept
     train_norm = normalizer.norm(train_targets)
     loss_fn = _training_loss(hp, loss_settings, better, train_norm)
@@ -288,6 +288,25 @@ def fit(
     kept.load_state_dict(state.best_state)
     kept.eval()
     return FitResult(kept, normalizer, state.best_epoch, state.best_val, state.history)
+
+
+def ema_with_warmup(decay: float) -> Callable[[list, list, torch.Tensor], None]:
+    """The moving average's update with the decay warmed up, min(decay, (1 + n) / (10 + n))
+    after n updates: without it the average keeps the initial weights (and batch-norm
+    statistics) for ~1/(1 - decay) steps, far from the trained ones. Integer buffers (batch
+    counters) are copied."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        if averaged and torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update
 
 
 def _check_training_data(train_rows: np.ndarray, train_targets: np.ndarray,

@@ -35,12 +35,12 @@ from mpprop.data import open_workspace, property_data
 from mpprop.device import training_device
 from mpprop.inference import predict_rows
 from mpprop.outputs import output_dir
+from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, metrics_path, model_dir, plots_dir
+from mpprop.presets import PAIRED_PREFIX, default_presets
 from mpprop.snapshot import atomic_output
 from mpprop.stats import n_top, screening_precision
 from mpprop.tracking import setup_mlflow
 
-MODEL_FILE = "model.pt"
-TRAIN_METRICS_FILE = "metrics.json"
 ARTIFACT_DIR = "evaluation"  # folder of the evaluation files inside a training run
 # figure layout (presentation only)
 PANEL_SIZE_INCHES = (5.0, 4.5)
@@ -94,20 +94,8 @@ class PresetEvaluation:
         return out
 
 
-def model_dir(params: Params, prop: str, preset: str) -> Path:
-    return params.models_dir() / prop / preset
 
 
-def metrics_path(params: Params, prop: str) -> Path:
-    return params.path(params.raw["evaluate"]["metrics_dir"]) / f"{prop}.json"
-
-
-def plots_dir(params: Params, prop: str) -> Path:
-    return params.path(params.raw["evaluate"]["plots_dir"]) / prop
-
-
-def default_presets(params: Params) -> list[str]:
-    return list(params.raw["evaluate"]["presets"])
 
 
 def available_presets(params: Params, prop: str) -> list[str]:
@@ -328,7 +316,6 @@ def evaluate_property(
     return results
 
 
-PAIRED_PREFIX = "paired:"  # metrics/<prop>.json keys of the paired differences
 
 
 def paired_differences(

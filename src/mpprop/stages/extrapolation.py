@@ -30,9 +30,9 @@ from mpprop.device import training_device
 from mpprop.faults import process_tags
 from mpprop.inference import predict_rows
 from mpprop.losses import LossSettings
+from mpprop.paths import extrapolation_path
+from mpprop.presets import final_hyperparams
 from mpprop.snapshot import atomic_output
-from mpprop.stages.evaluate import metrics_path
-from mpprop.stages.train import final_hyperparams
 from mpprop.tracking import (
     KIND_EXTRAPOLATION,
     TAG_KIND,
@@ -42,12 +42,6 @@ from mpprop.tracking import (
     setup_mlflow,
 )
 from mpprop.training import fit_on_pool, set_torch_threads
-
-EXTRAPOLATION_SUFFIX = ".extrapolation.json"
-
-
-def extrapolation_path(params: Params, prop: str) -> Path:
-    return metrics_path(params, prop).with_name(f"{prop}{EXTRAPOLATION_SUFFIX}")
 
 
 def held_out_top(y: np.ndarray, top_percent: float, better: str) -> np.ndarray:

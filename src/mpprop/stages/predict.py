@@ -19,7 +19,7 @@ search (inference.StructureLimits).
 
 The output never destroys data (check_prediction_output, before any model is loaded): not an
 input, a file an input list names, a path inside an input folder or the project's folders;
-an existing file only if it is an earlier prediction CSV, or with --overwrite.
+an existing file only if it is empty or an earlier prediction CSV, or with --overwrite.
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def protected_paths(params: Params) -> list[tuple[str, Path]]:
     for _, folder in out[:3]:
         # the data folder that holds them (data/), where it is one inside the project
         parent = folder.resolve().parent
-        if parent != root and parent.is_relative_to(root):
+        if parent != root and parent.is_relative_to(root) and parent not in (p for _, p in out):
             out.append(("the project's data folder", parent))
     # as Params.tracking_uri reads it, without creating the database's folder
     tracking = (params.builtin and os.environ.get(TRACKING_URI_ENV)) or params.mlflow["tracking_uri"]
@@ -343,6 +343,11 @@ def protected_paths(params: Params) -> list[tuple[str, Path]]:
         if uri.startswith("sqlite:") and parent != root and parent.is_relative_to(root):
             out.append((f"{what}'s folder", parent))
     return out
+
+
+def _empty_file(path: Path) -> bool:
+    # an empty file (mktemp's) holds nothing to lose
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == 0
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -393,7 +398,8 @@ def _check_outputs(params: Params, inputs: Sequence[Path], output: Path,
         if reason:
             raise OutputRefused(f"{name} {reason}: refused (even with --overwrite); write "
                                 "elsewhere, e.g. predictions/")
-        if os.path.lexists(target) and not overwrite and not is_previous(target):
+        if os.path.lexists(target) and not (overwrite or _empty_file(target)
+                                             or is_previous(target)):
             raise OutputRefused(f"{name} exists and is not {previous}; give --overwrite to "
                                 "replace it, or another path")
 
@@ -402,8 +408,8 @@ def check_prediction_output(params: Params, inputs: Sequence[Path], output: Path
                             overwrite: bool = False) -> None:
     """OutputRefused unless writing the prediction CSV `output` is safe: never an input, a
     file an input list names, a path inside an input folder or the project's folders
-    (protected_paths); an existing file only if it is an earlier prediction CSV (its header)
-    or with `overwrite`. Called before any model is loaded: a refusal writes nothing."""
+    (protected_paths); an existing file only if it is empty, an earlier prediction CSV (its
+    header) or with `overwrite`. Called before any model is loaded: a refusal writes nothing."""
     _check_outputs(params, inputs, output, [output], overwrite, is_prediction_csv,
                    "an mpprop prediction CSV (header id,property,prediction,...)")
 
@@ -447,7 +453,7 @@ def resolve_models(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mpprop.stages.promote import get_version_by_alias, registered_name
+    from mpprop.registry import get_version_by_alias, registered_name
     from mpprop.tracking import download_bundle
 
     device, _ = training_device(params.train)
@@ -497,7 +503,7 @@ def resolve_models(
 def _with_metal_gate(params: Params, client: Any, model: LoadedModel) -> LoadedModel:
     """`model` gated by the published metal classifier (`<prefix>is_metal` at the pretrained
     alias, on the same graphs): 0 where it says metal; the label names it."""
-    from mpprop.stages.promote import get_version_by_alias, registered_name
+    from mpprop.registry import get_version_by_alias, registered_name
     from mpprop.tracking import download_bundle
 
     name = registered_name(params, METAL_CLASSIFIER)

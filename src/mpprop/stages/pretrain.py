@@ -20,24 +20,27 @@ from tqdm import tqdm
 from mpprop.config import Params
 from mpprop.data import open_workspace, property_data, train_val_split
 from mpprop.experiment import all_test_ids, usable_rows
-from mpprop.faults import end_orphaned_runs, killed_on_interrupt, process_tags, sigterm_as_exception
+from mpprop.faults import process_tags, sigterm_as_exception
 from mpprop.losses import LossSettings
 from mpprop.outputs import output_dir
+from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE
 from mpprop.registry import registered_name
 from mpprop.tracking import (
+    KIND_PRETRAIN,
     TAG_GRAPH_KEY,
     TAG_KIND,
+    TAG_PRESET,
     TAG_PROPERTY,
     TAG_SNAPSHOT,
+    end_orphaned_runs,
+    killed_on_interrupt,
     log_model,
     save_bundle,
     setup_mlflow,
 )
 from mpprop.training import EpochStats, fit, predict, set_torch_threads
 
-KIND_PRETRAIN = "pretrain"
 TRUNK = "trunk"  # registered as <registry_prefix>trunk
-METRICS_FILE = "metrics.json"
 MATERIALS_FILE = "materials.json"
 
 
@@ -47,7 +50,7 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
     out = params.trunk_dir()
     if not cfg["enabled"]:
         with output_dir(out, "pretrain") as unit:
-            (unit / METRICS_FILE).write_text(json.dumps(
+            (unit / TRAIN_METRICS_FILE).write_text(json.dumps(
                 {"enabled": False, "note": "pretrain.enabled is false: the tuned models "
                  "train from scratch (the paper's protocol)"}, indent=2) + "\n")
         return {"enabled": False}
@@ -77,9 +80,9 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
         mlflow.start_run(run_name=f"trunk ({prop}, {cfg['preset']})") as run,
         killed_on_interrupt(),
     ):
-        mlflow.set_tags({TAG_PROPERTY: prop, TAG_KIND: KIND_PRETRAIN, "mpprop.preset":
-                         cfg["preset"], TAG_SNAPSHOT: ws.snapshot_sha256,
-                         TAG_GRAPH_KEY: ws.cache.key, **process_tags()})
+        mlflow.set_tags({TAG_PROPERTY: prop, TAG_KIND: KIND_PRETRAIN, TAG_PRESET: cfg["preset"],
+                         TAG_SNAPSHOT: ws.snapshot_sha256, TAG_GRAPH_KEY: ws.cache.key,
+                         **process_tags()})
         mlflow.log_params({**hp.as_dict(), "property": prop, "preset": cfg["preset"],
                            "n_train": len(tr), "n_val": len(va),
                            "n_excluded_test_materials": len(data.pool_rows) - len(rows)})
@@ -104,7 +107,7 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
         ids = ws.cache.material_id
         (unit / MATERIALS_FILE).write_text(json.dumps(
             {"train": sorted(ids[rows[tr]].tolist()), "val": sorted(ids[rows[va]].tolist())}))
-        bundle = save_bundle(unit / "model.pt", result.model, result.normalizer, data.spec,
+        bundle = save_bundle(unit / MODEL_FILE, result.model, result.normalizer, data.spec,
                              extra={"snapshot_sha256": ws.snapshot_sha256,
                                     "graph_cache_key": ws.cache.key, "role": TRUNK})
         model_uri = log_model(bundle, name=f"{TRUNK}-{prop}")
@@ -116,7 +119,7 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
         alias = params.mlflow["champion_alias"]
         mlflow.tracking.MlflowClient().set_registered_model_alias(name, alias, mv.version)
         metrics.update(run_id=run.info.run_id, registered=f"{name} v{mv.version}")
-        (unit / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (unit / TRAIN_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     checkpoint.unlink(missing_ok=True)
     return metrics
 

@@ -28,7 +28,7 @@ from mlflow.entities import LoggedModelStatus, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from mpprop.bundle import TASK_CLASSIFICATION, TASK_REGRESSION, BundleError, load_bundle
+from mpprop.bundle import BUNDLE_FILE, TASK_CLASSIFICATION, TASK_REGRESSION, BundleError, load_bundle
 from mpprop.config import GraphSettings, Params, PropertySpec
 from mpprop.model import (
     DOMAIN_NON_METALS,
@@ -471,7 +471,7 @@ def import_pretrained(
                 {**hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(graph).items()}}
             )
             bundle = save_bundle(
-                Path(tmp) / "model.pt", model, normalizer, spec,
+                Path(tmp) / BUNDLE_FILE, model, normalizer, spec,
                 extra={"checkpoint_sha256": sha, "checkpoint_source": source},
                 domain=domain, classes=METAL_CLASSIFIER_CLASSES if classifier else None,
             )

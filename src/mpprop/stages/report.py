@@ -18,15 +18,14 @@ from typing import Any
 import mlflow
 
 from mpprop.config import Params
+from mpprop.paths import PROMOTED_FILE, extrapolation_path, metrics_path, report_dir
+from mpprop.presets import PAIRED_PREFIX, default_presets
 from mpprop.snapshot import SnapshotError, atomic_output, load_metadata
-from mpprop.stages.evaluate import PAIRED_PREFIX, default_presets, metrics_path
-from mpprop.stages.extrapolation import extrapolation_path
 from mpprop.stats import MIN_TOP_MATERIALS, NEAR_CONSTANT_SPREAD
 from mpprop.tracking import KIND_REPORT, TAG_KIND, setup_mlflow
 
 MARKDOWN_FILE = "table2.md"
 CSV_FILE = "table2.csv"
-PROMOTED_FILE = "promoted.json"  # written by `mpprop promote`
 # per preset, the numbers of metrics/<prop>.json that the CSV carries
 CSV_METRICS = ("test_mae", "test_mae_low", "test_mae_high", "test_screening_precision",
                "test_screening_low", "test_screening_high", "best_val_mae", "n_top",
@@ -72,9 +71,6 @@ class Row:
     paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # "tuned-xie" -> diffs
     extrapolation: dict[str, Any] = field(default_factory=dict)  # `evaluate --extrapolation`
 
-
-def report_dir(params: Params) -> Path:
-    return params.path(params.raw["report"]["dir"])
 
 
 def _fmt(value: float | None, decimals: int) -> str:

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import yaml
-from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from mpprop.bundle import ensemble_mean_std
 from mpprop.config import Hyperparams, Params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
+from mpprop.experiment import calibration
 from mpprop.faults import (
-    end_orphaned_runs,
-    killed_on_interrupt,
     pause_point,
     process_tags,
     sigterm_as_exception,
@@ -37,6 +35,8 @@ from mpprop.inference import embed
 from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
+from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
+from mpprop.presets import final_hyperparams
 from mpprop.registry import resolve_parent
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
@@ -47,6 +47,8 @@ from mpprop.tracking import (
     TAG_PROPERTY,
     TAG_SNAPSHOT,
     VAL_SCREENING_METRIC,
+    end_orphaned_runs,
+    killed_on_interrupt,
     log_model,
     save_bundle,
     setup_mlflow,
@@ -61,45 +63,11 @@ from mpprop.training import (
     set_torch_threads,
 )
 
-MODEL_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
-
-
-def final_hyperparams(params: Params, prop: str, preset: str,
-                      overrides: dict[str, Any] | None = None) -> Hyperparams:
-    """The hyperparameters `mpprop train` uses for a preset.
-
-    The tuned preset trains for `tune.final_epochs` (null: the Xie preset's epochs), so both
-    columns of Table 2 have the same final-training budget; its LR decay epoch, found for the
-    study's epochs per trial, moves in proportion. Explicit overrides win.
-    """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    hp = params.hyperparams(preset, prop, **overrides)
-    if preset != "tuned" or "epochs" in overrides:
-        return hp
-    final = params.tune.get("final_epochs") or params.raw["presets"]["xie"]["epochs"]
-    decay = hp.lr_decay_epoch
-    if "lr_decay_epoch" not in overrides:
-        decay = max(1, round(hp.lr_decay_epoch * final / hp.epochs))
-    return replace(hp, epochs=int(final), lr_decay_epoch=int(decay))
-
 
 def n_members(params: Params, preset: str, ensemble: int | None) -> int:
     if ensemble is not None:
         return int(ensemble)
     return int((params.raw["presets"].get(preset) or {}).get("ensemble") or params.train["ensemble"])
-
-
-def calibration(y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict[str, float | None]:
-    """Is the ensemble std an error bar? Share of |error| within 1 and 2 std (a Gaussian
-    would give 68% and 95%) and the Spearman correlation of |error| with std."""
-    if not np.all(np.isfinite(std)):
-        return {}
-    err = np.abs(mean - y)
-    rho = spearmanr(err, std).statistic if np.std(std) > 0 else float("nan")
-    return {"test_within_1std": float(np.mean(err <= std)),
-            "test_within_2std": float(np.mean(err <= 2 * std)),
-            "test_spearman_error_std": float(rho)}
 
 
 def _member_split(train_idx: np.ndarray, bootstrap: bool, seed: int) -> np.ndarray:
@@ -147,7 +115,7 @@ def train_property(
     experiment_id = setup_mlflow(params)
     # the runs of trainers killed with -9 on this host would stay RUNNING for ever
     end_orphaned_runs(experiment_id, KIND_TRAIN)
-    out_dir = params.models_dir() / prop / preset
+    out_dir = model_dir(params, prop, preset)
     bar = tqdm(total=hp.epochs * k, desc=f"train {prop} [{preset}]", unit="epoch",
                disable=not progress)
     name = f"{prop}-{preset}" + (f" (ensemble of {k})" if k > 1 and keep == "all" else "")
@@ -184,7 +152,7 @@ def train_property(
         fine_tuning = (FineTuning(parent.trunk, int(params.train["freeze_trunk_epochs"]),
                                   float(params.train["trunk_lr_scale"]), parent.label)
                        if parent else None)
-        checkpoints = params.models_dir() / prop / f".{preset}-checkpoints"
+        checkpoints = checkpoint_dir(params, prop, preset)
         results = [_fit_member(params, hp, data, tr, va, seed, i, k, bar, fine_tuning,
                                checkpoints) for i in range(k)]
         bar.close()
@@ -204,7 +172,7 @@ def train_property(
         model_uri = log_model(bundle, name=f"{prop}-{preset}")
         metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
         pause_point("train.between_model_and_metrics")
-        (unit / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        (unit / TRAIN_METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: nothing to resume
     return metrics
 

@@ -49,6 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from mpprop.bundle import BUNDLE_FILE
 from mpprop.config import (
     FINETUNE_SEARCHABLE,
     GRAPH_SEARCHABLE,
@@ -61,6 +62,7 @@ from mpprop.data import PropertyData, Workspace, open_workspace, property_data, 
 from mpprop.device import training_device
 from mpprop.losses import LossSettings
 from mpprop.model import trunk_shape
+from mpprop.presets import tuning_parent
 from mpprop.registry import resolve_parent
 from mpprop.snapshot import atomic_output
 from mpprop.stats import screening_signal
@@ -78,7 +80,7 @@ from mpprop.tracking import (
 from mpprop.training import EpochStats, FineTuning, fit_on_pool, set_torch_threads
 
 # study user attrs: what the study was made from, and where its trials are tracked
-ATTR_PROPERTY = "mpprop.property"
+ATTR_PROPERTY = TAG_PROPERTY  # the study carries the same key as its runs
 ATTR_SNAPSHOT = "mpprop.snapshot_sha256"
 ATTR_GRAPH_KEY = "mpprop.graph_cache_key"
 ATTR_EPOCHS = "mpprop.epochs"
@@ -135,12 +137,12 @@ def search_space(params: Params) -> dict[str, Any]:
     space = dict(params.tune["search_space"])
     if params.tune.get("extend_search_space"):
         space.update(params.tune.get("extended_search_space") or {})
-    if params.tuning_parent():
+    if tuning_parent(params):
         # fine-tuned trials take n_conv and atom_fea_len from the parent's trunk
         for key in TRUNK_KEYS:
             space.pop(key, None)
     missing = [k for k in SEARCHED if k not in space
-               and not (params.tuning_parent() and k in TRUNK_KEYS)]
+               and not (tuning_parent(params) and k in TRUNK_KEYS)]
     known = {f.name for f in fields(Hyperparams)} | set(GRAPH_SEARCHABLE) | set(FINETUNE_SEARCHABLE)
     unknown = [k for k in space if k not in known or k == "epochs"]
     if missing or unknown:
@@ -284,7 +286,7 @@ def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]
     under the init lock, for a study without trials. Returns the number queued.
     """
     entries = params.tune.get("enqueue") or []
-    if params.tuning_parent():  # the parent's trunk decides these
+    if tuning_parent(params):  # the parent's trunk decides these
         entries = [{k: v for k, v in e.items() if k not in TRUNK_KEYS} for e in entries]
     for i, entry in enumerate(entries):
         unknown = sorted(set(entry) - set(space))
@@ -955,7 +957,7 @@ class _TrialRunner:
         self.datasets = {worker.params.graph_settings(): data}
         # train.init_from: every trial fine-tunes this parent's trunk (its n_conv and
         # atom_fea_len win over searched ones; the fine-tuning settings may be searched)
-        init = worker.params.tuning_parent()
+        init = tuning_parent(worker.params)
         self.parent = resolve_parent(worker.params, init) if init else None
 
     def trunk_values(self) -> dict[str, int]:
@@ -1020,7 +1022,7 @@ class _TrialRunner:
         if fine_tuning is not None:
             mlflow.set_tags(self.parent.tags())
             trial.set_user_attr(TRIAL_FINE_TUNING, {
-                "init_from": w.params.tuning_parent(), "n_conv": hp.n_conv,
+                "init_from": tuning_parent(w.params), "n_conv": hp.n_conv,
                 "atom_fea_len": hp.atom_fea_len, "freeze_trunk_epochs": fine_tuning.freeze_epochs,
                 "trunk_lr_scale": fine_tuning.trunk_lr_scale})
 
@@ -1061,7 +1063,7 @@ class _TrialRunner:
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
         with tempfile.TemporaryDirectory() as tmp:
             bundle = save_bundle(
-                Path(tmp) / "model.pt", result.model, result.normalizer, data.spec,
+                Path(tmp) / BUNDLE_FILE, result.model, result.normalizer, data.spec,
                 extra={"snapshot_sha256": w.ws.snapshot_sha256, "graph_cache_key": data.cache.key,
                        "study_name": w.study_name, "trial": trial.number},
             )

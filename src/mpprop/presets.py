@@ -1,0 +1,50 @@
+"""Presets: which hyperparameters a named configuration trains with (params `presets`, the
+tuned file of `mpprop tune`), the final-training rule, and the presets evaluate compares.
+One owner: train, evaluate, extrapolation, report and the benchmarks resolve presets here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from mpprop.config import Hyperparams, Params
+from mpprop.paths import trunk_model_path
+
+# metrics/<prop>.json keys of the paired differences between presets (evaluate writes them,
+# report reads them)
+PAIRED_PREFIX = "paired:"
+
+
+def tuning_parent(params: Params) -> str | None:
+    """The model tuning trials fine-tune (and so the tuned preset): train.init_from, else
+    the pipeline's trunk (pretrain.enabled), else none (the paper)."""
+    if params.train.get("init_from"):
+        return str(params.train["init_from"])
+    if params.pretrain["enabled"]:
+        return str(trunk_model_path(params))
+    return None
+
+
+def default_presets(params: Params) -> list[str]:
+    """The presets the pipeline trains and compares (evaluate.presets; Table 2's columns)."""
+    return list(params.raw["evaluate"]["presets"])
+
+
+def final_hyperparams(params: Params, prop: str, preset: str,
+                      overrides: dict[str, Any] | None = None) -> Hyperparams:
+    """The hyperparameters `mpprop train` uses for a preset.
+
+    The tuned preset trains for `tune.final_epochs` (null: the Xie preset's epochs), so both
+    columns of Table 2 have the same final-training budget; its LR decay epoch, found for the
+    study's epochs per trial, moves in proportion. Explicit overrides win.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    hp = params.hyperparams(preset, prop, **overrides)
+    if preset != "tuned" or "epochs" in overrides:
+        return hp
+    final = params.tune.get("final_epochs") or params.raw["presets"]["xie"]["epochs"]
+    decay = hp.lr_decay_epoch
+    if "lr_decay_epoch" not in overrides:
+        decay = max(1, round(hp.lr_decay_epoch * final / hp.epochs))
+    return replace(hp, epochs=int(final), lr_decay_epoch=int(decay))

@@ -1,0 +1,74 @@
+"""The layers hold: stages never import each other, the core imports no CLI, tracking,
+tuning or validation framework (nor anything above it), and a literal that a contract owns
+(the bundle's file name, MLflow tag names) is spelled only by its owner."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from mpprop import registry, tracking
+
+SRC = REPO / "src" / "mpprop"
+# the core: structures, graphs, the model, the one batch loop, inference and their files
+CORE = {"settings", "graph_cache", "batches", "model", "training", "losses", "device",
+        "kernels", "stats", "bundle", "ood", "inference", "graphs", "snapshot", "data",
+        "outputs", "faults"}
+FRAMEWORKS = {"click", "mlflow", "optuna", "optuna_integration", "pydantic"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_stages_never_import_each_other():
+    offenders = {p.name: sorted(m for m in imports_of(p) if m.startswith("mpprop.stages"))
+                 for p in (SRC / "stages").glob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+@pytest.mark.parametrize("module", sorted(CORE))
+def test_core_imports_no_framework_and_nothing_above_it(module):
+    imported = imports_of(SRC / f"{module}.py")
+    frameworks = {m for m in imported if m.split(".")[0] in FRAMEWORKS}
+    above = {m for m in imported if m.startswith("mpprop.")
+             and m.split(".")[1] not in CORE}
+    assert not frameworks, f"{module} imports {frameworks}"
+    assert not above, f"{module} imports {above} (not core)"
+
+
+def _string_literals(path: Path) -> set[str]:
+    return {n.value for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+OWNED = {
+    "bundle.py": {"model.pt"},
+    "tracking.py": {v for k, v in vars(tracking).items()
+                    if k.startswith("TAG_") and isinstance(v, str) and v.startswith("mpprop.")},
+    "registry.py": set(registry.PARENT_TAGS),
+}
+
+
+def test_owned_literals_are_spelled_only_by_their_owner():
+    files = [*SRC.rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    found = {}
+    for owner, literals in OWNED.items():
+        assert literals, owner
+        for path in files:
+            if path.name == owner:
+                continue
+            clash = literals & _string_literals(path)
+            if clash:
+                found[str(path.relative_to(REPO))] = sorted(clash)
+    assert not found

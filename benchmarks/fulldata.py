@@ -61,12 +61,34 @@ JOBS = {
     "xie-fe": Job("xie-fe", "formation_energy_per_atom",
                   {**XIE, "epochs": 100, "lr_decay_epoch": 80}),
 }
+# the large properties: fine-tuned from the trunk (its architecture), 60 epochs; Xie at 60
+for _key, _prop in (("bg", "band_gap"), ("ef", "efermi")):
+    JOBS[f"ft-{_key}"] = Job(f"ft-{_key}", _prop, {**MODERN, "epochs": 60}, parent="trunk-fe",
+                             trunk_lr_scale=0.5)
+    JOBS[f"xie-{_key}"] = Job(f"xie-{_key}", _prop, {**XIE, "epochs": 60, "lr_decay_epoch": 48})
+# the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
+# at the same 150 epochs; energy per atom with per-element references on top
+SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
+         "epa": "energy_per_atom"}
+for _key, _prop in SMALL.items():
+    _extra = {"element_offsets": True} if _prop == "energy_per_atom" else {}
+    for _seed in range(3):
+        JOBS[f"ft-{_key}-s{_seed}"] = Job(
+            f"ft-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
+            parent="trunk-fe", freeze_epochs=10, trunk_lr_scale=0.3)
+        JOBS[f"xie-{_key}-s{_seed}"] = Job(
+            f"xie-{_key}-s{_seed}", _prop, {**XIE, "epochs": 150, "lr_decay_epoch": 120},
+            seed=_seed)
 
 
 # per property: the rows of the comparison, each a list of jobs (seeds); "best" is the model
 # mpprop ships, compared with "xie" (same data, same final epochs) and the published checkpoint
 COMPARISONS = {
     "formation_energy_per_atom": {"best": ["trunk-fe"], "xie": ["xie-fe"]},
+    "band_gap": {"best": ["ft-bg"], "xie": ["xie-bg"]},
+    "efermi": {"best": ["ft-ef"], "xie": ["xie-ef"]},
+    **{prop: {"best": [f"ft-{key}-s{i}" for i in range(3)],
+              "xie": [f"xie-{key}-s{i}" for i in range(3)]} for key, prop in SMALL.items()},
 }
 BOOTSTRAP = 1000
 

@@ -38,6 +38,7 @@ from mpprop.model import (
     load_checkpoint,
     pretrained_path,
 )
+from mpprop.shipped import SHIPPED_DIR, add_to_index
 from mpprop.stats import bootstrap_resamples
 from mpprop.training import predict
 
@@ -175,6 +176,55 @@ def _table(out: dict) -> str:
     return "\n".join(lines + diffs) + "\n"
 
 
+def ship(props: list[str]) -> None:
+    """Copy each property's best model (the seed with the lowest validation MAE: the test
+    set chooses nothing) into the package's shipped models, with its model card."""
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    params = load_params(WORK / "params.yaml")
+    for prop in props:
+        r = summary[prop]
+        jobs = COMPARISONS[prop]["best"]
+        records = [_result(j) for j in jobs]
+        best = min(records, key=lambda rec: rec["best_val_mae"])
+        folder = next((WORK / "jobs").glob(f"{best['job']}-*"))
+        spec = params.property_spec(prop)
+        m, pb = r["models"]["best"], r["paired"]["best-published"]
+        facts = {"test_mae": m["test_mae"]["point"], "test_mae_low": m["test_mae"]["low"],
+                 "test_mae_high": m["test_mae"]["high"], "n_test": r["n_test"],
+                 "published_minus": pb["mae_diff"]["point"], "job": best["job"],
+                 "cpu_hours": round(sum(r["cpu_hours"]["best"]), 2)}
+        add_to_index(SHIPPED_DIR, prop, folder / BUNDLE_FILE, _card(prop, spec, r, best), facts)
+        print(f"shipped {prop}: {best['job']} ({folder.name})")
+
+
+def _card(prop: str, spec: Any, r: dict, best: dict) -> str:
+    m, pb, px = r["models"]["best"], r["paired"]["best-published"], r["paired"]["best-xie"]
+    hp = best["hyperparams"]
+    return f"""# mpprop-{prop} (alias mpprop-2026)
+
+Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
+
+- Data: the shared MP snapshot (MP downloads of 2020 for formation energy, band gap and Fermi
+  level; 2024-2025 for energy per atom and the elastic set), {best['n_train']} training and
+  {best['n_val']} validation materials: every record of the property outside the fixed test
+  sets of all seven properties (split seed 20201224, 20%).
+- Model: CGCNN, {hp['n_conv']} convolutions, {hp['atom_fea_len']}/{hp['h_fea_len']} features,
+  {hp['optimizer']}, {hp.get('loss', 'mse')} loss, {hp['epochs']} epochs
+  {'(fine-tuned from ' + best['parent'] + ')' if best.get('parent') else '(from scratch)'};
+  graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A.
+- Budget: {sum(r['cpu_hours']['best']):.2f} CPU-hours on one core (its trunk not included).
+- Test MAE on {r['n_test']} materials: {m['test_mae']['point']:.4f}
+  [{m['test_mae']['low']:.4f}, {m['test_mae']['high']:.4f}] (95% bootstrap); minus the
+  published 2018 checkpoint: {pb['mae_diff']['point']:+.4f} [{pb['mae_diff']['low']:+.4f},
+  {pb['mae_diff']['high']:+.4f}] (which saw many of these test materials in training); minus
+  the Xie preset at the same epochs: {px['mae_diff']['point']:+.4f}
+  [{px['mae_diff']['low']:+.4f}, {px['mae_diff']['high']:+.4f}].
+- Not for: structures unlike MP's relaxed inorganic crystals (molecules, surfaces, disordered or
+  defect supercells, high pressure); elements outside 1-100; values far outside the training
+  range. Check `ood_flag` and `warning` in `mpprop predict`'s CSV.
+"""
+
+
 def build() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", WORK / "params.yaml")
@@ -215,6 +265,8 @@ def main() -> None:
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     sub.add_parser("list")
     sub.add_parser("report")
+    sh = sub.add_parser("ship")
+    sh.add_argument("props", nargs="+", choices=sorted(COMPARISONS))
     args = ap.parse_args()
     if args.command == "build":
         build()
@@ -222,6 +274,8 @@ def main() -> None:
         run(args.jobs)
     elif args.command == "report":
         report()
+    elif args.command == "ship":
+        ship(args.props)
     else:
         for name in JOBS:
             done = (RESULTS / f"{name}.json").exists()

@@ -113,6 +113,15 @@ def test_report_table(pipeline: Path) -> None:
 
     # the truth about each number: budget, intervals, n_top, near-constant flags, paired diff
     assert "budget xie" in markdown and "MAE tuned-xie" in markdown
+    # screening: how many top materials, and the paired difference in points; one symbol for
+    # a missing value, another for a property without a screening direction
+    assert "| n_top |" in markdown and "| screening tuned-xie (points) |" in markdown
+    for prop in PROPS:
+        line = next(x for x in markdown.splitlines() if x.startswith(f"| {prop} |"))
+        if prop in NO_SCREENING:
+            assert "not screened" in line and "| dimensionless |" in line
+        else:
+            assert "not screened" not in line and "| - |" not in line
     metrics = json.loads((pipeline / "metrics/band_gap.json").read_text())
     assert set(metrics) == {"xie", "tuned", "paired:tuned-xie"}
     xie, tuned = metrics["xie"], metrics["tuned"]

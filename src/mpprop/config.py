@@ -453,7 +453,7 @@ class MlflowSection(Section):
     pretrained_alias: Name
     # mpprop's own shipped models (mpprop.shipped), registered by import-pretrained
     shipped_alias: Name = "mpprop-2026"
-    system_metrics: bool = True  # CPU, memory (and GPU where present) of training runs
+    system_metrics: bool = False  # CPU, memory (and GPU where present) of training runs
 
 
 class PredictSection(Section):
@@ -473,6 +473,9 @@ class PredictSection(Section):
     max_atoms: NonNegativeInt = 1000
     min_volume_per_atom: float = Field(default=1.0, ge=0)  # Å^3; crystals have > ~5
     min_distance: float = Field(default=0.3, ge=0)  # Å, periodic images included
+    # calibrated prediction intervals (mpprop.intervals): the share of materials like the
+    # calibration ones whose truth the interval holds
+    interval_coverage: float = Field(default=0.9, gt=0, lt=1)
 
 
 # ---------------------------------------------------------------- evaluate, report

@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 
 from mpprop.config import Params
+from mpprop.faults import process_tags
 from mpprop.paths import PROMOTED_FILE, extrapolation_path, metrics_path, report_dir
 from mpprop.presets import PAIRED_PREFIX, default_presets
 from mpprop.snapshot import SnapshotError, atomic_output, load_metadata
@@ -73,10 +74,30 @@ class Row:
 
 
 
+# one symbol for a value that is missing; a dimensionless unit is spelled out
+MISSING = "n/a"
+NOT_SCREENED = "not screened"  # a property without a screening direction (Poisson's ratio)
+DIMENSIONLESS = "dimensionless"
+
+
 def _fmt(value: float | None, decimals: int) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
+        return MISSING
     return f"{value:.{decimals}f}"
+
+
+def _unit_text(unit: str) -> str:
+    return DIMENSIONLESS if unit in ("-", "") else unit
+
+
+def _paired_screening_text(d: dict[str, Any] | None) -> str:
+    """A paired screening difference in percentage points with its interval, * when the
+    interval excludes zero."""
+    if not d or d.get("screening_diff") is None:
+        return MISSING
+    low, high = d["screening_diff_low"], d["screening_diff_high"]
+    star = " *" if low > 0 or high < 0 else ""
+    return f"{d['screening_diff']:+.1f} [{low:+.1f}, {high:+.1f}]{star}"
 
 
 def collect_rows(params: Params) -> list[Row]:
@@ -118,7 +139,7 @@ def collect_rows(params: Params) -> list[Row]:
 
 def _champion_text(champion: dict[str, Any]) -> str:
     if not champion:
-        return "-"
+        return MISSING
     text = f"v{champion.get('version', '?')}"
     source = champion.get("preset") or champion.get("kind")
     text = f"{text} ({source})" if source else text
@@ -175,7 +196,7 @@ def _budget_text(m: dict[str, Any]) -> str:
         parts.append(f"{b['tune_trials']} trials x {b.get('tune_epochs_per_trial', '?')} ep")
     if b.get("epochs"):
         parts.append(f"{b['epochs']} ep final")
-    return ", ".join(parts) or "-"
+    return ", ".join(parts) or MISSING
 
 
 def data_vintage(snapshot: dict[str, Any]) -> str:
@@ -220,30 +241,43 @@ def to_markdown(
         "property's better direction), the percentage truly in the top "
         f"{top_percent:g}%. MAE in the unit column. [a, b]: 95% bootstrap interval over the "
         "test materials; differences are paired (both models on the same resampled "
-        "materials), * where the interval excludes zero.",
+        "materials), * where the interval excludes zero. n_top: the materials truly in the "
+        f"top {top_percent:g}% of the test set (one of them moves precision by 100/n_top "
+        f"points). {MISSING}: no value; {NOT_SCREENED}: the property has no screening "
+        "direction.",
         "",
     ]
     pairs = sorted({k for r in rows for k in r.paired})
     header = ["property", "unit", "n_test"] + [f"budget {p}" for p in presets]
     header += [f"MAE {p}" for p in presets] + [f"MAE {k}" for k in pairs]
-    header += [f"screening {p} (%)" for p in presets]
+    header += ["n_top"] + [f"screening {p} (%)" for p in presets]
+    header += [f"screening {k} (points)" for k in pairs]
     extrapolated = any(r.extrapolation for r in rows)
     if extrapolated:
         header += [f"extrapolation recall {p}" for p in presets]
     header += ["champion"]
     body, notes = [], []
     for r in rows:
-        cells = [r.prop, r.unit, str(r.n_test)]
+        cells = [r.prop, _unit_text(r.unit), str(r.n_test)]
         cells += [_budget_text(r.by_preset[p]) for p in presets]
         cells += [_interval(r.by_preset[p], "test_mae", "test_mae_low", "test_mae_high",
                             MAE_DECIMALS) for p in presets]
         for k in pairs:
             d = r.paired.get(k)
-            cells.append("-" if d is None else (
+            cells.append(MISSING if d is None else (
                 f"{d['mae_diff']:+.{MAE_DECIMALS}f} [{d['mae_diff_low']:+.{MAE_DECIMALS}f}, "
                 f"{d['mae_diff_high']:+.{MAE_DECIMALS}f}]" + (" *" if d["mae_diff_excludes_zero"] else "")))
+        screened = any(r.by_preset[p].get("test_screening_precision") is not None
+                       for p in presets)
+        n_top = next((r.by_preset[p].get("n_top") for p in presets
+                      if r.by_preset[p].get("n_top")), None)
+        cells.append(str(n_top) if screened and n_top else NOT_SCREENED if not screened
+                     else MISSING)
         cells += [_interval(r.by_preset[p], "test_screening_precision", "test_screening_low",
-                            "test_screening_high", SCREENING_DECIMALS - 1) for p in presets]
+                            "test_screening_high", SCREENING_DECIMALS - 1)
+                  if screened else NOT_SCREENED for p in presets]
+        cells += [_paired_screening_text(r.paired.get(k)) if screened else NOT_SCREENED
+                  for k in pairs]
         if extrapolated:
             cells += [_interval(r.extrapolation.get(p) or {}, "recall", "recall_low",
                                 "recall_high", 2) for p in presets]
@@ -312,6 +346,7 @@ def log_report(params: Params, rows: list[Row], presets: list[str], files: list[
             "snapshot_sha256": snapshot.get("sha256", ""),
             "snapshot_date": snapshot.get("snapshot_date", ""),
             "data_vintage": data_vintage(snapshot) if snapshot else "",
+            **process_tags(),  # a killed report's run is ended by the next command
         })
         mlflow.log_params({
             "properties": ",".join(r.prop for r in rows),

@@ -30,7 +30,8 @@ def run_study(root: Path, overrides: list[str], name: str, n_trials: int, epochs
               prune: bool) -> dict:
     import optuna
 
-    from mpprop.stages.tune import epochs_run, tune_property
+    from mpprop.stages.tune import tune_property
+    from mpprop.study import epochs_run
 
     params = load_params(root / "params.yaml", overrides)
     t0 = time.perf_counter()

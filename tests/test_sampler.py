@@ -7,7 +7,7 @@ import pytest
 from optuna.samplers import GPSampler, TPESampler
 
 from mpprop.config import ConfigError, load_params
-from mpprop.stages.tune import TrialSeededSampler
+from mpprop.search import TrialSeededSampler
 
 
 def _study(kind: str, n: int = 12) -> optuna.Study:

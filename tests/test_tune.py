@@ -26,7 +26,9 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
 from mpprop.cli import main
 from mpprop.config import load_params
-from mpprop.stages.tune import ATTR_PARENT_RUN, OBJECTIVE_NAME, TRIAL_ENQUEUED, storage_url, study_storage
+from mpprop.search import TRIAL_ENQUEUED
+from mpprop.study import ATTR_PARENT_RUN, OBJECTIVE_NAME
+from mpprop.study_storage import storage_url, study_storage
 from mpprop.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,7 +356,7 @@ def test_killed_worker_trial_is_failed_and_retried(project, pg_databases):
 def test_screening_and_pareto_objectives(project):
     """tune.objective screening maximises the smoothed val precision; pareto keeps both
     objectives (no pruning), logs the front, and picks by the MAE-tolerance rule."""
-    from mpprop.stages.tune import SCREENING_NAME, _best_trial
+    from mpprop.study import SCREENING_NAME, _best_trial
 
     params = load_params(project / "params.yaml")
     for objective in ("screening", "pareto"):

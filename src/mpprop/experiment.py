@@ -156,21 +156,28 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
         fine_tuning = FineTuning(trunk_state(parent.state_dict()), job.freeze_epochs,
                                  job.trunk_lr_scale, parent=parent_dir.name)
     folder.mkdir(parents=True, exist_ok=True)
-    seconds = _previous_seconds(folder)
-    t0 = time.perf_counter()
+    # CPU time of this process (one torch thread: the core-hours it used, whatever else ran
+    # on the machine) and wall time, both summed over the sittings of a resumed job
+    before = _previous_seconds(folder)
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def spent() -> dict[str, float]:
+        return {"seconds": before["seconds"] + time.perf_counter() - t0,
+                "cpu_seconds": before["cpu_seconds"] + time.process_time() - c0}
 
     def on_epoch(s: EpochStats) -> None:
-        elapsed = seconds + time.perf_counter() - t0
-        (folder / "seconds.json").write_text(json.dumps({"seconds": elapsed}))
+        now = spent()
+        (folder / "seconds.json").write_text(json.dumps(now))
         progress(f"{job.name} epoch {s.epoch}/{hp.epochs} train_mae {s.train_mae:.4f} "
-                 f"val_mae {s.val_mae:.4f} ({s.seconds:.0f} s; {elapsed / 3600:.2f} h)")
+                 f"val_mae {s.val_mae:.4f} ({s.seconds:.0f} s; "
+                 f"{now['cpu_seconds'] / 3600:.2f} CPU-h)")
 
     result = fit(hp, params.graph_settings(), ws.cache, rows[tr], targets[tr], rows[va],
                  targets[va], seed=job.seed, on_epoch=on_epoch,
                  eval_batch_size=params.predict["batch_size"],
                  loss_settings=LossSettings.from_train(params.train), better=data.spec.better,
                  fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE)
-    total = seconds + time.perf_counter() - t0
+    total = spent()
     pred = predict(result.model, result.normalizer, ws.cache, data.test_rows,
                    params.predict["batch_size"])
     save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,
@@ -182,7 +189,8 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
         "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(data.test_rows)),
         "n_excluded_from_pool": int(len(data.pool_rows) - len(rows)),
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
-        "epochs_run": len(result.history), "seconds": total, "cpu_hours": total / 3600,
+        "epochs_run": len(result.history), "wall_seconds": total["seconds"],
+        "cpu_hours": total["cpu_seconds"] / 3600,
         "test_ids": ws.cache.material_id[data.test_rows].tolist(),
         "test_pred": np.round(pred, PRED_DECIMALS).tolist(),
         "test_mae": float(np.mean(np.abs(pred - data.test_targets))),
@@ -192,6 +200,9 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
     return record
 
 
-def _previous_seconds(folder: Path) -> float:
+def _previous_seconds(folder: Path) -> dict[str, float]:
     path = folder / "seconds.json"
-    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+    data = json.loads(path.read_text()) if path.exists() else {}
+    # a job started before CPU time was recorded: its wall time stands in for it
+    return {"seconds": float(data.get("seconds", 0.0)),
+            "cpu_seconds": float(data.get("cpu_seconds", data.get("seconds", 0.0)))}

@@ -5,6 +5,9 @@ published checkpoints.
     python benchmarks/fulldata.py build                  # workspace: snapshot, graphs, splits
     python benchmarks/fulldata.py run JOB [JOB ...]      # train (resumes per epoch)
     python benchmarks/fulldata.py list                   # jobs and their state
+    python benchmarks/fulldata.py report                 # statistics of the finished jobs
+    python benchmarks/fulldata.py ship PROP [PROP ...]   # into src/mpprop/shipped/
+    (--workdir, --results: other folders; CI runs quick-xie and quick-ft, then report --quick)
 
 Runs one torch thread per process (start several processes for several jobs). The fixed
 test sets are `mpprop split`'s for the whole snapshot (6,247 formation energy and band gap,
@@ -84,6 +87,12 @@ for _key, _prop in SMALL.items():
 
 # per property: the rows of the comparison, each a list of jobs (seeds); "best" is the model
 # mpprop ships, compared with "xie" (same data, same final epochs) and the published checkpoint
+# --quick (CI): the driver end to end at a tiny budget, a Xie parent and a child fine-tuned
+# from it on the elastic set
+JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
+JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
+                       seed=1, parent="quick-xie", freeze_epochs=1, trunk_lr_scale=0.5)
+QUICK_COMPARISONS = {"bulk_modulus": {"best": ["quick-ft"], "xie": ["quick-xie"]}}
 COMPARISONS = {
     "formation_energy_per_atom": {"best": ["trunk-fe"], "xie": ["xie-fe"]},
     "band_gap": {"best": ["ft-bg"], "xie": ["xie-bg"]},
@@ -110,14 +119,14 @@ def published_predictions(params: Any, ws: Any, prop: str) -> tuple[np.ndarray, 
     return gated, "published pair (xie-2018 regressor + metal classifier)"
 
 
-def report() -> dict:
+def report(work: Path, results: Path, comparisons: dict) -> dict:
     """Every property with finished jobs: statistics, paired differences, CPU-hours."""
-    params = load_params(WORK / "params.yaml")
+    params = load_params(work / "params.yaml")
     ws = open_workspace(params)
     top = float(params.train["screening_top_percent"])
     out: dict[str, Any] = {}
-    for prop, rows in COMPARISONS.items():
-        records = {k: [_result(j) for j in jobs] for k, jobs in rows.items()}
+    for prop, rows in comparisons.items():
+        records = {k: [_result(results, j) for j in jobs] for k, jobs in rows.items()}
         if any(r is None for rs in records.values() for r in rs):
             continue
         data = property_data(params, ws, prop)
@@ -140,20 +149,22 @@ def report() -> dict:
                                             "best_epoch", "epochs_run")} for r in recs]
                      for k, recs in records.items()},
         }
-    (RESULTS / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "table.md").write_text(_table(out))
+    (results / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results / "table.md").write_text(_table(out))
     print(_table(out))
     return out
 
 
-def _result(job: str) -> dict | None:
-    path = RESULTS / f"{job}.json"
+def _result(results: Path, job: str) -> dict | None:
+    path = results / f"{job}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _interval(d: dict, scale: float = 1.0, digits: int = 4) -> str:
-    return (f"{d['point'] * scale:.{digits}f} [{d['low'] * scale:.{digits}f}, "
-            f"{d['high'] * scale:.{digits}f}]")
+def _interval(d: dict, digits: int = 4, signed: bool = False) -> str:
+    """value [low, high], * where a difference's interval excludes zero."""
+    f = f"+.{digits}f" if signed else f".{digits}f"
+    star = " *" if signed and d.get("excludes_zero") else ""
+    return f"{d['value']:{f}} [{d['low']:{f}}, {d['high']:{f}}]{star}"
 
 
 def _table(out: dict) -> str:
@@ -163,30 +174,31 @@ def _table(out: dict) -> str:
              "best - published, top-3% (points) |", "|---|---|---|---|"]
     for prop, r in out.items():
         for key, m in r["models"].items():
-            scr = _interval(m["screening"], 100, 1) if "screening" in m else "(none)"
+            scr = _interval(m["screening"], 1) if "screening" in m else "(none)"
             hours = r["cpu_hours"].get(key)
             cpu = f"{sum(hours):.2f}" if hours else "-"
             label = r["published"] if key == "published" else key
             lines.append(f"| {prop} | {r['n_test']} | {label} | {_interval(m['test_mae'])} "
                          f"| {scr} | {cpu} |")
         pb = r["paired"]["best-published"]
-        scr = _interval(pb["screening_diff"], 100, 1) if "screening_diff" in pb else "(none)"
-        diffs.append(f"| {prop} | {_interval(r['paired']['best-xie']['mae_diff'])} | "
-                     f"{_interval(pb['mae_diff'])} | {scr} |")
+        scr = (_interval(pb["screening_diff"], 1, signed=True) if "screening_diff" in pb
+               else "(none)")
+        diffs.append(f"| {prop} | {_interval(r['paired']['best-xie']['mae_diff'], signed=True)} "
+                     f"| {_interval(pb['mae_diff'], signed=True)} | {scr} |")
     return "\n".join(lines + diffs) + "\n"
 
 
-def ship(props: list[str]) -> None:
+def ship(work: Path, results: Path, props: list[str]) -> None:
     """Copy each property's best model (the seed with the lowest validation MAE: the test
     set chooses nothing) into the package's shipped models, with its model card."""
-    summary = json.loads((RESULTS / "summary.json").read_text())
-    params = load_params(WORK / "params.yaml")
+    summary = json.loads((results / "summary.json").read_text())
+    params = load_params(work / "params.yaml")
     for prop in props:
         r = summary[prop]
         jobs = COMPARISONS[prop]["best"]
-        records = [_result(j) for j in jobs]
+        records = [_result(results, j) for j in jobs]
         best = min(records, key=lambda rec: rec["best_val_mae"])
-        folder = next((WORK / "jobs").glob(f"{best['job']}-*"))
+        folder = next((work / "jobs").glob(f"{best['job']}-*"))
         spec = params.property_spec(prop)
         m, pb = r["models"]["best"], r["paired"]["best-published"]
         facts = {"test_mae": m["test_mae"]["point"], "test_mae_low": m["test_mae"]["low"],
@@ -213,11 +225,11 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   {'(fine-tuned from ' + best['parent'] + ')' if best.get('parent') else '(from scratch)'};
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A.
 - Budget: {sum(r['cpu_hours']['best']):.2f} CPU-hours on one core (its trunk not included).
-- Test MAE on {r['n_test']} materials: {m['test_mae']['point']:.4f}
+- Test MAE on {r['n_test']} materials: {m['test_mae']['value']:.4f}
   [{m['test_mae']['low']:.4f}, {m['test_mae']['high']:.4f}] (95% bootstrap); minus the
-  published 2018 checkpoint: {pb['mae_diff']['point']:+.4f} [{pb['mae_diff']['low']:+.4f},
+  published 2018 checkpoint: {pb['mae_diff']['value']:+.4f} [{pb['mae_diff']['low']:+.4f},
   {pb['mae_diff']['high']:+.4f}] (which saw many of these test materials in training); minus
-  the Xie preset at the same epochs: {px['mae_diff']['point']:+.4f}
+  the Xie preset at the same epochs: {px['mae_diff']['value']:+.4f}
   [{px['mae_diff']['low']:+.4f}, {px['mae_diff']['high']:+.4f}].
 - Not for: structures unlike MP's relaxed inorganic crystals (molecules, surfaces, disordered or
   defect supercells, high pressure); elements outside 1-100; values far outside the training
@@ -225,60 +237,63 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
 """
 
 
-def build() -> None:
-    WORK.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", WORK / "params.yaml")
+def build(work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")
     mpprop = str(Path(sys.executable).with_name("mpprop"))
     import subprocess  # only the build step runs the CLI
 
     for cmd in (["-S", f"data.path={DEFAULT_DATA}", "fetch"], ["featurize", "--workers", "2"],
                 ["split"]):
-        subprocess.run([mpprop, *cmd], cwd=WORK, check=True)
+        subprocess.run([mpprop, *cmd], cwd=work, check=True)
 
 
-def run(names: list[str]) -> None:
+def run(work: Path, results: Path, names: list[str]) -> None:
     torch.set_num_threads(1)
-    params = load_params(WORK / "params.yaml")
+    params = load_params(work / "params.yaml")
     ws = open_workspace(params)
     excluded = all_test_ids(params, ws)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     for name in names:
         job = JOBS[name]
         parent_dir = None
         if job.parent is not None:
             parent = JOBS[job.parent]
-            parent_dir = next((WORK / "jobs").glob(f"{parent.name}-*"), None)
+            parent_dir = next((work / "jobs").glob(f"{parent.name}-*"), None)
             if parent_dir is None or not (parent_dir / BUNDLE_FILE).exists():
                 raise SystemExit(f"{name} needs its parent {parent.name} trained first")
-        record = run_job(params, ws, job, Hyperparams, WORK / "jobs", excluded, parent_dir,
+        record = run_job(params, ws, job, Hyperparams, work / "jobs", excluded, parent_dir,
                          progress=lambda line: print(line, flush=True))
-        (RESULTS / f"{name}.json").write_text(json.dumps(record) + "\n")
+        (results / f"{name}.json").write_text(json.dumps(record) + "\n")
         print(f"{name}: test MAE {record['test_mae']:.4f}, {record['cpu_hours']:.2f} CPU-h",
               flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=WORK)
+    ap.add_argument("--results", type=Path, default=RESULTS)
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("build")
     r = sub.add_parser("run")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     sub.add_parser("list")
-    sub.add_parser("report")
+    rep = sub.add_parser("report")
+    rep.add_argument("--quick", action="store_true", help="the CI jobs' comparison only")
     sh = sub.add_parser("ship")
     sh.add_argument("props", nargs="+", choices=sorted(COMPARISONS))
     args = ap.parse_args()
     if args.command == "build":
-        build()
+        build(args.workdir)
     elif args.command == "run":
-        run(args.jobs)
+        run(args.workdir, args.results, args.jobs)
     elif args.command == "report":
-        report()
+        report(args.workdir, args.results, QUICK_COMPARISONS if args.quick else COMPARISONS)
     elif args.command == "ship":
-        ship(args.props)
+        ship(args.workdir, args.results, args.props)
     else:
         for name in JOBS:
-            done = (RESULTS / f"{name}.json").exists()
+            done = (args.results / f"{name}.json").exists()
             print(f"{name:24s} {'done' if done else 'to do'}")
 
 

@@ -15,8 +15,8 @@ from mpprop import registry, tracking
 SRC = REPO / "src" / "mpprop"
 # the core: structures, graphs, the model, the one batch loop, inference and their files
 CORE = {"settings", "graph_cache", "batches", "model", "training", "losses", "device",
-        "kernels", "stats", "bundle", "ood", "inference", "graphs", "snapshot", "data",
-        "outputs", "faults"}
+        "kernels", "stats", "bundle", "ood", "intervals", "inference", "graphs", "snapshot",
+        "data", "outputs", "faults"}
 FRAMEWORKS = {"click", "mlflow", "optuna", "optuna_integration", "pydantic"}
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import REPO, require_shared_data, small_structures
 
@@ -98,6 +99,11 @@ def base_workspace(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Pa
 def project(base_workspace: Path, tmp_path: Path) -> Path:
     root = tmp_path / "ws"
     shutil.copytree(base_workspace, root)
+    # MLflow keeps absolute artifact locations: the copy's store points at the base's
+    # artifacts, which a copied project must say it uses on purpose (else it is refused)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["mlflow"]["artifact_location"] = str(base_workspace / "mlruns" / "artifacts")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
 

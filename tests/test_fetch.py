@@ -426,3 +426,53 @@ def test_mp_api_503_that_does_not_end_is_a_fetch_error(tmp_path, monkeypatch):
         tries = [s for p, s in srv.statuses if p == "/materials/summary/"]
     assert tries == [503] * (sources.MP_API_MAX_RETRIES + 1)  # retried, then given up
     assert not (tmp_path / "api").exists()
+
+
+# ---------------------------------------------------------------- the API key is never shown
+class ReflectingServer(MPAPIServer):
+    """An MP API behind a proxy that answers the data requests with the request's headers."""
+
+    def _handle(self, h) -> None:
+        if h.path.startswith("/materials/"):
+            self._reply(h, 403, {"detail": f"forbidden; headers: {dict(h.headers)}"})
+            return
+        super()._handle(h)
+
+
+def test_the_api_key_is_masked_in_fetch_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MP_API_KEY", DUMMY_KEY)
+    params = make_params(tmp_path, source="mp-api", mp_api={"criteria": {"material_ids": ["mp-1"]}})
+    with ReflectingServer([]) as srv:
+        endpoint = srv.endpoint
+        monkeypatch.setenv("MP_API_ENDPOINT", endpoint)
+        with pytest.raises(FetchError) as info:
+            fetch_snapshot(params, tmp_path / "s", progress=False)
+    message = str(info.value)
+    assert message.startswith(f"MP API query failed ({endpoint}): REST query returned with "
+                              "error status code 403"), message
+    assert "'x-api-key': '***'" in message and DUMMY_KEY not in message
+    assert "\n" not in message and info.value.__cause__ is None  # one line, no unmasked cause
+    assert capsys.readouterr().err == ""  # a loopback endpoint over http: no warning
+
+
+def test_a_non_https_endpoint_warns_and_client_errors_are_masked(tmp_path, monkeypatch, capsys):
+    from requests.exceptions import RequestException
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise RequestException(f"401 from a proxy; request had X-Api-Key: {DUMMY_KEY[::-1]}, "
+                               f"key={DUMMY_KEY}")
+
+    monkeypatch.setattr(sources, "_query_mp_api", failing)
+    monkeypatch.setenv("MP_API_KEY", DUMMY_KEY)
+    monkeypatch.setenv("MP_API_ENDPOINT", "http://mp.example.org/")
+    params = make_params(tmp_path, source="mp-api", mp_api={"criteria": {"material_ids": ["mp-1"]}})
+    with pytest.raises(FetchError) as info:
+        fetch_snapshot(params, tmp_path / "s", progress=False)
+    assert str(info.value) == ("MP API query failed (http://mp.example.org/): 401 from a proxy; "
+                               "request had X-Api-Key: ***, key=***")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: MP_API_ENDPOINT http://mp.example.org/ is not https: the MP API key is sent "
+        "unencrypted"]
+    for endpoint in ("https://api.materialsproject.org/", "http://localhost:8000/"):
+        sources.warn_if_insecure(endpoint)
+    assert capsys.readouterr().err == ""

@@ -327,7 +327,7 @@ def test_the_served_model_applies_the_same_checks(guarded_search):
     assert out["error"][0].startswith("volume per atom 8e-06 Å^3 is below")
     assert "Occupancy 2.0 exceeded tolerance" in out["error"][1]
     assert out["error"][2] == "" and np.isfinite(out["prediction"][2])
-    assert np.isnan(out["prediction"][0]) and np.isnan(out["prediction"][1])
+    assert out["prediction"][0] is None and out["prediction"][1] is None  # null when served
 
 
 # ---------------------------------------------------------------- 3: split files are checked

@@ -11,6 +11,9 @@ whose prediction is the probability of `classes[POSITIVE_CLASS]`), classes (clas
 index order, classification only) and domain (the materials it was trained on, '' where
 that is the property's records). A bundle without `format` is format 1: a regression with
 no stated domain; it loads as before.
+Optional in any format: calibration (mpprop.intervals.Calibration.state_dict: conformal
+quantiles for prediction intervals); a bundle without it loads and predicts without
+intervals, and a reader that does not know the key ignores it (the format stays 2).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpprop.intervals import Calibration
 from mpprop.model import (
     METAL,
     POSITIVE_CLASS,
@@ -57,6 +61,8 @@ class LoadedModel:
     # a metal classifier run on the same graphs: the prediction is 0 where it says metal
     # (for a model whose domain is non-metals; see attach_metal_gate)
     gate: LoadedModel | None = None
+    # conformal quantiles for prediction intervals (None: not calibrated)
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -106,11 +112,13 @@ def save_bundle(
     ood: OODReference | None = None,
     domain: str = "",
     classes: list[str] | tuple[str, ...] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write weights, normalizer, hyperparameters, graph settings and target spec; with
     `members`, the other members of an ensemble; with `ood`, the OOD reference; `domain`:
     the materials it was trained on where that is not the property's records; `classes`:
-    the class names of a CrystalGraphClassifier (required for one)."""
+    the class names of a CrystalGraphClassifier (required for one); `calibration`: the
+    conformal quantiles of its prediction intervals (regressions only)."""
     classifier = isinstance(model, CrystalGraphClassifier)
     if classifier and not classes:
         raise ValueError("a classifier's bundle needs its class names")
@@ -134,8 +142,25 @@ def save_bundle(
                            for m, n in members]
     if ood is not None:
         data["ood"] = ood.state_dict()
+    if calibration is not None:
+        if classifier:
+            raise ValueError("a classifier's bundle has no prediction intervals")
+        data["calibration"] = calibration.state_dict()
     torch.save(data, path)
     return path
+
+
+def with_calibration(src: str | Path, dst: str | Path, calibration: Calibration) -> Path:
+    """A copy of the bundle `src` at `dst` with `calibration` (replacing any it had); every
+    other key is kept as it is. `src` must load (load_bundle) and be a regression."""
+    _, _, _, data = load_bundle(src)
+    if data.get("task", TASK_REGRESSION) != TASK_REGRESSION:
+        raise BundleError(f"{src} is a classifier: it has no prediction intervals")
+    data = {**data, "calibration": calibration.state_dict()}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, dst)
+    return dst
 
 
 def _network(data: dict[str, Any], state: dict[str, Any]) -> CrystalGraphConvNet:
@@ -173,9 +198,11 @@ def load_model(path: str | Path, label: str) -> LoadedModel:
         for m in data.get("members") or []:
             members.append((_network(data, m["state_dict"]), Normalizer(**m["normalizer"])))
         ood = OODReference.from_state(data["ood"]) if data.get("ood") else None
+        cal = Calibration.from_state(data["calibration"]) if data.get("calibration") else None
     except Exception as exc:  # noqa: BLE001 - one message for any malformed part
-        raise BundleError(f"{path}: malformed ensemble member or OOD reference: {exc}") from exc
-    return LoadedModel(label, model, normalizer, spec, data, members, ood)
+        raise BundleError(f"{path}: malformed ensemble member, OOD reference or "
+                          f"calibration: {exc}") from exc
+    return LoadedModel(label, model, normalizer, spec, data, members, ood, calibration=cal)
 
 
 def ensemble_mean_std(preds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

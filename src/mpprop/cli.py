@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from mpprop.config import ConfigError, Params, load_params
-from mpprop.outputs import OutputBusyError
+from mpprop.outputs import OutputBusyError, ProjectFileError, writing
 from mpprop.settings import OPTIMIZERS
 
 
@@ -61,12 +61,14 @@ def check_property(params: Params, prop: str) -> str:
 
 class MappedErrorsGroup(click.Group):
     """The command group that turns the core's own errors into one-line CLI errors: the core
-    knows nothing of click, the CLI maps what it raises (exit code 1, no traceback)."""
+    knows nothing of click, the CLI maps what it raises (exit code 1, no traceback): another
+    writer of an output, a file that cannot be written (disk full, read-only), a tracking
+    store that cannot be used (empty, corrupt, another project's)."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except OutputBusyError as exc:
+        except (OutputBusyError, ProjectFileError) as exc:
             raise click.ClickException(str(exc)) from exc
 
 
@@ -276,8 +278,9 @@ def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
     if failed:
         raise click.ClickException(f"no candidate model for: {', '.join(failed)}")
     if record:
-        Path(record).parent.mkdir(parents=True, exist_ok=True)
-        Path(record).write_text(json.dumps(promoted, indent=2) + "\n")
+        with writing(Path(record), permission=True):  # a full disk: one line naming it
+            Path(record).parent.mkdir(parents=True, exist_ok=True)
+            Path(record).write_text(json.dumps(promoted, indent=2) + "\n")
 
 
 @main.command("import-pretrained")
@@ -360,6 +363,7 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, ove
         summary = run_prediction(
             models, list(inputs), output, batch_size or int(params.predict["batch_size"]),
             limits=StructureLimits.from_params(params.predict),
+            coverage=float(params.predict["interval_coverage"]),
         )
     except PredictError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -367,6 +371,43 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, ove
     n_failed = sum(summary.failed.values())
     if fail_on_error and n_failed:
         raise click.ClickException(f"{n_failed} row(s) with an error (--fail-on-error)")
+
+
+@main.command()
+@click.option("--property", "prop", required=True, help="Property key, e.g. bulk_modulus.")
+@click.option("--alias", default=None,
+              help="Registry alias of the model to calibrate (default: mlflow.champion_alias); "
+                   "it moves to the calibrated version unless --keep-alias.")
+@click.option("--version", type=int, default=None,
+              help="Registry version to calibrate instead of an alias (no alias moves).")
+@click.option("--input", "labelled", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Labelled materials the model was not trained on: .jsonl(.gz) of MP records "
+                   "(material_id, structure, the property's field).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the calibrated bundle (model.pt) to this new file.")
+@click.option("--no-register", is_flag=True,
+              help="Do not register a new version (with --output: the bundle file only).")
+@click.option("--keep-alias", is_flag=True, help="Leave --alias on the version it is on.")
+@pass_ctx
+def calibrate(obj: Context, prop: str, alias: str | None, version: int | None,
+              labelled: Path, output: Path | None, no_register: bool, keep_alias: bool) -> None:
+    """Calibrated prediction intervals for a registered model: split conformal on a labelled
+    file; registers a new version of the model with them in its bundle."""
+    from mpprop.stages.calibrate import CalibrateError, calibrate_model
+
+    params = obj.params
+    check_property(params, prop)
+    if alias and version is not None:
+        raise click.UsageError("give --alias or --version, not both")
+    if no_register and output is None:
+        raise click.UsageError("--no-register needs --output (else nothing is kept)")
+    try:
+        result = calibrate_model(params, prop, labelled, alias, version, output,
+                                 register=not no_register, move_alias=not keep_alias)
+    except CalibrateError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(result.format())
 
 
 @main.command()
@@ -383,6 +424,7 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, ove
 def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool,
              extrapolation: bool) -> None:
     """Test-set metrics, parity and screening plots of a property's saved models."""
+    from mpprop.bundle import BundleError
     from mpprop.data import SplitError
     from mpprop.presets import default_presets
     from mpprop.snapshot import SnapshotError
@@ -401,7 +443,7 @@ def evaluate(obj: Context, prop: str, presets: tuple[str, ...], no_mlflow: bool,
         return
     try:
         results = evaluate_property(params, prop, list(presets) or None, not no_mlflow)
-    except (EvaluationError, SplitError, SnapshotError, FileNotFoundError) as exc:
+    except (EvaluationError, SplitError, SnapshotError, FileNotFoundError, BundleError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(format_results(prop, results))
 

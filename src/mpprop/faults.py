@@ -7,8 +7,9 @@ until it is killed, so a test can kill a command at a chosen point, never by tim
 
 MLflow runs: an exception or a signal (SIGTERM, Ctrl-C) ends a run FAILED or KILLED, but a
 kill -9 leaves it RUNNING for ever. Each run is therefore tagged with its host and process
-(`process_tags`), and a later command of the same kind ends the runs of dead processes on
-this host as KILLED (`tracking.end_orphaned_runs`).
+(`process_tags`), and the next command that opens the store ends the runs of dead processes
+on this host as KILLED, whatever their kind (`tracking.end_orphaned_runs`, called once per
+process by `tracking.setup_mlflow` / `open_store`).
 """
 
 from __future__ import annotations

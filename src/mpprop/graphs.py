@@ -33,7 +33,7 @@ from mpprop.graph_cache import (
     cache_key,
     known_elements,
 )
-from mpprop.outputs import output_dir, readable_dir
+from mpprop.outputs import output_dir, readable_dir, writing
 from mpprop.settings import GraphSettings
 from mpprop.snapshot import Snapshot
 
@@ -276,7 +276,9 @@ def save_graph_cache(cache: GraphCache, root: str | Path, meta: dict[str, Any]) 
     final = Path(root) / cache.key
     with output_dir(final, "featurize") as tmp:
         for name in CACHE_ARRAYS:
-            np.save(tmp / f"{name}.npy", getattr(cache, name), allow_pickle=False)
+            # a full disk names the file as it will be, not the temp folder
+            with writing(final / f"{name}.npy"):
+                np.save(tmp / f"{name}.npy", getattr(cache, name), allow_pickle=False)
         full_meta = dict(meta)
         full_meta.update(
             key=cache.key,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -19,10 +19,11 @@ from pymatgen.core.periodic_table import DummySpecies
 from pymatgen.io.cif import CifParser
 
 from mpprop.batches import collect_in_row_order, iterate_batches
-from mpprop.bundle import LoadedModel, ensemble_mean_std, gate_metals
+from mpprop.bundle import TASK_REGRESSION, LoadedModel, ensemble_mean_std, gate_metals
 from mpprop.device import pin_host_memory
 from mpprop.graph_cache import GraphCache, known_elements
 from mpprop.graphs import graphs_from_structures
+from mpprop.intervals import DEFAULT_COVERAGE, NO_CALIBRATION_NOTE
 from mpprop.model import CrystalGraphConvNet
 from mpprop.settings import GraphSettings
 from mpprop.snapshot import structure_problem
@@ -152,6 +153,31 @@ class Predictions:
     stds: list[np.ndarray]  # std over ensemble members (model units); NaN for one model
     ood_scores: list[np.ndarray]  # NaN where the model has no OOD reference
     ood_flags: list[np.ndarray]  # bool: score above the model's validation threshold
+    # calibrated prediction intervals (model units); NaN where the model has none
+    lo: list[np.ndarray] = field(default_factory=list)
+    hi: list[np.ndarray] = field(default_factory=list)
+    # per model: the coverage its intervals have (None: no intervals) and, where it has
+    # none, why ('' for a classifier: a probability has no interval)
+    interval_coverage: list[float | None] = field(default_factory=list)
+    interval_notes: list[str] = field(default_factory=list)
+
+
+def model_intervals(model: LoadedModel, values: np.ndarray, stds: np.ndarray,
+                    coverage: float = DEFAULT_COVERAGE
+                    ) -> tuple[np.ndarray, np.ndarray, float | None, str]:
+    """Lower and upper ends of the model's calibrated intervals at `coverage` around its
+    predictions `values` (stds: the member spreads), the coverage they have (the smallest
+    calibrated one at or above `coverage`) and, where there are none, why."""
+    none = np.full(len(values), np.nan)
+    if model.task != TASK_REGRESSION:
+        return none, none, None, ""
+    if model.calibration is None:
+        return none, none, None, NO_CALIBRATION_NOTE
+    half = model.calibration.half_width(coverage, stds)
+    if half is None:
+        return none, none, None, model.calibration.note(coverage)
+    used, width = half
+    return values - width, values + width, used, ""
 
 
 def structure_error(structure: Structure, limits: StructureLimits = DEFAULT_LIMITS) -> str:
@@ -274,10 +300,11 @@ def _graphs(structures: list[Structure], settings: GraphSettings, rows: list[int
 def predict_structures(
     models: Sequence[LoadedModel], structures: Sequence[Structure | None],
     errors: Sequence[str] | None = None, batch_size: int = 512,
-    limits: StructureLimits = DEFAULT_LIMITS,
+    limits: StructureLimits = DEFAULT_LIMITS, coverage: float = DEFAULT_COVERAGE,
 ) -> Predictions:
     """Every model on every usable structure; None entries (unreadable input), given errors
-    and structures outside `limits` are passed through as failed rows."""
+    and structures outside `limits` are passed through as failed rows. Intervals at
+    `coverage` for the models that have a calibration (model_intervals)."""
     errs = list(errors) if errors is not None else [""] * len(structures)
     items = list(structures)
     for i, s in enumerate(items):
@@ -317,7 +344,12 @@ def predict_structures(
                 scores[k][rows] = m.ood.scores(embed(m.model, cache, batch_size=batch_size))
     flags = [np.nan_to_num(sc, nan=-np.inf) > (m.ood.threshold if m.ood else np.inf)
              for sc, m in zip(scores, models, strict=True)]
-    return Predictions(values, errs, warns, stds, scores, flags)
+    # after the metal gate: the interval is around the prediction as reported
+    intervals = [model_intervals(m, v, sd, coverage)
+                 for m, v, sd in zip(models, values, stds, strict=True)]
+    lo, hi, used, notes = (list(x) for x in zip(*intervals, strict=True)) if models else (
+        [], [], [], [])
+    return Predictions(values, errs, warns, stds, scores, flags, lo, hi, used, notes)
 
 
 def graph_inputs(structures: Sequence[Structure | None], errors: Sequence[str],

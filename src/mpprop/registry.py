@@ -12,17 +12,23 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mpprop.bundle import BundleError, load_bundle
+from mpprop.bundle import BundleError, LoadedModel, attach_metal_gate, load_bundle, load_model
 from mpprop.config import Params
-from mpprop.model import PRETRAINED_FILES, load_checkpoint, pretrained_path, trunk_state
+from mpprop.model import (
+    DOMAIN_NON_METALS,
+    METAL_CLASSIFIER,
+    PRETRAINED_FILES,
+    load_checkpoint,
+    pretrained_path,
+    trunk_state,
+)
 from mpprop.settings import GraphSettings
-from mpprop.tracking import download_bundle
+from mpprop.tracking import download_bundle, open_store
 
 # lineage of a fine-tuned model: on its training run and on its registry version
 TAG_PARENT_NAME = "mpprop.parent.name"
@@ -33,6 +39,9 @@ PARENT_TAGS = (TAG_PARENT_NAME, TAG_PARENT_VERSION, TAG_PARENT_RUN_ID, TAG_PAREN
 # `published:<property>`: the CGCNN checkpoint of Xie & Grossman 2018 for that property
 PUBLISHED_PREFIX = "published:"
 MODELS_PREFIX = "models:/"
+# appended to the label (the CSV's `model` column) of a model whose predictions the metal
+# classifier gates
+GATE_LABEL = "+metal-classifier"
 
 
 class RegistryError(RuntimeError):
@@ -121,8 +130,7 @@ def _parent_from_file(params: Params, ref: str, path: Path) -> ParentModel:
 
 
 def _parent_from_registry(params: Params, ref: str) -> ParentModel:
-    mlflow.set_tracking_uri(params.tracking_uri())
-    client = MlflowClient()
+    client = open_store(params)
     spec = ref[len(MODELS_PREFIX):] if ref.startswith(MODELS_PREFIX) else ref
     try:
         if "@" in spec:
@@ -146,3 +154,38 @@ def _parent_from_registry(params: Params, ref: str) -> ParentModel:
                                 f"{str(exc).splitlines()[0]}") from exc
     return ParentModel(trunk_state(model.state_dict()), model.graph_settings, ref,
                        mv.name, str(mv.version), mv.run_id or "")
+
+
+def load_version(name: str, version: str, label: str) -> LoadedModel:
+    """Version `version` of registered model `name` as a LoadedModel: only its bundle file is
+    downloaded and read (load_model, torch weights_only); no code or pickle of the store runs."""
+    uri = f"{MODELS_PREFIX}{name}/{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return load_model(download_bundle(uri, tmp), label)
+        except BundleError as exc:
+            # the model's URI, not the temp folder it was downloaded to
+            raise RegistryError(f"{label}: {str(exc).replace(tmp, uri)}") from exc
+
+
+def with_metal_gate(params: Params, client: MlflowClient, model: LoadedModel) -> LoadedModel:
+    """`model` gated by the published metal classifier (`<prefix>is_metal` at the pretrained
+    alias, on the same graphs): 0 where it says metal; the label names it."""
+    name = registered_name(params, METAL_CLASSIFIER)
+    alias = params.mlflow["pretrained_alias"]
+    mv = get_version_by_alias(client, name, alias)
+    if mv is None:
+        raise RegistryError(
+            f"{model.label} was trained on {DOMAIN_NON_METALS} only and is gated by the metal "
+            f"classifier, but {name} has no version with alias {alias!r}: run `mpprop "
+            "import-pretrained`, or set predict.xie_band_gap_metal_gate: false"
+        )
+    label = f"{name}@{alias} v{mv.version}"
+    gate = load_version(name, str(mv.version), label)
+    try:
+        attach_metal_gate(model, gate)
+    except BundleError as exc:
+        raise RegistryError(f"{label}: {exc}") from exc
+    model.label = f"{model.label}{GATE_LABEL} v{mv.version}"
+    # where the model already is (the device of its parameters)
+    return model.to(next(model.model.parameters()).device)

@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,13 @@ from pymatgen.core import Lattice, Structure
 
 from mpprop.faults import process_alive
 from mpprop.graph_cache import gather_ranges
+from mpprop.outputs import writing
 
 SNAPSHOT_DATA = "snapshot.npz"
 SNAPSHOT_META = "snapshot.json"
+# data files whose SHA-256 this process has checked, by (device, inode, size, mtime): every
+# read is verified, but a file is hashed once per process, not once per read
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
 
 
 class SnapshotError(ValueError):
@@ -181,14 +186,17 @@ def atomic_output(path: str | Path) -> Iterator[str]:
     killed writers are removed by the next one; it gets the mode of a new file, since mkstemp's
     0600 would outlive the rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_file_prefix(path, os.getpid()), dir=path.parent)
-    os.close(fd)
+    # a read-only folder, a full disk: one error naming `path`, not the temp name
+    with writing(path, permission=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_file_prefix(path, os.getpid()), dir=path.parent)
+        os.close(fd)
     try:
-        yield tmp
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            os.chmod(tmp, default_file_mode())
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -203,7 +211,8 @@ def save_snapshot(snapshot: Snapshot, out_dir: str | Path, metadata: dict[str, A
 
     with output_dir(out_dir, "fetch") as tmp:
         data_path = tmp / SNAPSHOT_DATA
-        with open(data_path, "wb") as fh:
+        # errors name the files as the user knows them, not the temp folder
+        with writing(Path(out_dir) / SNAPSHOT_DATA), open(data_path, "wb") as fh:
             np.savez(
                 fh,
                 material_id=snapshot.material_id,
@@ -218,7 +227,8 @@ def save_snapshot(snapshot: Snapshot, out_dir: str | Path, metadata: dict[str, A
         meta["data_file"] = SNAPSHOT_DATA
         meta["sha256"] = sha256_file(data_path)
         meta["n_records"] = len(snapshot)
-        (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        with writing(Path(out_dir) / SNAPSHOT_META):
+            (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
@@ -238,8 +248,10 @@ def load_metadata(snapshot_dir: str | Path) -> dict[str, Any]:
     return json.loads(meta_path.read_text())
 
 
-def load_snapshot(snapshot_dir: str | Path, verify: bool = False) -> tuple[Snapshot, dict[str, Any]]:
-    """Load a snapshot folder; with verify=True the data hash is checked against the metadata.
+def load_snapshot(snapshot_dir: str | Path, verify: bool = True) -> tuple[Snapshot, dict[str, Any]]:
+    """Load a snapshot folder; with verify (the default) the data must match the SHA-256 in its
+    metadata (a truncated or changed snapshot.npz is a SnapshotError naming it, not a
+    traceback or silently different data); each file is hashed once per process.
 
     Both files are read through one handle on the folder, so a `mpprop fetch` swapping in a
     new snapshot meanwhile cannot pair this metadata with that data; if the swap removed the
@@ -263,6 +275,31 @@ def load_snapshot(snapshot_dir: str | Path, verify: bool = False) -> tuple[Snaps
     raise AssertionError("unreachable")
 
 
+_REFETCH = "fetch it again (`mpprop fetch`, or `dvc checkout` of the snapshot folder)"
+
+
+def _verify_data(fh: Any, path: Path, expected: str | None) -> None:
+    """SnapshotError unless the open data file `fh` has the SHA-256 `expected` (from the
+    metadata); a file already checked by this process (same inode, size, mtime) is not
+    hashed again."""
+    if not expected:
+        raise SnapshotError(f"{path.with_name(SNAPSHOT_META)} records no SHA-256 of {path.name}: "
+                            f"it cannot be checked; {_REFETCH}")
+    st = os.fstat(fh.fileno())
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) == expected:
+        return
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+    fh.seek(0)
+    if h.hexdigest() != expected:
+        raise SnapshotError(
+            f"{path} does not match the SHA-256 recorded in {SNAPSHOT_META} (truncated or "
+            f"changed since `mpprop fetch` wrote it); {_REFETCH}")
+    _VERIFIED[key] = expected
+
+
 def _load_snapshot_at(dir_fd: int, folder: Path, verify: bool) -> tuple[Snapshot, dict[str, Any]]:
     def opener(name: str, flags: int) -> int:
         return os.open(name, flags, dir_fd=dir_fd)
@@ -275,22 +312,22 @@ def _load_snapshot_at(dir_fd: int, folder: Path, verify: bool) -> tuple[Snapshot
             raise  # swapped meanwhile: read again
         raise _missing_metadata(folder / SNAPSHOT_META) from None
     data_name = meta.get("data_file", SNAPSHOT_DATA)
+    path = folder / data_name
     with open(data_name, "rb", opener=opener) as fh:
         if verify:
-            h = hashlib.sha256()
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-            if h.hexdigest() != meta["sha256"]:
-                raise SnapshotError(f"{folder / data_name} does not match the SHA-256 in its metadata")
-            fh.seek(0)
-        with np.load(fh, allow_pickle=False) as npz:
-            snap = Snapshot(
-                material_id=npz["material_id"],
-                lattice=npz["lattice"],
-                site_offsets=npz["site_offsets"],
-                atomic_numbers=npz["atomic_numbers"],
-                frac_coords=npz["frac_coords"],
-                labels=npz["labels"],
-                property_names=[str(p) for p in npz["property_names"]],
-            )
+            _verify_data(fh, path, meta.get("sha256"))
+        try:
+            with np.load(fh, allow_pickle=False) as npz:
+                snap = Snapshot(
+                    material_id=npz["material_id"],
+                    lattice=npz["lattice"],
+                    site_offsets=npz["site_offsets"],
+                    atomic_numbers=npz["atomic_numbers"],
+                    frac_coords=npz["frac_coords"],
+                    labels=npz["labels"],
+                    property_names=[str(p) for p in npz["property_names"]],
+                )
+        except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as exc:
+            raise SnapshotError(f"{path} cannot be read ({type(exc).__name__}: {exc}); "
+                                f"{_REFETCH}") from exc
     return snap, meta

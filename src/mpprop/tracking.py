@@ -10,17 +10,25 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
+from sqlalchemy.exc import SQLAlchemyError
 
 from mpprop.bundle import BundleError, attach_metal_gate, load_bundle, load_model, save_bundle
 from mpprop.config import Params
 from mpprop.faults import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
+from mpprop.outputs import ProjectFileError, writing
 
 MODEL_ARTIFACT = "checkpoint"
 # a second bundle logged with a model whose domain is non-metals: the metal classifier that
@@ -48,6 +56,7 @@ KIND_PRETRAINED = "pretrained"
 KIND_PRETRAIN = "pretrain"  # the trunk of `mpprop pretrain`
 KIND_REPORT = "report"
 KIND_EXTRAPOLATION = "extrapolation"
+KIND_CALIBRATE = "calibrate"  # `mpprop calibrate`: a model's bundle with its intervals
 # what a model predicts (bundle.TASK_*) and the materials it was trained on (model.DOMAIN_*)
 TAG_TASK = "mpprop.task"
 TAG_DOMAIN = "mpprop.domain"
@@ -57,32 +66,174 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+class TrackingStoreError(ProjectFileError):
+    """A tracking store that cannot be used as it is: an empty or corrupt database, or the
+    store of another project folder (a copy). The CLI reports it in one line (exit code 1)."""
+
+
+SQLITE_PREFIX = "sqlite:///"
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
+_RESTORE = "restore it from a backup"
+# how long a promotion waits for another one to finish registering
+REGISTRY_LOCK_TIMEOUT_S = 600.0
+# tracking URIs whose orphaned runs this process has ended (once per process and store)
+_SWEPT: set[str] = set()
+
+
 def setup_mlflow(params: Params, experiment: str | None = None) -> str:
-    """Point MLflow at the configured tracking URI and activate the experiment (made if new).
+    """Point MLflow at the configured tracking URI and activate the experiment (made if new);
+    the store is checked and this host's orphaned runs ended first (open_store).
 
     For a SQLite store, a lock beside the database file (<db>.lock) is held while MLflow
     creates or upgrades the schema and the experiment: two commands starting at once on a fresh
     workspace would otherwise race on the schema (`table ... already exists`)."""
     uri = params.tracking_uri()
+    name = experiment or params.mlflow["experiment"]
     with _store_lock(uri):
-        mlflow.set_tracking_uri(uri)
+        _open_checked(params, uri, name)
+        experiment_id = _activate_experiment(params, uri, name)
+    _end_orphans_once(uri)
+    return experiment_id
+
+
+def open_store(params: Params) -> MlflowClient:
+    """Point MLflow at the configured tracking store, for commands that read it (predict, a
+    fine-tuning parent): checked as by setup_mlflow, orphaned runs of this host ended."""
+    uri = params.tracking_uri()
+    with _store_lock(uri):
+        _open_checked(params, uri, params.mlflow["experiment"])
+    _end_orphans_once(uri)
+    return MlflowClient()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI; None for other stores."""
+    db = uri[len(SQLITE_PREFIX):].split("?", 1)[0] if uri.startswith(SQLITE_PREFIX) else ""
+    return Path(db) if db and db != ":memory:" else None
+
+
+def _store_lock(uri: str, timeout: float = 300.0, suffix: str = ".lock") -> Any:
+    """A file lock beside a SQLite tracking database (<db><suffix>); a no-op for other
+    stores."""
+    db = sqlite_path(uri)
+    if db is None:
+        return contextlib.nullcontext()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}{suffix}", timeout=timeout)
+
+
+@contextlib.contextmanager
+def registry_lock(params: Params) -> Iterator[None]:
+    """Held while a command reads the registry and registers from what it read (promote), so
+    that a second one waits and then sees the first's version: <db>.registry.lock beside a
+    SQLite store; nothing for a tracking server (run one promotion at a time there)."""
+    uri = params.tracking_uri()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_store_lock(uri, REGISTRY_LOCK_TIMEOUT_S, ".registry.lock"))
+        except Timeout as exc:
+            raise TrackingStoreError(
+                f"{exc.lock_file} was held by another promotion for "
+                f"{REGISTRY_LOCK_TIMEOUT_S:.0f} s; is a `mpprop promote` stuck?") from exc
+        yield
+
+
+def check_database(db: Path) -> None:
+    """TrackingStoreError for a database file that is empty or not SQLite: MLflow would
+    recreate an empty file as a new, empty store (the runs and registry gone unnoticed) and
+    fail on garbage with a traceback. A missing file is a new store."""
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TrackingStoreError(f"the MLflow tracking database {db} cannot be read: "
+                                 f"{exc.strerror}") from exc
+    if not head:
+        raise TrackingStoreError(
+            f"the MLflow tracking database {db} is empty (0 bytes): the runs, models and "
+            f"registry it held may be gone, so it is not recreated empty; {_RESTORE} (or, to "
+            "start a new store on purpose, delete it)")
+    if head != SQLITE_HEADER:
+        raise TrackingStoreError(
+            f"the MLflow tracking database {db} is corrupt (not an SQLite database): the "
+            f"runs, models and registry it held may be gone; {_RESTORE} (or, to start a new "
+            "store on purpose, move it aside)")
+
+
+def _open_checked(params: Params, uri: str, experiment: str) -> None:
+    """Set the tracking URI and open the store (MLflow makes or upgrades its tables), with a
+    one-line TrackingStoreError naming the database where it cannot be used."""
+    db = sqlite_path(uri)
+    if db is not None:
+        check_database(db)
+    mlflow.set_tracking_uri(uri)
+    try:
         # opening the store creates its tables (once per process and URI: MLflow caches it)
         mlflow.MlflowClient().search_experiments(max_results=1)
-        return _activate_experiment(params, uri, experiment or params.mlflow["experiment"])
+    except SQLAlchemyError as exc:  # damaged pages behind a good header, a locked file
+        if db is None:
+            raise
+        raise TrackingStoreError(f"the MLflow tracking database {db} cannot be opened "
+                                 f"({_first_line(exc)}); if it is corrupt, {_RESTORE}") from exc
+    except MlflowException as exc:  # e.g. a schema MLflow asks to upgrade: its own words
+        if db is None:
+            raise
+        raise TrackingStoreError(f"the MLflow tracking database {db}: "
+                                 f"{exc.message.strip().splitlines()[0]}") from exc
+    if db is not None:
+        _check_artifact_location(params, db, experiment)
 
 
-def _store_lock(uri: str, timeout: float = 300.0) -> Any:
-    """A file lock beside a SQLite tracking database; a no-op for other stores."""
-    import contextlib
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
-    from filelock import FileLock
 
-    prefix = "sqlite:///"
-    db = uri[len(prefix):].split("?", 1)[0] if uri.startswith(prefix) else ""
-    if not db or db == ":memory:":
-        return contextlib.nullcontext()
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{db}.lock", timeout=timeout)
+def _local_path(location: str) -> Path | None:
+    """The folder of a local artifact location (file:// URI or a path); None if remote."""
+    scheme = urlsplit(location).scheme
+    if scheme == "file":
+        return Path(unquote(urlsplit(location).path))
+    return Path(location) if not scheme and location else None
+
+
+def _check_artifact_location(params: Params, db: Path, experiment: str) -> None:
+    """TrackingStoreError where the project's own store (its database inside the project
+    folder) keeps the experiment's artifacts outside the folder and outside the configured
+    mlflow.artifact_location: MLflow stores absolute locations, so a copied (or moved) project
+    would read and write the original's artifacts."""
+    root = params.root.resolve()
+    if params.builtin or not db.resolve().is_relative_to(root):
+        return  # no project folder, or a store shared on purpose
+    found = mlflow.get_experiment_by_name(experiment)
+    where = _local_path(found.artifact_location or "") if found is not None else None
+    if where is None:
+        return
+    where = where.resolve()
+    configured = _local_path(str(params.mlflow["artifact_location"]))
+    if where.is_relative_to(root) or (
+            configured is not None and where.is_relative_to(params.path(configured).resolve())):
+        return
+    raise TrackingStoreError(
+        f"the MLflow store {db} keeps the artifacts of experiment {experiment!r} in {where}, "
+        f"outside this project folder {root}: the project was copied or moved from another "
+        "folder, and its runs and models would be read from and written to that folder's "
+        f"artifacts. To use them on purpose, set mlflow.artifact_location to {where} "
+        f"(-S mlflow.artifact_location={where}); to give this folder its own store, move "
+        f"{db} aside (a new, empty store) or copy the project without it")
+
+
+def _end_orphans_once(uri: str) -> None:
+    """End this host's orphaned runs (end_orphaned_runs) the first time this process opens
+    the store at `uri`."""
+    if uri in _SWEPT:
+        return
+    _SWEPT.add(uri)
+    # a store this user may only read (a shared server): reading commands still work
+    with contextlib.suppress(MlflowException, SQLAlchemyError):
+        end_orphaned_runs()
 
 
 def _activate_experiment(params: Params, uri: str, name: str) -> str:
@@ -127,7 +278,10 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
     Input: a DataFrame with one of the columns `structure` (pymatgen Structure dict or its
     JSON text), `cif` or `poscar` (file text). Output: a DataFrame with `prediction` in the
     model's target units (e.g. log10 GPa for moduli) and its ensemble `std` (NaN for one
-    model), `value` and `unit` in natural units (GPa), `ood_score` / `ood_flag` (distance to
+    model: the members' spread, not an interval), `lo` / `hi` (the calibrated interval at
+    coverage `interval_coverage`, 0.9, model units; NaN with an `interval_note` where the
+    model has no calibration), `value`, `value_lo`, `value_hi` and `unit` in natural units
+    (GPa), `ood_score` / `ood_flag` (distance to
     the training materials in the model's embedding; NaN / False where the model has no OOD
     reference), and `error` (empty where it worked); a structure that cannot be parsed or
     featurized gets NaN and its error, the rest go on. Structures outside the default
@@ -157,7 +311,9 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
 
         kind = next((c for c in STRUCTURE_COLUMNS if c in model_input.columns), None)
         if kind is None:
-            raise ValueError(f"input needs one of the columns {', '.join(STRUCTURE_COLUMNS)}")
+            # a client's mistake: MLflow's scoring server answers 400 with this message
+            raise MlflowException(missing_columns_message(model_input.columns),
+                                  error_code=INVALID_PARAMETER_VALUE)
         structures: list[Any] = []
         errors: list[str] = []
         for value in model_input[kind].tolist():
@@ -168,16 +324,38 @@ class CGCNNPyfunc(mlflow.pyfunc.PythonModel):
                 structures.append(None)
                 errors.append(f"{type(exc).__name__}: {exc}")
         out = predict_structures([self.loaded], structures, errors)
-        preds = out.values[0]
-        return pd.DataFrame({
+        preds, lo, hi = out.values[0], out.lo[0], out.hi[0]
+        has = np.isfinite(lo)  # calibrated intervals at the default coverage (0.9)
+        return json_safe(pd.DataFrame({
             "prediction": preds,
             "std": out.stds[0],
+            "lo": lo,
+            "hi": hi,
             "value": inverse_transform(preds, self.spec),
+            "value_lo": inverse_transform(lo, self.spec),
+            "value_hi": inverse_transform(hi, self.spec),
+            "interval_coverage": np.where(has, out.interval_coverage[0] or np.nan, np.nan),
+            "interval_note": [out.interval_notes[0] if not e else "" for e in out.errors],
             "unit": natural_unit(self.spec),
             "ood_score": out.ood_scores[0],
             "ood_flag": out.ood_flags[0],
             "error": out.errors,
-        })
+        }))
+
+
+def missing_columns_message(columns: Any) -> str:
+    """Why a request without a structure column is refused: the accepted columns and the
+    ones given (the client's own names; nothing of the server)."""
+    # a served model's signature drops other columns before predict sees them
+    given = ", ".join(str(c) for c in list(columns)[:20])
+    return (f"the input needs one of the columns {', '.join(STRUCTURE_COLUMNS)} (a pymatgen "
+            "Structure as JSON, CIF text or POSCAR text)" + (f"; got: {given}" if given else ""))
+
+
+def json_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with every NaN (and NA) as None: served answers are JSON, where a bare NaN is
+    not valid (JSON.parse and strict parsers refuse it); None becomes null."""
+    return frame.astype(object).where(pd.notna(frame), None)
 
 
 def model_signature() -> ModelSignature:
@@ -185,7 +363,10 @@ def model_signature() -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("string", c, required=False) for c in STRUCTURE_COLUMNS]),
         outputs=Schema([ColSpec("double", "prediction"), ColSpec("double", "std"),
-                        ColSpec("double", "value"), ColSpec("string", "unit"),
+                        ColSpec("double", "lo"), ColSpec("double", "hi"),
+                        ColSpec("double", "value"), ColSpec("double", "value_lo"),
+                        ColSpec("double", "value_hi"), ColSpec("double", "interval_coverage"),
+                        ColSpec("string", "interval_note"), ColSpec("string", "unit"),
                         ColSpec("double", "ood_score"), ColSpec("boolean", "ood_flag"),
                         ColSpec("string", "error")]),
     )
@@ -203,15 +384,17 @@ def log_model(bundle_path: Path, name: str = "model", gate_path: Path | None = N
     artifacts = {MODEL_ARTIFACT: str(bundle_path)}
     if gate_path is not None:
         artifacts[GATE_ARTIFACT] = str(gate_path)
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(PYFUNC_CODE),
-        artifacts=artifacts,
-        code_paths=[str(PACKAGE_DIR)],
-        signature=model_signature(),
-        input_example=pd.DataFrame({"structure": [_example_structure_json()]}),
-        pip_requirements=served_requirements(),
-    )
+    # a full disk under the artifact store: one line naming the run's artifact folder
+    with writing(_local_path(mlflow.get_artifact_uri()) or mlflow.get_artifact_uri()):
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PYFUNC_CODE),
+            artifacts=artifacts,
+            code_paths=[str(PACKAGE_DIR)],
+            signature=model_signature(),
+            input_example=pd.DataFrame({"structure": [_example_structure_json()]}),
+            pip_requirements=served_requirements(),
+        )
     return info.model_uri
 
 
@@ -224,12 +407,41 @@ def download_bundle(model_uri: str, dst: str | Path) -> Path:
     """
     import yaml
 
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    # a version whose artifacts were deleted: a BundleError naming the model, not the temp
+    # folder it was to be downloaded to
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                        dst_path=str(dst)))
+    except (MlflowException, OSError) as exc:
+        raise BundleError(f"{model_uri}: its artifacts cannot be read from the artifact store "
+                          f"({_first_line(exc).replace(str(dst), '<download>')})") from exc
+    if not (root / "MLmodel").is_file():
+        raise BundleError(f"{model_uri}: its MLmodel file is missing from the artifact store")
     mlmodel = yaml.safe_load((root / "MLmodel").read_text())
     try:
         rel = mlmodel["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{model_uri} is not an mpprop model (no {MODEL_ARTIFACT} artifact)") from exc
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleError(f"{model_uri}: artifact path {rel!r} leaves the model folder")
+    if not path.is_file():
+        raise BundleError(f"{model_uri}: its bundle file ({rel}) is missing from the artifact "
+                          "store (deleted?); register the model again")
+    return path
+
+
+def download_gate_bundle(model_uri: str, dst: str | Path) -> Path | None:
+    """The metal classifier's bundle logged beside a model (GATE_ARTIFACT), downloaded into
+    `dst`; None where the model has none. Read like download_bundle: no model is loaded."""
+    import yaml
+
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    mlmodel = yaml.safe_load((root / "MLmodel").read_text())
+    try:
+        rel = mlmodel["flavors"]["python_function"]["artifacts"][GATE_ARTIFACT]["path"]
+    except (KeyError, TypeError):
+        return None
     path = (root / rel).resolve()
     if root.resolve() not in path.parents:
         raise BundleError(f"{model_uri}: artifact path {rel!r} leaves the model folder")
@@ -260,17 +472,21 @@ def killed_on_interrupt() -> Iterator[None]:
         raise
 
 
-def end_orphaned_runs(experiment_id: str, kind: str) -> list[str]:
-    """End as KILLED the RUNNING runs of this kind (tag mpprop.kind) started on this host by
-    processes that no longer run (killed with -9, or the machine went down); their ids."""
+def end_orphaned_runs(experiment_id: str | None = None, kind: str | None = None) -> list[str]:
+    """End as KILLED the RUNNING runs started on this host by processes that no longer run
+    (killed with -9, or the machine went down): of `kind` (tag mpprop.kind; None: every kind)
+    in `experiment_id` (None: every active experiment); their ids. Runs without the process
+    tags (faults.process_tags) are left alone."""
     client = MlflowClient()
     host = socket.gethostname().replace("'", "")
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{TAG_KIND}` = '{kind}' and tags.`{HOST_TAG}` = '{host}' "
-        "and attributes.status = 'RUNNING'",
-        max_results=1000,
-    )
+    ids = ([experiment_id] if experiment_id is not None else
+           [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)])
+    if not ids:
+        return []
+    filt = f"tags.`{HOST_TAG}` = '{host}' and attributes.status = 'RUNNING'"
+    if kind is not None:
+        filt = f"tags.`{TAG_KIND}` = '{kind}' and {filt}"
+    runs = client.search_runs(ids, filt, max_results=1000)
     ended = []
     for run in runs:
         tags = run.data.tags

@@ -27,6 +27,7 @@ from mpprop.device import autocast, pin_host_memory
 from mpprop.graph_cache import GraphCache
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
 from mpprop.model import TRUNK_PREFIXES, CrystalGraphConvNet, Normalizer, load_trunk
+from mpprop.outputs import writing
 from mpprop.settings import GraphSettings, Hyperparams
 from mpprop.stats import screening_precision
 
@@ -423,10 +424,15 @@ class _Checkpoint:
             "rng": json.dumps(rng.bit_generator.state),
             "history": [[h.epoch, h.train_mae, h.val_mae, h.seconds] for h in state.history],
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, self.path)
+        try:
+            with writing(self.path, permission=True):  # a full disk: one line naming the file
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(data, tmp)
+                os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half-written checkpoint would only take space
+            raise
 
     def resume(self, state: _TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler,

@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import warnings
 import zlib
 from collections import Counter
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from pymatgen.core import Structure
@@ -74,6 +77,11 @@ RESERVED_CRITERIA = {"fields", "all_fields", "num_chunks", "chunk_size"}
 MP_API_RETRY_STATUSES = (429, 502, 503, 504)
 MP_API_MAX_RETRIES = 4
 MP_API_BACKOFF_FACTOR = 0.5  # seconds; tests make it small
+# an `x-api-key` header as an error body may echo it (a proxy or a server that reflects the
+# request): `x-api-key: VALUE`, `'x-api-key': 'VALUE'`, `"X-API-KEY":"VALUE"`
+_API_KEY_HEADER = re.compile(r"""(x-api-key['"]?\s*[:=]\s*['"]?)[^'"\s,;}]+""", re.IGNORECASE)
+MASK = "***"
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class FetchError(RuntimeError):
@@ -474,6 +482,25 @@ def _probe_heartbeat(endpoint: str | None) -> None:
         session.get(validate_endpoint(endpoint) + "heartbeat", timeout=60).close()
 
 
+def mask_api_key(text: str, api_key: str | None) -> str:
+    """`text` with the MP API key, and any `x-api-key` header value, replaced by ***: what
+    fetch prints or raises never shows the key (an MP error body is quoted verbatim)."""
+    if api_key:
+        text = text.replace(api_key, MASK)
+    return _API_KEY_HEADER.sub(lambda m: m.group(1) + MASK, text)
+
+
+def warn_if_insecure(endpoint: str | None) -> None:
+    """One line on stderr where MP_API_ENDPOINT is not https and not this machine: the key
+    travels in a request header, readable on the way."""
+    if not endpoint:
+        return
+    url = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+    if url.scheme != "https" and (url.hostname or "") not in LOCAL_HOSTS:
+        print(f"warning: MP_API_ENDPOINT {mask_api_key(endpoint, None)} is not https: the "
+              "MP API key is sent unencrypted", file=sys.stderr)
+
+
 def _query_mp_api(
     api_key: str,
     endpoint: str | None,
@@ -534,6 +561,26 @@ def _query_mp_api(
     return db_version, used_endpoint, docs, energies, n_thermo
 
 
+def _query_masked(api_key: str, endpoint: str | None, *args: Any
+                  ) -> tuple[str | None, str, list[dict[str, Any]], dict[str, Any], int]:
+    """_query_mp_api, any of its errors a FetchError in one line with the key masked."""
+    # imported here: the client takes seconds to import and only this path needs it
+    from mp_api.client.core.exceptions import MPRestError
+    from requests.exceptions import RequestException
+
+    try:
+        return _query_mp_api(api_key, endpoint, *args)
+    except Exception as err:  # noqa: BLE001 - any error of the client: one masked message
+        where = endpoint or "the default MP endpoint"
+        text = (str(err) if isinstance(err, FetchError) else
+                f"MP API query failed ({where}): {err}" if isinstance(
+                    err, MPRestError | RequestException) else
+                f"MP API query failed ({where}): {type(err).__name__}: {err}")
+        # one line (mp_api puts the server's answer on a line of its own); `from None`: a
+        # traceback of the cause would show the unmasked text again
+        raise FetchError(mask_api_key(" ".join(text.split()), api_key)) from None
+
+
 def _mp_api_candidates(
     params: Params, specs: dict[str, PropertySpec], props: list[str], progress: bool
 ) -> tuple[list[_Candidate], dict[str, Any]]:
@@ -556,6 +603,7 @@ def _mp_api_candidates(
     # mp_api reads MP_API_ENDPOINT once, when its settings module is first imported; passing
     # it explicitly makes a value set later (tests, notebooks) count as well
     endpoint = os.environ.get("MP_API_ENDPOINT") or None
+    warn_if_insecure(endpoint)
     chunk = int(mp.get("chunk_size") or 1000)
     thermo_type = str(mp.get("energy_thermo_type") or "GGA_GGA+U")
     energy_props = [p for p in props if specs[p].field == ENERGY_FIELD]
@@ -565,19 +613,10 @@ def _mp_api_candidates(
         top = specs[p].field.split(".", 1)[0]
         if specs[p].field != ENERGY_FIELD and top not in fields:
             fields.append(top)
-    # imported here: the client takes seconds to import and only this path needs it
-    from mp_api.client.core.exceptions import MPRestError
-    from requests.exceptions import RequestException
-
-    try:
-        db_version, used_endpoint, docs, energies, n_thermo = _query_mp_api(
-            api_key, endpoint, criteria, fields, chunk, thermo_type if energy_props else None,
-            progress,
-        )
-    except (MPRestError, RequestException) as err:
-        where = endpoint or "the default MP endpoint"
-        raise FetchError(f"MP API query failed ({where}): {err}") from err
-
+    db_version, used_endpoint, docs, energies, n_thermo = _query_masked(
+        api_key, endpoint, criteria, fields, chunk, thermo_type if energy_props else None,
+        progress,
+    )
     cands = []
     for i, d in enumerate(docs):
         values = {p: _dotted(d, specs[p].field) for p in props if p not in energy_props}

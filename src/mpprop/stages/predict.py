@@ -40,23 +40,28 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mpprop.bundle import BundleError, LoadedModel, attach_metal_gate, load_model
+from mpprop.bundle import BundleError, LoadedModel, load_model
 from mpprop.config import TRACKING_URI_ENV, Params, PropertySpec
 from mpprop.data import inverse_transform, natural_unit
 from mpprop.device import training_device
 from mpprop.inference import (
     DEFAULT_LIMITS,
+    Predictions,
     StructureLimits,
     embed,
     graph_inputs,
     parse_cif,
     predict_structures,
 )
-from mpprop.model import DOMAIN_NON_METALS, METAL_CLASSIFIER
+from mpprop.intervals import DEFAULT_COVERAGE
+from mpprop.model import DOMAIN_NON_METALS
 from mpprop.snapshot import atomic_output
 
-# prediction and std in model units (e.g. log10 GPa), value in natural units (GPa)
-OUTPUT_COLUMNS = ("id", "property", "prediction", "std", "value", "unit", "ood_score",
+# prediction, std (the spread of an ensemble's members, not an interval) and the calibrated
+# interval lo..hi in model units (e.g. log10 GPa); value, value_lo..value_hi in natural units
+# (GPa); interval_coverage: the coverage of lo..hi; interval_note: why a row has none
+OUTPUT_COLUMNS = ("id", "property", "prediction", "std", "lo", "hi", "value", "value_lo",
+                  "value_hi", "unit", "interval_coverage", "interval_note", "ood_score",
                   "ood_flag", "model", "error", "warning")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 LIST_SUFFIXES = (".txt",)
@@ -64,8 +69,6 @@ CIF_SUFFIXES = (".cif",)
 POSCAR_SUFFIXES = (".vasp", ".poscar")
 POSCAR_PREFIXES = ("poscar", "contcar")
 JSON_SUFFIXES = (".json",)
-# appended to the `model` column of a model whose predictions the metal classifier gated
-GATE_LABEL = "+metal-classifier"
 
 
 class PredictError(RuntimeError):
@@ -207,9 +210,12 @@ def _jsonl_rows(path: Path) -> Iterator[InputRow]:
 
 
 def _snapshot_rows(folder: Path) -> tuple[int, Iterator[InputRow]]:
-    from mpprop.snapshot import load_snapshot
+    from mpprop.snapshot import SnapshotError, load_snapshot
 
-    snap, _ = load_snapshot(folder)
+    try:
+        snap, _ = load_snapshot(folder)  # checked against its SHA-256
+    except SnapshotError as exc:
+        raise PredictError(f"input {folder}: {exc}") from exc
 
     def rows() -> Iterator[InputRow]:
         for i, mid in enumerate(snap.material_id.tolist()):
@@ -449,17 +455,14 @@ def resolve_models(
     Only the bundle file of each version is downloaded and read (torch weights_only): no
     code or pickle from the model store runs. The models are put on `train.device`.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from mpprop.registry import get_version_by_alias, registered_name
-    from mpprop.tracking import download_bundle
+    from mpprop.tracking import download_bundle, open_store
 
     device, _ = training_device(params.train)
 
-    mlflow.set_tracking_uri(params.tracking_uri())
-    client = MlflowClient()
+    client = open_store(params)  # checked: an empty or corrupt database is one line
     if prop == "all" and version is not None:
         raise PredictError("--version needs one --property: versions differ between models")
     alias = alias or params.mlflow["champion_alias"]
@@ -490,7 +493,8 @@ def resolve_models(
             try:
                 loaded = load_model(download_bundle(uri, tmp), label).to(device)
             except BundleError as exc:
-                raise PredictError(f"{label}: {exc}") from exc
+                # the model's URI, not the temp folder it was downloaded to
+                raise PredictError(f"{label}: {str(exc).replace(tmp, uri)}") from exc
         # the published band-gap model knows non-metals only: its classifier decides metals
         if params.predict["xie_band_gap_metal_gate"] and loaded.domain == DOMAIN_NON_METALS:
             loaded = _with_metal_gate(params, client, loaded)
@@ -501,45 +505,41 @@ def resolve_models(
 
 
 def _with_metal_gate(params: Params, client: Any, model: LoadedModel) -> LoadedModel:
-    """`model` gated by the published metal classifier (`<prefix>is_metal` at the pretrained
-    alias, on the same graphs): 0 where it says metal; the label names it."""
-    from mpprop.registry import get_version_by_alias, registered_name
-    from mpprop.tracking import download_bundle
+    """`model` behind the published metal classifier (registry.with_metal_gate)."""
+    from mpprop.registry import RegistryError, with_metal_gate
 
-    name = registered_name(params, METAL_CLASSIFIER)
-    alias = params.mlflow["pretrained_alias"]
-    mv = get_version_by_alias(client, name, alias)
-    if mv is None:
-        raise PredictError(
-            f"{model.label} was trained on {DOMAIN_NON_METALS} only and is gated by the metal "
-            f"classifier, but {name} has no version with alias {alias!r}: run `mpprop "
-            "import-pretrained`, or set predict.xie_band_gap_metal_gate: false"
-        )
-    label = f"{name}@{alias} v{mv.version}"
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            gate = load_model(download_bundle(f"models:/{name}/{mv.version}", tmp), label)
-            attach_metal_gate(model, gate)
-        except BundleError as exc:
-            raise PredictError(f"{label}: {exc}") from exc
-    model.label = f"{model.label}{GATE_LABEL} v{mv.version}"
-    # where the model already is (the device of its parameters)
-    return model.to(next(model.model.parameters()).device)
+    try:
+        return with_metal_gate(params, client, model)
+    except RegistryError as exc:
+        raise PredictError(str(exc)) from exc
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def _interval_columns(out: Predictions, k: int, i: int, spec: PropertySpec, ok: bool
+                      ) -> dict[str, Any]:
+    """The interval columns of model k's row for structure i (empty on a failed row)."""
+    lo, hi = out.lo[k][i], out.hi[k][i]
+    has = ok and bool(np.isfinite(lo) and np.isfinite(hi))
+    value_lo, value_hi = inverse_transform(np.array([lo, hi]), spec) if has else (None, None)
+    return {"lo": float(lo) if has else None, "hi": float(hi) if has else None,
+            "value_lo": _finite_or_none(value_lo) if has else None,
+            "value_hi": _finite_or_none(value_hi) if has else None,
+            "interval_coverage": out.interval_coverage[k] if has else None,
+            "interval_note": out.interval_notes[k] if ok else ""}
+
+
 def predict_rows(
     models: list[RegisteredModel], rows: list[InputRow],
-    limits: StructureLimits = DEFAULT_LIMITS,
+    limits: StructureLimits = DEFAULT_LIMITS, coverage: float = DEFAULT_COVERAGE,
 ) -> list[dict[str, Any]]:
     """Output rows (one per input row and model, input order) for one batch: structures are
     checked (within `limits`) and featurized once per graph setting, whatever the number of
-    models."""
+    models; calibrated intervals at `coverage` where a model has a calibration."""
     out = predict_structures([m.loaded for m in models], [r.structure for r in rows],
-                             [r.error for r in rows], limits=limits)
+                             [r.error for r in rows], limits=limits, coverage=coverage)
     per_input: list[list[dict[str, Any]]] = [[] for _ in rows]
     for k, (model, preds) in enumerate(zip(models, out.values, strict=True)):
         values = inverse_transform(preds, model.spec)
@@ -556,6 +556,7 @@ def predict_rows(
                     "prediction": float(preds[i]) if ok else None,
                     "std": _finite_or_none(stds[i]) if ok else None,
                     "value": float(values[i]) if ok else None,
+                    **_interval_columns(out, k, i, model.spec, ok),
                     "ood_score": _finite_or_none(scores[i]) if ok else None,
                     "ood_flag": bool(flags[i]) if ok and np.isfinite(scores[i]) else None,
                     "unit": natural_unit(model.spec),
@@ -604,9 +605,11 @@ def run_prediction(
     batch_size: int,
     progress: bool = True,
     limits: StructureLimits = DEFAULT_LIMITS,
+    coverage: float = DEFAULT_COVERAGE,
 ) -> PredictSummary:
     """Predict every input row with every model; write the CSV atomically (a temp file beside
-    it, renamed over it at the end). Where the CSV may go: check_prediction_output."""
+    it, renamed over it at the end). Where the CSV may go: check_prediction_output.
+    Intervals at `coverage` (predict.interval_coverage)."""
     sources = [open_source(p) for p in inputs]
     total = (
         sum(s.count for s in sources) if all(s.count is not None for s in sources) else None
@@ -622,7 +625,7 @@ def run_prediction(
             writer = csv.DictWriter(fh, fieldnames=OUTPUT_COLUMNS)
             writer.writeheader()
             for batch in _batches(rows, batch_size):
-                for row in predict_rows(models, batch, limits):
+                for row in predict_rows(models, batch, limits, coverage):
                     writer.writerow(row)
                     n_rows += 1
                     if row["error"]:

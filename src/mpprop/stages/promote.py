@@ -30,6 +30,8 @@ from mlflow.tracking import MlflowClient
 
 from mpprop.bundle import BUNDLE_FILE, TASK_CLASSIFICATION, TASK_REGRESSION, BundleError, load_bundle
 from mpprop.config import GraphSettings, Params, PropertySpec
+from mpprop.faults import pause_point, process_tags
+from mpprop.intervals import interval_tags
 from mpprop.model import (
     DOMAIN_NON_METALS,
     METAL_CLASSIFIER,
@@ -63,6 +65,7 @@ from mpprop.tracking import (
     VAL_SCREENING_METRIC,
     download_bundle,
     log_model,
+    registry_lock,
     save_bundle,
     setup_mlflow,
 )
@@ -285,10 +288,18 @@ def _bundle_of(model_uri: str) -> dict[str, Any]:
 
 
 def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Promotion:
-    """Register `prop`'s best model by validation MAE and point the champion alias at it."""
+    """Register `prop`'s best model by validation MAE and point the champion alias at it.
 
+    Finding the candidates, registering and moving the alias happen under the registry lock
+    (tracking.registry_lock): two promotions at once would otherwise both find no version of
+    the best model and register it twice; the second one now waits and finds the first's."""
     setup_mlflow(params)
     client = client or MlflowClient()
+    with registry_lock(params):
+        return _promote_locked(params, prop, client)
+
+
+def _promote_locked(params: Params, prop: str, client: MlflowClient) -> Promotion:
     snapshot = current_snapshot_sha256(params)
     candidates = find_candidates(client, prop, snapshot)
     if not candidates:
@@ -307,43 +318,52 @@ def promote(params: Params, prop: str, client: MlflowClient | None = None) -> Pr
     alias = params.mlflow["champion_alias"]
     previous = get_version_by_alias(client, name, alias)
     existing = [v for v in model_versions(client, name) if version_model_id(v) == best.model_id]
+    pause_point("promote.before_register")  # inside the lock: where race tests hold one
     if existing:
         # idempotent: the same logged model never gets a second version
         version, created = str(existing[0].version), False
     else:
-        bundle = _bundle_of(best.model_uri)
-        tags = {
-            "property": prop,
-            TAG_KIND: best.kind,
-            "preset": best.preset,
-            "source_run_id": best.run_id,
-            "model_id": best.model_id,
-            "snapshot_sha256": best.snapshot_sha256 or "",
-            "graph_cache_key": best.graph_cache_key or "",
-            "graph_settings": bundle["graph_settings"],
-            "hyperparams": bundle["hyperparams"],
-            "target_unit": bundle["property"]["unit"],
-            "target_transform": bundle["property"]["transform"],
-            "val_mae": best.val_mae,
-            "selection": (f"lowest validation MAE ({best.val_metric})" if select_by == "val_mae"
-                          else f"highest {VAL_SCREENING_METRIC}")
-            + f" of {len(candidates)} candidate runs; the test set is not used to choose",
-        }
-        tags.update(best.lineage)  # a fine-tuned model's version names its parent
-        if _finite(best.test_mae):
-            tags["test_mae"] = best.test_mae
-        if _finite(best.test_screening_precision):
-            tags["test_screening_precision"] = best.test_screening_precision
-        mv = mlflow.register_model(
-            best.model_uri, name, tags={k: _tag(v) for k, v in tags.items()}
-        )
-        version, created = str(mv.version), True
+        version, created = _register(best, name, prop, select_by, len(candidates)), True
     client.set_registered_model_alias(name, alias, version)
     return Promotion(
         name=name, alias=alias, version=str(version), created=created,
         previous_version=str(previous.version) if previous else None,
         candidate=best, n_candidates=len(candidates),
     )
+
+
+def _register(best: Candidate, name: str, prop: str, select_by: str, n_candidates: int) -> str:
+    """Register `best` as a new version of `name`, tagged with where it came from; its
+    version number."""
+    bundle = _bundle_of(best.model_uri)
+    tags = {
+        "property": prop,
+        TAG_KIND: best.kind,
+        "preset": best.preset,
+        "source_run_id": best.run_id,
+        "model_id": best.model_id,
+        "snapshot_sha256": best.snapshot_sha256 or "",
+        "graph_cache_key": best.graph_cache_key or "",
+        "graph_settings": bundle["graph_settings"],
+        "hyperparams": bundle["hyperparams"],
+        "target_unit": bundle["property"]["unit"],
+        "target_transform": bundle["property"]["transform"],
+        "val_mae": best.val_mae,
+        "selection": (f"lowest validation MAE ({best.val_metric})" if select_by == "val_mae"
+                      else f"highest {VAL_SCREENING_METRIC}")
+        + f" of {n_candidates} candidate runs; the test set is not used to choose",
+    }
+    tags.update(best.lineage)  # a fine-tuned model's version names its parent
+    if bundle.get("task", TASK_REGRESSION) == TASK_REGRESSION:
+        tags.update(interval_tags(bundle.get("calibration")))
+    if _finite(best.test_mae):
+        tags["test_mae"] = best.test_mae
+    if _finite(best.test_screening_precision):
+        tags["test_screening_precision"] = best.test_screening_precision
+    mv = mlflow.register_model(
+        best.model_uri, name, tags={k: _tag(v) for k, v in tags.items()}
+    )
+    return str(mv.version)
 
 
 # ---------------------------------------------------------------- published checkpoints
@@ -456,6 +476,8 @@ def import_pretrained(
             tags["split"] = split
         if prop in PRETRAINED_NOTES:
             tags["note"] = PRETRAINED_NOTES[prop]
+        if not classifier:  # no validation split of ours: intervals need `mpprop calibrate`
+            tags.update(interval_tags(None))
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
             run_name=f"{prop}-{alias}"
         ) as run:
@@ -465,6 +487,7 @@ def import_pretrained(
                     TAG_KIND: KIND_PRETRAINED,
                     TAG_PRESET: alias,
                     **{k: _tag(v) for k, v in tags.items() if k not in (TAG_KIND, "property")},
+                    **process_tags(),  # a killed import's run is ended by the next command
                 }
             )
             mlflow.log_params(
@@ -522,10 +545,10 @@ def import_shipped(params: Params, client: MlflowClient | None = None,
                 "checkpoint_source": f"mpprop package data shipped/{shipped.bundle.name}",
                 "graph_settings": data["graph_settings"], "hyperparams": data["hyperparams"],
                 "target_unit": spec.unit, "target_transform": spec.transform,
-                **shipped.facts}
+                **interval_tags(data.get("calibration")), **shipped.facts}
         with mlflow.start_run(run_name=f"{shipped.prop}-{alias}") as run:
             mlflow.set_tags({TAG_PROPERTY: shipped.prop, TAG_KIND: KIND_PRETRAINED,
-                             TAG_PRESET: alias})
+                             TAG_PRESET: alias, **process_tags()})
             mlflow.log_params(data["hyperparams"])
             model_uri = log_model(shipped.bundle)
         tags["source_run_id"] = run.info.run_id

@@ -5,7 +5,9 @@ K members (train.ensemble / presets.<p>.ensemble / --ensemble): seeds seed, seed
 (and bootstrap resamples of the train split with train.ensemble_bootstrap). Kept as one
 ensemble bundle (prediction = mean, std = spread), or with train.ensemble_keep: best, the
 member with the best validation MAE alone (K seeds, one model). The bundle also stores the
-out-of-distribution reference (mpprop.ood) fitted on the train and validation embeddings.
+out-of-distribution reference (mpprop.ood) fitted on the train and validation embeddings, and
+the calibration of its prediction intervals (mpprop.intervals: split conformal on the
+validation residuals; the run logs it as params, its test coverage as metrics).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from mpprop.faults import (
     sigterm_as_exception,
 )
 from mpprop.inference import embed
+from mpprop.intervals import COVERAGES, Calibration, calibrate, interval_metrics
 from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
-from mpprop.outputs import output_dir
+from mpprop.outputs import output_dir, writing
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
 from mpprop.presets import final_hyperparams
 from mpprop.registry import resolve_parent
@@ -62,6 +65,9 @@ from mpprop.training import (
     predict,
     set_torch_threads,
 )
+
+# the nominal coverages whose measured test coverage train reports
+REPORTED_COVERAGES = (0.68, 0.9)
 
 
 def n_members(params: Params, preset: str, ensemble: int | None) -> int:
@@ -158,21 +164,25 @@ def train_property(
         bar.close()
         if keep == "best":
             results = [min(results, key=lambda r: r.best_val_mae)]
-        metrics = _metrics(params, hp, data, tr, va, results)
+        metrics, cal = _evaluate(params, hp, data, tr, va, results)
         mlflow.log_metrics({key: v for key, v in metrics.items()
                             if isinstance(v, float | int) and v is not None and np.isfinite(v)})
         ood = _ood_reference(params, results[0], data, tr, va)
-        bundle = save_bundle(
-            unit / MODEL_FILE, results[0].model, results[0].normalizer, data.spec,
-            extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
-                   "preset": preset, "ensemble": len(results),
-                   "parent": parent.label if parent else ""},
-            members=[(r.model, r.normalizer) for r in results[1:]], ood=ood,
-        )
+        with writing(out_dir / MODEL_FILE):  # a full disk names models/<P>/<preset>/model.pt
+            bundle = save_bundle(
+                unit / MODEL_FILE, results[0].model, results[0].normalizer, data.spec,
+                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
+                       "preset": preset, "ensemble": len(results),
+                       "parent": parent.label if parent else ""},
+                members=[(r.model, r.normalizer) for r in results[1:]], ood=ood,
+                calibration=cal,
+            )
         model_uri = log_model(bundle, name=f"{prop}-{preset}")
         metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
         pause_point("train.between_model_and_metrics")
-        (unit / TRAIN_METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        with writing(out_dir / TRAIN_METRICS_FILE):
+            (unit / TRAIN_METRICS_FILE).write_text(
+                json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: nothing to resume
     return metrics
 
@@ -210,17 +220,53 @@ def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndar
         return fit_member()
 
 
-def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,
-             va: np.ndarray, results: list[FitResult]) -> dict[str, Any]:
-    """Validation and test metrics of the kept model(s) (the ensemble mean for several)."""
+def _evaluate(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,
+              va: np.ndarray, results: list[FitResult]) -> tuple[dict[str, Any], Calibration]:
+    """The metrics of the kept model(s) and the calibration of their intervals on the
+    validation split (logged as run params; its test coverage joins the metrics)."""
+    val_pred = _mean_std(params, data, data.pool_rows[va], results)
+    test_pred = _mean_std(params, data, data.test_rows, results)
+    metrics = _metrics(params, hp, data, tr, va, results, val_pred[0], test_pred)
+    cal = _calibration(data, va, val_pred)
+    mlflow.log_params(cal.tags())
+    for coverage in REPORTED_COVERAGES:  # measured on the test set, in metrics.json
+        metrics.update(_coverage_metrics(data, test_pred, cal, coverage))
+    return metrics, cal
+
+
+def _mean_std(params: Params, data: PropertyData, rows: np.ndarray, results: list[FitResult]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The kept model(s)' prediction (ensemble mean) and member spread on `rows`."""
     bs = params.predict["batch_size"]
+    return ensemble_mean_std([predict(r.model, r.normalizer, data.cache, rows, bs)
+                              for r in results])
 
-    def mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return ensemble_mean_std([predict(r.model, r.normalizer, data.cache, rows, bs)
-                                  for r in results])
 
-    val_mean, _ = mean_std(data.pool_rows[va])
-    test_mean, test_std = mean_std(data.test_rows)
+def _calibration(data: PropertyData, va: np.ndarray,
+                 val_pred: tuple[np.ndarray, np.ndarray]) -> Calibration:
+    """Split conformal on the validation residuals. The validation split also chose the best
+    epoch (and member, with ensemble_keep: best): its residuals are a little optimistic, which
+    the test coverage in the metrics shows."""
+    mean, std = val_pred
+    return calibrate(data.pool_targets[va], mean, std, COVERAGES,
+                     source=f"validation split ({len(va)} materials)")
+
+
+def _coverage_metrics(data: PropertyData, test_pred: tuple[np.ndarray, np.ndarray],
+                      cal: Calibration, coverage: float) -> dict[str, float]:
+    """test_interval_{coverage,width}_<percent>: the measured share of test materials inside
+    their interval at a nominal coverage, and the mean width (model units)."""
+    found = interval_metrics(data.test_targets, *test_pred, cal, coverage)
+    pct = f"{100 * coverage:.0f}"
+    return {f"test_interval_coverage_{pct}": found["test_interval_coverage"],
+            f"test_interval_width_{pct}": found["test_interval_width"]} if found else {}
+
+
+def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,
+             va: np.ndarray, results: list[FitResult], val_mean: np.ndarray,
+             test_pred: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Validation and test metrics of the kept model(s) (the ensemble mean for several)."""
+    test_mean, test_std = test_pred
     y = data.test_targets
     best_val = (results[0].best_val_mae if len(results) == 1
                 else float(np.mean(np.abs(val_mean - data.pool_targets[va]))))

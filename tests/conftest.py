@@ -3,11 +3,15 @@ crystals built in the tests."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from click.testing import CliRunner
 from pymatgen.core import Lattice, Structure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +55,38 @@ def project(tmp_path: Path) -> Path:
     """A fresh project folder with the repo's params.yaml; MLflow and data stay inside it."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
+
+
+def shared_record_lines(prop: str, n: int, skip: int = 0) -> list[str]:
+    """Lines n after the first `skip` of the shared snapshot's records that have `prop`."""
+    out: list[str] = []
+    with gzip.open(require_shared_data(), "rt") as fh:
+        for line in fh:
+            if json.loads(line).get(prop) is not None:
+                out.append(line)
+                if len(out) == skip + n:
+                    break
+    return out[skip:]
+
+
+def run_cli(root: Path, *args: str, ok: bool = True) -> str:
+    """`mpprop --params root/params.yaml ARGS` in-process; asserts success (or failure)."""
+    from mpprop.cli import main  # the CLI, imported only by the tests that run it
+
+    result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *args])
+    assert (result.exit_code == 0) == ok, result.output + repr(result.exception)
+    return result.output
+
+
+def small_project(root: Path, lines: list[str], prop: str) -> Path:
+    """A project of these MP records: params.yaml (batch 16, one thread), snapshot, graphs
+    and the property's split, made through the CLI."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(batch_size=16, torch_threads=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    with gzip.open(root / "records.jsonl.gz", "wt") as fh:
+        fh.writelines(lines)
+    for args in (["-S", f"data.path={root / 'records.jsonl.gz'}", "fetch"],
+                 ["featurize", "--workers", "1"], ["split", "--property", prop]):
+        run_cli(root, *args)
+    return root

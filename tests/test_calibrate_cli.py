@@ -13,13 +13,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
-from click.testing import CliRunner
-from conftest import REPO, require_shared_data
+from conftest import run_cli, shared_record_lines, small_project
 from mlflow.tracking import MlflowClient
 
 from mpprop.bundle import load_model
-from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.data import open_workspace, property_data, train_val_split, transform_target
 from mpprop.inference import predict_rows
@@ -33,37 +30,17 @@ NAME = f"mpprop-{PROP}"
 pytestmark = pytest.mark.e2e  # real MP records from ../shared/data
 
 
-def _records(n: int, skip: int) -> list[str]:
-    out = []
-    with gzip.open(require_shared_data(), "rt") as fh:
-        for line in fh:
-            if json.loads(line).get(PROP) is not None:
-                out.append(line)
-                if len(out) == skip + n:
-                    break
-    return out[skip:]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("calibrate")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(batch_size=16, torch_threads=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    for name, lines in (("records.jsonl.gz", _records(N_PROJECT, 0)),
-                        ("labelled.jsonl.gz", _records(N_LABELLED, N_PROJECT))):
-        with gzip.open(root / name, "wt") as fh:
-            fh.writelines(lines)
-    for args in (["-S", f"data.path={root / 'records.jsonl.gz'}", "fetch"],
-                 ["featurize", "--workers", "1"], ["split", "--property", PROP]):
-        cli(root, *args)
+    root = small_project(tmp_path_factory.mktemp("calibrate"),
+                         shared_record_lines(PROP, N_PROJECT), PROP)
+    # the next records with the property: the labelled file calibrate reads
+    with gzip.open(root / "labelled.jsonl.gz", "wt") as fh:
+        fh.writelines(shared_record_lines(PROP, N_LABELLED, skip=N_PROJECT))
     return root
 
 
-def cli(root: Path, *args: str, ok: bool = True) -> str:
-    result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *args])
-    assert (result.exit_code == 0) == ok, result.output + repr(result.exception)
-    return result.output
+cli = run_cli
 
 
 def client(root: Path) -> MlflowClient:
@@ -169,7 +146,7 @@ def test_calibrate_registers_a_version_whose_predictions_have_intervals(project:
 
 def test_calibrate_refuses_what_it_cannot_do(project: Path, tmp_path: Path) -> None:
     few = tmp_path / "few.jsonl"
-    few.write_text("".join(_records(5, 0)))
+    few.write_text("".join(shared_record_lines(PROP, 5)))
     out = cli(project, "calibrate", "--property", PROP, "--alias", "xie-2018", "--input",
               str(few), ok=False)
     error = out.strip().splitlines()[-1]  # (after MLflow's download progress)

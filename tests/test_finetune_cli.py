@@ -4,7 +4,6 @@ one-line errors for references that do not fit."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -12,12 +11,10 @@ import mlflow
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
-from conftest import REPO, require_shared_data
+from conftest import run_cli, shared_record_lines, small_project
 from mlflow.tracking import MlflowClient
 
 from mpprop.bundle import load_bundle
-from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.model import trunk_state
 from mpprop.presets import tuning_parent
@@ -30,31 +27,11 @@ pytestmark = pytest.mark.e2e  # real MP records from ../shared/data
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finetune")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(batch_size=16, torch_threads=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    records = []
-    with gzip.open(require_shared_data(), "rt") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec.get(PROP) is not None:
-                records.append(line)
-                if len(records) == N_RECORDS:
-                    break
-    source = root / "records.jsonl.gz"
-    with gzip.open(source, "wt") as fh:
-        fh.writelines(records)
-    for args in (["-S", f"data.path={source}", "fetch"], ["featurize", "--workers", "1"],
-                 ["split", "--property", PROP]):
-        cli(root, *args)
-    return root
+    return small_project(tmp_path_factory.mktemp("finetune"), shared_record_lines(PROP, N_RECORDS),
+                         PROP)
 
 
-def cli(root: Path, *args: str, ok: bool = True) -> str:
-    result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *args])
-    assert (result.exit_code == 0) == ok, result.output + repr(result.exception)
-    return result.output
+cli = run_cli
 
 
 def metrics_of(output: str) -> dict:

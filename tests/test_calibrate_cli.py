@@ -115,14 +115,15 @@ def test_calibrate_registers_a_version_whose_predictions_have_intervals(project:
     y = labels(project)
     residuals = np.array([abs(float(r["prediction"]) - y[i]) for i, r in before.items()])
     q90 = conformal_quantile(residuals, 0.9)
-    assert float(new.tags["interval_q90"]) == pytest.approx(q90, rel=1e-5)
+    # (the CSV's predictions have 4 significant digits: q90 agrees to their rounding)
+    assert float(new.tags["interval_q90"]) == pytest.approx(q90, abs=2e-3)
 
     after = predict_csv(project, "after.csv", "--alias", "xie-2018")
     for i, r in after.items():
         pred, lo, hi = float(r["prediction"]), float(r["lo"]), float(r["hi"])
         assert pred == pytest.approx(float(before[i]["prediction"]))  # the same weights
-        assert lo <= pred <= hi and hi - lo == pytest.approx(2 * q90, rel=1e-5)
-        assert float(r["value_lo"]) == pytest.approx(10 ** lo)
+        assert lo <= pred <= hi and hi - lo == pytest.approx(2 * q90, abs=4e-3)
+        assert float(r["value_lo"]) == pytest.approx(10 ** lo, rel=3e-3)
         assert r["interval_coverage"] == "0.9" and r["interval_note"] == ""
     inside = np.mean([float(r["lo"]) <= y[i] <= float(r["hi"]) for i, r in after.items()])
     assert inside >= 0.9  # on its own calibration set, by construction

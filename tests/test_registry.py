@@ -266,8 +266,14 @@ def test_predict_folder_and_list_with_all_pretrained(ws, pretrained, tmp_path):
     assert "outside the CGCNN" in by[("Md.vasp", "band_gap")]["error"]
     assert "unsupported file type" in by[("notes.md", "band_gap")]["error"]
     bulk = by[("a.cif", "bulk_modulus")]
-    assert bulk["unit"] == "GPa"
-    assert float(bulk["value"]) == pytest.approx(10 ** float(bulk["prediction"]))
+    assert bulk["value_unit"] == "GPa" and bulk["model_unit"] == "log10(GPa)"
+    # 4 significant digits each: equal to the rounding
+    assert float(bulk["value"]) == pytest.approx(10 ** float(bulk["prediction"]), rel=3e-3)
+    assert len(bulk["prediction"].lstrip("-").replace(".", "").lstrip("0")) <= 4
+    # a published model: one member (so no spread), and no OOD reference, said so
+    assert bulk["n_members"] == "1" and bulk["std"] == ""
+    assert bulk["ood_score"] == "" and bulk["ood_threshold"] == ""
+    assert bulk["ood_note"].startswith("no OOD reference")
     n_good = sum(expect.values())
     assert f"band_gap: {n_good} ok, {len(expect) - n_good} failed" in text
     assert "structures/s" in text

@@ -60,9 +60,15 @@ from mpprop.snapshot import atomic_output
 # prediction, std (the spread of an ensemble's members, not an interval) and the calibrated
 # interval lo..hi in model units (e.g. log10 GPa); value, value_lo..value_hi in natural units
 # (GPa); interval_coverage: the coverage of lo..hi; interval_note: why a row has none
-OUTPUT_COLUMNS = ("id", "property", "prediction", "std", "lo", "hi", "value", "value_lo",
-                  "value_hi", "unit", "interval_coverage", "interval_note", "ood_score",
-                  "ood_flag", "model", "error", "warning")
+OUTPUT_COLUMNS = ("id", "property", "prediction", "model_unit", "std", "n_members", "lo", "hi",
+                  "value", "value_lo", "value_hi", "value_unit", "interval_coverage",
+                  "interval_note", "ood_score", "ood_threshold", "ood_flag", "ood_note",
+                  "model", "error", "warning")
+# columns of CSVs written by earlier versions (still recognised as prediction CSVs)
+LEGACY_COLUMNS = ("unit",)
+SIGNIFICANT_DIGITS = 4  # numbers in the CSV: model errors are far above the 4th digit
+NO_OOD_REFERENCE = ("no OOD reference: the model's training materials are not known "
+                    "(published checkpoints); ood_score cannot be computed")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 LIST_SUFFIXES = (".txt",)
 CIF_SUFFIXES = (".cif",)
@@ -274,7 +280,8 @@ def is_prediction_csv(path: Path) -> bool:
     except OSError:
         return False
     fields = first.decode("utf-8", "replace").strip().split(",")
-    return fields[:3] == ["id", "property", "prediction"] and set(fields) <= set(OUTPUT_COLUMNS)
+    return (fields[:3] == ["id", "property", "prediction"]
+            and set(fields) <= set(OUTPUT_COLUMNS) | set(LEGACY_COLUMNS))
 
 
 def embedding_files(output: Path) -> list[Path]:
@@ -515,7 +522,28 @@ def _with_metal_gate(params: Params, client: Any, model: LoadedModel) -> LoadedM
 
 
 def _finite_or_none(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
+    """A finite number to SIGNIFICANT_DIGITS significant digits, else None (empty cell)."""
+    return float(f"{float(x):.{SIGNIFICANT_DIGITS}g}") if np.isfinite(x) else None
+
+
+def _ood_columns(model: RegisteredModel, score: float, flag: bool, ok: bool) -> dict[str, Any]:
+    """The OOD score with the threshold it is compared with, and why there is none."""
+    ood = model.loaded.ood
+    if ood is None:
+        return {"ood_score": None, "ood_threshold": None, "ood_flag": None,
+                "ood_note": NO_OOD_REFERENCE if ok else ""}
+    return {"ood_score": _finite_or_none(score) if ok else None,
+            "ood_threshold": _finite_or_none(ood.threshold),
+            "ood_flag": bool(flag) if ok and np.isfinite(score) else None, "ood_note": ""}
+
+
+def _row_warning(structure_warning: str, ood: dict[str, Any]) -> str:
+    """The structure's warning, and a word whenever the OOD flag is up."""
+    parts = [structure_warning] if structure_warning else []
+    if ood["ood_flag"]:
+        parts.append(f"out of distribution: OOD score {ood['ood_score']} above "
+                     f"{ood['ood_threshold']} (the 99th percentile of validation materials)")
+    return "; ".join(parts)
 
 
 def _interval_columns(out: Predictions, k: int, i: int, spec: PropertySpec, ok: bool
@@ -524,7 +552,8 @@ def _interval_columns(out: Predictions, k: int, i: int, spec: PropertySpec, ok: 
     lo, hi = out.lo[k][i], out.hi[k][i]
     has = ok and bool(np.isfinite(lo) and np.isfinite(hi))
     value_lo, value_hi = inverse_transform(np.array([lo, hi]), spec) if has else (None, None)
-    return {"lo": float(lo) if has else None, "hi": float(hi) if has else None,
+    return {"lo": _finite_or_none(lo) if has else None,
+            "hi": _finite_or_none(hi) if has else None,
             "value_lo": _finite_or_none(value_lo) if has else None,
             "value_hi": _finite_or_none(value_hi) if has else None,
             "interval_coverage": out.interval_coverage[k] if has else None,
@@ -549,20 +578,23 @@ def predict_rows(
             ok = not error and np.isfinite(preds[i])
             if not error and not ok:
                 error = "model returned a non-finite prediction"
+            ood = _ood_columns(model, scores[i], flags[i], ok)
             per_input[i].append(
                 {
                     "id": r.id,
                     "property": model.prop,
-                    "prediction": float(preds[i]) if ok else None,
+                    "prediction": _finite_or_none(preds[i]) if ok else None,
+                    "model_unit": model.spec.unit,
+                    # the spread of an ensemble's members (not an interval: see lo/hi)
                     "std": _finite_or_none(stds[i]) if ok else None,
-                    "value": float(values[i]) if ok else None,
+                    "n_members": model.loaded.n_members,
+                    "value": _finite_or_none(values[i]) if ok else None,
+                    "value_unit": natural_unit(model.spec),
                     **_interval_columns(out, k, i, model.spec, ok),
-                    "ood_score": _finite_or_none(scores[i]) if ok else None,
-                    "ood_flag": bool(flags[i]) if ok and np.isfinite(scores[i]) else None,
-                    "unit": natural_unit(model.spec),
+                    **ood,
                     "model": model.label,
                     "error": error,
-                    "warning": out.warnings[i] if ok else "",
+                    "warning": _row_warning(out.warnings[i], ood) if ok else "",
                 }
             )
     return [row for rows_of_input in per_input for row in rows_of_input]

@@ -16,7 +16,7 @@ SRC = REPO / "src" / "mpprop"
 # the core: structures, graphs, the model, the one batch loop, inference and their files
 CORE = {"settings", "graph_cache", "batches", "model", "training", "losses", "device",
         "kernels", "stats", "bundle", "ood", "intervals", "inference", "graphs", "snapshot",
-        "data", "outputs", "faults"}
+        "data", "outputs", "faults", "write_errors"}
 FRAMEWORKS = {"click", "mlflow", "optuna", "optuna_integration", "pydantic"}
 
 

@@ -38,17 +38,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pymatgen.core import Lattice, Structure
 
-import mpprop.outputs as outputs
 import mpprop.stages.promote as promote_stage
+import mpprop.write_errors as write_errors
 from mpprop.bundle import LoadedModel
 from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.faults import HOST_TAG, PID_TAG
 from mpprop.model import CrystalGraphConvNet, Normalizer
-from mpprop.outputs import DiskFullError, WriteError, write_error
 from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.stages.predict import RegisteredModel
 from mpprop.tracking import CGCNNPyfunc, json_safe
+from mpprop.write_errors import DiskFullError, WriteError, write_error
 
 PROP = "band_gap"
 PAIRS = [("Na", "Cl"), ("K", "Br"), ("Li", "F"), ("Cs", "I"), ("Rb", "Cl"), ("Na", "F"),
@@ -253,7 +253,7 @@ def test_disk_full_during_train_names_the_model_file(project, monkeypatch, failu
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full)
-    monkeypatch.setattr(outputs, "free_bytes", lambda path: 0)  # the disk is full
+    monkeypatch.setattr(write_errors, "free_bytes", lambda path: 0)  # the disk is full
     line = error_line(mpprop(project, *TRAIN))
     assert line == f"Error: disk full while writing {project / 'models' / PROP / 'xie' / 'model.pt'}"
     assert not (project / "models" / PROP / "xie").exists()

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from mpprop.config import ConfigError, Params, load_params
-from mpprop.outputs import OutputBusyError, ProjectFileError, writing
+from mpprop.outputs import OutputBusyError
 from mpprop.settings import OPTIMIZERS
+from mpprop.write_errors import ProjectFileError, writing
 
 
 class ParamsError(click.ClickException):

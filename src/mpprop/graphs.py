@@ -33,9 +33,10 @@ from mpprop.graph_cache import (
     cache_key,
     known_elements,
 )
-from mpprop.outputs import output_dir, readable_dir, writing
+from mpprop.outputs import output_dir, readable_dir
 from mpprop.settings import GraphSettings
 from mpprop.snapshot import Snapshot
+from mpprop.write_errors import writing
 
 
 class GraphError(ValueError):

@@ -33,7 +33,7 @@ from pymatgen.core import Lattice, Structure
 
 from mpprop.faults import process_alive
 from mpprop.graph_cache import gather_ranges
-from mpprop.outputs import writing
+from mpprop.write_errors import writing
 
 SNAPSHOT_DATA = "snapshot.npz"
 SNAPSHOT_META = "snapshot.json"

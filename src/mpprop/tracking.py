@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mpprop.bundle import BundleError, attach_metal_gate, load_bundle, load_model, save_bundle
 from mpprop.config import Params
 from mpprop.faults import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
-from mpprop.outputs import ProjectFileError, writing
+from mpprop.write_errors import ProjectFileError, writing
 
 MODEL_ARTIFACT = "checkpoint"
 # a second bundle logged with a model whose domain is non-metals: the metal classifier that

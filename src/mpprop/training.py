@@ -27,9 +27,9 @@ from mpprop.device import autocast, pin_host_memory
 from mpprop.graph_cache import GraphCache
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
 from mpprop.model import TRUNK_PREFIXES, CrystalGraphConvNet, Normalizer, load_trunk
-from mpprop.outputs import writing
 from mpprop.settings import GraphSettings, Hyperparams
 from mpprop.stats import screening_precision
+from mpprop.write_errors import writing
 
 if TYPE_CHECKING:  # only its attributes are read here: the core needs no pymatgen
     from mpprop.data import PropertyData

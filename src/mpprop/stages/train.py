@@ -37,7 +37,7 @@ from mpprop.inference import embed
 from mpprop.intervals import COVERAGES, Calibration, calibrate, interval_metrics
 from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
-from mpprop.outputs import output_dir, writing
+from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
 from mpprop.presets import final_hyperparams
 from mpprop.registry import resolve_parent
@@ -65,6 +65,7 @@ from mpprop.training import (
     predict,
     set_torch_threads,
 )
+from mpprop.write_errors import writing
 
 # the nominal coverages whose measured test coverage train reports
 REPORTED_COVERAGES = (0.68, 0.9)

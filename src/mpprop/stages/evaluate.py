@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +239,14 @@ def plot_figure(path: Path, ev: PresetEvaluation, spec: PropertySpec, top_percen
     plt.close(fig)
 
 
+def run_artifact_name(file_name: str, preset: str) -> str:
+    """The name an evaluation file has in its training run: without the preset (parity.csv,
+    screening.csv, evaluation.png), the run says which preset it is."""
+    stem, dot, suffix = file_name.rpartition(".")
+    stem = stem.replace(f"_{preset}", "")
+    return f"{'evaluation' if stem == preset else stem}{dot}{suffix}"
+
+
 def log_to_training_run(params: Params, ev: PresetEvaluation, files: list[Path]) -> bool:
     """Attach the evaluation files and the screening curve to the preset's training run."""
 
@@ -254,8 +264,13 @@ def log_to_training_run(params: Params, ev: PresetEvaluation, files: list[Path])
         print(f"warning: training run {ev.run_id} of the {ev.preset} model is not in "
               f"{mlflow.get_tracking_uri()}; evaluation not logged to MLflow", file=sys.stderr)
         return False
-    for f in files:
-        client.log_artifact(ev.run_id, str(f), artifact_path=ARTIFACT_DIR)
+    # the same names in every training run (parity.csv, not parity_xie.csv), so that the
+    # UI's Compare shows the runs' files side by side
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            same_name = Path(tmp) / run_artifact_name(f.name, ev.preset)
+            shutil.copyfile(f, same_name)
+            client.log_artifact(ev.run_id, str(same_name), artifact_path=ARTIFACT_DIR)
     for pct, _, precision in ev.curve:
         if precision is not None:
             # one metric with step = N: MLflow draws the curve and compares it across runs

@@ -107,6 +107,8 @@ def check_mlflow(tracking_uri: str, study: optuna.Study, prop: str = PROP) -> di
         assert tags["mpprop.study"] == study.study_name
         assert tags["snapshot_sha256"] == study.user_attrs["mpprop.snapshot_sha256"]
         assert tags["graph_cache_key"] == study.user_attrs["mpprop.graph_cache_key"]
+        # the search space is the study's, not repeated as tags on every trial
+        assert not [k for k in tags if k.endswith("_distribution")]
         assert run.data.params["split_seed"] == str(t.user_attrs["split_seed"])
         assert run.data.params["lr"] == str(t.params["lr"])
         history = client.get_metric_history(run.info.run_id, "val_mae")

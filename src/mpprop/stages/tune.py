@@ -19,6 +19,7 @@ overshoot the target. A worker that dies is detected by heartbeat; its trial is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -157,6 +158,17 @@ def _quiet() -> Iterator[None]:
                 os.environ[_MLFLOW_BAR_ENV] = old_bar
 
 
+class TrialRunCallback(MLflowCallback):
+    """Optuna's MLflow callback without its `<param>_distribution` tags: the same search
+    space on every trial crowds each run's tag panel; the study's run logs the space once
+    (param `search_space`)."""
+
+    def _set_tags(self, trial: FrozenTrial, study: optuna.Study) -> None:
+        without = copy.copy(trial)
+        without._distributions = {}
+        super()._set_tags(without, study)
+
+
 def tune_property(
     params: Params,
     prop: str,
@@ -241,7 +253,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     worker = _Worker(params, prop, study_name, space, objective, epochs, prune, ws, tags,
                      device, precision, echo)
     metric_names = OBJECTIVES[objective][0]
-    mlflc = MLflowCallback(
+    mlflc = TrialRunCallback(
         tracking_uri=params.tracking_uri(),
         metric_name=metric_names if len(metric_names) > 1 else metric_names[0],
         create_experiment=False,

@@ -47,3 +47,4 @@ mpprop predict --property all --alias xie-2018 --input data/snapshot \
     --output predictions/xie-2018.csv
 cat reports/table2.md
 echo "done (in $RUN). Compare runs: mlflow ui --backend-store-uri sqlite:///$(realpath "$PWD")/mlruns/mlflow.db"
+echo "then open $(mpprop ui-url) (the training runs, model-training view)"

@@ -217,3 +217,17 @@ Cl2 Cl 0 0.5 0
 Cl3 Cl 0 0 0.5
 Cl4 Cl 0.5 0.5 0.5
 """
+
+
+def test_ui_url_opens_the_training_runs_in_the_model_training_view(project):
+    from urllib.parse import parse_qs, urlsplit
+
+    url = cli(project, "ui-url").strip().splitlines()[-1]  # after MLflow's log lines
+    mlflow.set_tracking_uri(load_params(project / "params.yaml").tracking_uri())
+    exp = MlflowClient().get_experiment_by_name("mpprop")
+    route, _, query = urlsplit(url).fragment.partition("?")
+    assert url.startswith("http://127.0.0.1:5000/#/")
+    assert route == f"/experiments/{exp.experiment_id}/runs"
+    q = parse_qs(query)
+    assert q["workflowType"] == ["machine_learning"]  # not MLflow 3's default GenAI view
+    assert q["searchFilter"] == ["tags.`mpprop.kind` = 'train'"]

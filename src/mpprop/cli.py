@@ -507,6 +507,17 @@ def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, overw
     click.echo(summary.format())
 
 
+@main.command("ui-url")
+@click.option("--base", default="http://127.0.0.1:5000", show_default=True,
+              help="Where `mlflow ui` serves (its --host and --port).")
+@pass_ctx
+def ui_url(obj: Context, base: str) -> None:
+    """The MLflow UI link to this project's training runs (model-training view, best first)."""
+    from mpprop.tracking import runs_table_url, setup_mlflow
+
+    click.echo(runs_table_url(setup_mlflow(obj.params), base.rstrip("/")))
+
+
 @main.command("show-params")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write them to this file instead of printing them.")

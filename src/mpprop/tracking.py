@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import mlflow
 import numpy as np
@@ -78,6 +78,17 @@ _RESTORE = "restore it from a backup"
 REGISTRY_LOCK_TIMEOUT_S = 600.0
 # tracking URIs whose orphaned runs this process has ended (once per process and store)
 _SWEPT: set[str] = set()
+
+
+def runs_table_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of the experiment's training runs: the model-training view (the UI's
+    `workflowType` URL parameter; without it MLflow 3 opens the GenAI view), the runs of
+    kind train, best test MAE first."""
+    query = urlencode({
+        "workflowType": "machine_learning",
+        "searchFilter": f"tags.`{TAG_KIND}` = '{KIND_TRAIN}'",
+        "orderByKey": "metrics.`test_mae`", "orderByAsc": "true"})
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def setup_mlflow(params: Params, experiment: str | None = None) -> str:

@@ -310,7 +310,9 @@ def to_markdown(
         body.append(
             [r.prop]
             + [_fmt(ref[f"mae_{p}"], MAE_DECIMALS) for p in PAPER_PRESETS]
-            + [_fmt(ref[f"screening_{p}"], SCREENING_DECIMALS) for p in PAPER_PRESETS]
+            # the paper screens every property but Poisson's ratio (no direction)
+            + [NOT_SCREENED if ref[f"screening_{p}"] is None
+               else _fmt(ref[f"screening_{p}"], SCREENING_DECIMALS) for p in PAPER_PRESETS]
         )
     lines += _md_table(header, body)
     return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from trust import QUALITY, snapshot_labels
+from trust import stored_ensembles
 from workspace import DEFAULT_DATA
 
 from mpprop.bundle import gate_metals
@@ -45,7 +45,6 @@ from mpprop.data import (
     open_workspace,
     property_data,
     train_val_split,
-    transform_target,
 )
 from mpprop.intervals import (
     METHOD_ABSOLUTE,
@@ -156,17 +155,8 @@ def _halves(y: np.ndarray, mean: np.ndarray, std: np.ndarray, rng: np.random.Gen
 
 def ensembles(data: Path, props: list[str] | None) -> list[dict[str, Any]]:
     """Absolute vs normalized intervals of the quality benchmark's 3-seed ensembles."""
-    params = load_params(REPO / "params.yaml")
-    results = [json.loads(p.read_text()) for p in sorted(QUALITY.glob("*.json"))]
-    results = [r for r in results if not r.get("quick") and (not props or r["property"] in props)]
-    ids = {m for r in results for m in r["test_material_ids"]}
-    specs = {r["property"]: params.property_spec(r["property"]) for r in results}
-    labels = snapshot_labels(data, ids, {s.field for s in specs.values()})
     rows = []
-    for r in results:
-        spec = specs[r["property"]]
-        y = transform_target(np.array([float(labels[m][spec.field])
-                                       for m in r["test_material_ids"]]), spec)
+    for r, y in stored_ensembles(data, props):
         for preset in ("xie", "tuned"):
             preds = np.asarray(r["models"][preset]["test_pred_per_seed"], dtype=np.float64)
             rng = np.random.default_rng(0)

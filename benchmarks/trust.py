@@ -67,18 +67,27 @@ def snapshot_labels(data: Path, ids: set[str], fields: set[str]) -> dict[str, di
     return out
 
 
-def ensemble_calibration(data: Path) -> list[dict[str, Any]]:
+def stored_ensembles(data: Path, props: list[str] | None = None
+                     ) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """The quality benchmark's stored full results (seeds = ensemble members), each with its
+    test targets (model units) read from the shared snapshot."""
     params = load_params(REPO / "params.yaml")
     results = [json.loads(p.read_text()) for p in sorted(QUALITY.glob("*.json"))]
-    results = [r for r in results if not r.get("quick")]
+    results = [r for r in results if not r.get("quick") and (not props or r["property"] in props)]
     ids = {m for r in results for m in r["test_material_ids"]}
     specs = {r["property"]: params.property_spec(r["property"]) for r in results}
     labels = snapshot_labels(data, ids, {s.field for s in specs.values()})
-    rows = []
+    out = []
     for r in results:
         spec = specs[r["property"]]
         raw = np.array([float(labels[m][spec.field]) for m in r["test_material_ids"]])
-        y = transform_target(raw, spec)
+        out.append((r, transform_target(raw, spec)))
+    return out
+
+
+def ensemble_calibration(data: Path) -> list[dict[str, Any]]:
+    rows = []
+    for r, y in stored_ensembles(data):
         for preset in ("xie", "tuned"):
             preds = np.asarray(r["models"][preset]["test_pred_per_seed"], dtype=np.float64)
             mean, std = preds.mean(axis=0), preds.std(axis=0)

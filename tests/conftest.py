@@ -90,3 +90,23 @@ def small_project(root: Path, lines: list[str], prop: str) -> Path:
                  ["featurize", "--workers", "1"], ["split", "--property", prop]):
         run_cli(root, *args)
     return root
+
+
+def tiny_registered_model(prop: str = "band_gap"):
+    """An untrained one-convolution CGCNN as a registered model of `prop` (no MLflow)."""
+    # imported here: conftest stays importable where only the helpers above are needed
+    import torch
+
+    from mpprop.bundle import LoadedModel
+    from mpprop.model import CrystalGraphConvNet, Normalizer
+    from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
+    from mpprop.stages.predict import RegisteredModel
+
+    torch.manual_seed(0)
+    hp = Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.01,
+                     lr_decay_epoch=10, optimizer="SGD", epochs=1)
+    net = CrystalGraphConvNet(hp, GraphSettings()).eval()
+    spec = PropertySpec(prop, prop, "eV", "none", "lower")
+    return RegisteredModel(prop, f"models:/mpprop-{prop}/1",
+                           LoadedModel(f"mpprop-{prop}@test v1", net, Normalizer(0.0, 1.0),
+                                       spec, {}))

@@ -22,21 +22,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner, Result
-from conftest import REPO, nacl
+from conftest import REPO, nacl, tiny_registered_model
 from pymatgen.core import Lattice, Structure
 
 import mpprop.inference as inference
-from mpprop.bundle import LoadedModel
 from mpprop.cli import main
 from mpprop.config import ConfigError, PredictSection, load_params
 from mpprop.data import SplitError, Workspace, load_split, split_path
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import StructureLimits
-from mpprop.model import CrystalGraphConvNet, Normalizer
-from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.stages.predict import (
     OUTPUT_COLUMNS,
     RegisteredModel,
@@ -71,15 +67,7 @@ UNKNOWN_ELEMENT_POSCAR = ("x\n1.0\n5 0 0\n0 5 0\n0 0 5\nXx Na\n1 1\ndirect\n"
 
 
 def tiny_model() -> RegisteredModel:
-    """An untrained one-convolution CGCNN as a registered model (no MLflow)."""
-    torch.manual_seed(0)
-    hp = Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.01,
-                     lr_decay_epoch=10, optimizer="SGD", epochs=1)
-    net = CrystalGraphConvNet(hp, GraphSettings()).eval()
-    spec = PropertySpec(PROP, PROP, "eV", "none", "lower")
-    return RegisteredModel(PROP, "models:/mpprop-band_gap/1",
-                           LoadedModel("mpprop-band_gap@test v1", net, Normalizer(0.0, 1.0),
-                                       spec, {}))
+    return tiny_registered_model(PROP)
 
 
 @pytest.fixture

@@ -33,19 +33,16 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import REPO, nacl
+from conftest import REPO, nacl, tiny_registered_model
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pymatgen.core import Lattice, Structure
 
 import mpprop.stages.promote as promote_stage
 import mpprop.write_errors as write_errors
-from mpprop.bundle import LoadedModel
 from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.faults import HOST_TAG, PID_TAG
-from mpprop.model import CrystalGraphConvNet, Normalizer
-from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.stages.predict import RegisteredModel
 from mpprop.tracking import CGCNNPyfunc, json_safe
 from mpprop.write_errors import DiskFullError, WriteError, write_error
@@ -127,14 +124,7 @@ def client_of(root: Path) -> MlflowClient:
 
 
 def tiny_model() -> RegisteredModel:
-    torch.manual_seed(0)
-    hp = Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.01,
-                     lr_decay_epoch=10, optimizer="SGD", epochs=1)
-    net = CrystalGraphConvNet(hp, GraphSettings()).eval()
-    spec = PropertySpec(PROP, PROP, "eV", "none", "lower")
-    return RegisteredModel(PROP, "models:/mpprop-band_gap/1",
-                           LoadedModel("mpprop-band_gap@test v1", net, Normalizer(0.0, 1.0),
-                                       spec, {}))
+    return tiny_registered_model(PROP)
 
 
 # ---------------------------------------------------------------- 1: one line, not a traceback

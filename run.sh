@@ -34,7 +34,7 @@ else
         -S "data.max_records=${MAX_RECORDS:-null}" \
         -S "properties=[bulk_modulus, shear_modulus, poisson_ratio]" \
         -S "tune.n_trials=${TRIALS:-5}" -S "tune.epochs=${TUNE_EPOCHS:-8}" \
-        -S "tune.pruner_warmup_steps=2" -S "tune.search_space.lr_decay_epoch={low: 2, high: 6}" \
+        -S "tune.pruner_warmup_steps=2" -S "tune.pruner_startup_trials=2" -S "tune.search_space.lr_decay_epoch={low: 2, high: 6}" \
         -S "presets.xie.epochs=${EPOCHS:-25}" -S "presets.xie.lr_decay_epoch=${DECAY:-20}" \
         show-params --out "$RUN/params.yaml"
     cd "$RUN"

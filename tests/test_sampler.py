@@ -39,3 +39,27 @@ def test_sampler_key_is_validated(tmp_path):
     assert load_params(tmp_path / "params.yaml").tune["sampler"] == "tpe"
     with pytest.raises(ConfigError, match="tune.sampler"):
         load_params(tmp_path / "params.yaml", ["tune.sampler=cmaes"])
+
+
+def test_percentile_pruner_waits_for_the_configured_trials(tmp_path):
+    """A 5-trial study with Optuna's 5 start-up trials never prunes: the count is a param."""
+    from conftest import REPO
+
+    from mpprop.search import make_pruner
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+
+    def pruned_after(startup: int) -> list[bool]:
+        params = load_params(tmp_path / "params.yaml",
+                             [f"tune.pruner_startup_trials={startup}", "tune.pruner_warmup_steps=0"])
+        study = optuna.create_study(pruner=make_pruner(params, epochs=3))
+        for value in (1.0, 1.1):  # two completed trials, good ones
+            t = study.ask()
+            t.report(value, 1)
+            study.tell(t, value)
+        bad = study.ask()
+        bad.report(9.0, 1)
+        return bool(bad.should_prune())
+
+    assert pruned_after(2) is True
+    assert pruned_after(5) is False  # Optuna's default: not enough completed trials yet

@@ -403,6 +403,8 @@ class TuneSection(Section):
     sampler: Literal["tpe", "gp"] = "tpe"
     pruner_percentile: Number = Field(ge=0, le=100)
     pruner_warmup_steps: NonNegativeInt
+    # completed trials before the percentile pruner prunes at all (Optuna's default 5)
+    pruner_startup_trials: NonNegativeInt = 5
     storage: Name  # "{property}" is replaced by the property key
     progress_every: NonNegativeInt = 0  # epochs between progress lines in a trial; 0 = none
     heartbeat_interval: PositiveInt  # s

@@ -178,6 +178,7 @@ def make_pruner(params: Params, epochs: int, prune: bool = True) -> optuna.prune
         )
     return optuna.pruners.PercentilePruner(
         float(params.tune["pruner_percentile"]),
+        n_startup_trials=int(params.tune["pruner_startup_trials"]),
         n_warmup_steps=int(params.tune["pruner_warmup_steps"]),
     )
 

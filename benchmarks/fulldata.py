@@ -5,6 +5,7 @@ published checkpoints.
     python benchmarks/fulldata.py build                  # workspace: snapshot, graphs, splits
     python benchmarks/fulldata.py run JOB [JOB ...]      # train (resumes per epoch)
     python benchmarks/fulldata.py list                   # jobs and their state
+    python benchmarks/fulldata.py park                   # unfinished jobs' checkpoints -> git
     python benchmarks/fulldata.py report                 # statistics of the finished jobs
     python benchmarks/fulldata.py ship PROP [PROP ...]   # into src/mpprop/shipped/
     (--workdir, --results: other folders; CI runs quick-xie and quick-ft, then report --quick)
@@ -33,7 +34,15 @@ from workspace import DEFAULT_DATA, REPO
 from mpprop.bundle import BUNDLE_FILE, gate_metals
 from mpprop.config import Hyperparams, load_params
 from mpprop.data import open_workspace, property_data
-from mpprop.experiment import Job, all_test_ids, model_summary, paired, run_job
+from mpprop.experiment import (
+    CHECKPOINT_FILE,
+    RESULT_FILE,
+    Job,
+    all_test_ids,
+    model_summary,
+    paired,
+    run_job,
+)
 from mpprop.model import (
     DOMAIN_NON_METALS,
     METAL_CLASSIFIER,
@@ -47,6 +56,7 @@ from mpprop.training import predict
 
 WORK = REPO / "benchmarks" / "work" / "fulldata"
 RESULTS = REPO / "benchmarks" / "results" / "fulldata"
+PARKED = "in_progress"  # results/<PARKED>/<job>-<key>/: checkpoints carried to the next sitting
 
 # the modern recipe (DESIGN.md §6, kgcnn's CGCNN): L1 loss, AdamW, warm-up then cosine decay,
 # an exponential moving average of the weights, 128 units, batch 128
@@ -237,6 +247,33 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
 """
 
 
+def park(work: Path, results: Path) -> None:
+    """Copy every unfinished job's checkpoint into results/in_progress/ (tracked by git), so
+    that the next sitting, on a fresh checkout, resumes it where this one stopped."""
+    for folder in sorted((work / "jobs").glob("*-*")):
+        if (folder / RESULT_FILE).exists() or not (folder / CHECKPOINT_FILE).exists():
+            continue
+        target = results / PARKED / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT_FILE, "seconds.json"):
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, target / name)
+        print(f"parked {folder.name}")
+
+
+def unpark(work: Path, results: Path) -> None:
+    """Put parked checkpoints back where their jobs resume from (a folder of the same job key:
+    same hyperparameters, data and parent), unless the work folder has a newer state."""
+    for parked in sorted((results / PARKED).glob("*-*")):
+        folder = work / "jobs" / parked.name
+        if (folder / CHECKPOINT_FILE).exists() or (folder / RESULT_FILE).exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in parked.iterdir():
+            shutil.copyfile(item, folder / item.name)
+        print(f"resuming {parked.name} from its parked checkpoint")
+
+
 def build(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", work / "params.yaml")
@@ -254,6 +291,7 @@ def run(work: Path, results: Path, names: list[str]) -> None:
     ws = open_workspace(params)
     excluded = all_test_ids(params, ws)
     results.mkdir(parents=True, exist_ok=True)
+    unpark(work, results)
     for name in names:
         job = JOBS[name]
         parent_dir = None
@@ -265,6 +303,9 @@ def run(work: Path, results: Path, names: list[str]) -> None:
         record = run_job(params, ws, job, Hyperparams, work / "jobs", excluded, parent_dir,
                          progress=lambda line: print(line, flush=True))
         (results / f"{name}.json").write_text(json.dumps(record) + "\n")
+        # finished: its parked checkpoint (if any) is not needed any more
+        for parked in (results / PARKED).glob(f"{job.name}-*"):
+            shutil.rmtree(parked)
         print(f"{name}: test MAE {record['test_mae']:.4f}, {record['cpu_hours']:.2f} CPU-h",
               flush=True)
 
@@ -278,6 +319,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     sub.add_parser("list")
+    sub.add_parser("park", help="copy unfinished jobs' checkpoints into the results")
     rep = sub.add_parser("report")
     rep.add_argument("--quick", action="store_true", help="the CI jobs' comparison only")
     sh = sub.add_parser("ship")
@@ -289,6 +331,8 @@ def main() -> None:
         run(args.workdir, args.results, args.jobs)
     elif args.command == "report":
         report(args.workdir, args.results, QUICK_COMPARISONS if args.quick else COMPARISONS)
+    elif args.command == "park":
+        park(args.workdir, args.results)
     elif args.command == "ship":
         ship(args.workdir, args.results, args.props)
     else:

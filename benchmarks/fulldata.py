@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -278,8 +279,6 @@ def build(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", work / "params.yaml")
     mpprop = str(Path(sys.executable).with_name("mpprop"))
-    import subprocess  # only the build step runs the CLI
-
     for cmd in (["-S", f"data.path={DEFAULT_DATA}", "fetch"], ["featurize", "--workers", "2"],
                 ["split"]):
         subprocess.run([mpprop, *cmd], cwd=work, check=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import yaml
+
 from mpprop.config import Hyperparams, Params
 from mpprop.paths import trunk_model_path
 
@@ -24,6 +26,15 @@ def tuning_parent(params: Params) -> str | None:
     if params.pretrain["enabled"]:
         return str(trunk_model_path(params))
     return None
+
+
+def tuned_fine_tuning(params: Params, prop: str) -> dict[str, Any] | None:
+    """The parent and fine-tuning settings a study of fine-tuned trials wrote into the tuned
+    file (study.write_best_params), or None (no tuned file, or trials from scratch)."""
+    path = params.best_params_path(prop)
+    if not path.exists():
+        return None
+    return (yaml.safe_load(path.read_text()) or {}).get("fine_tuning")
 
 
 def default_presets(params: Params) -> list[str]:

@@ -447,7 +447,6 @@ class _Checkpoint:
                 f"{self.path} is the checkpoint of another training run (other settings, "
                 "data or seed); remove it to start this one from scratch")
         model.load_state_dict(data["model"])
-        optimizer.load_state_dict(data["optimizer"])
         if ema is not None:
             ema.load_state_dict(data["ema"])
         rng.bit_generator.state = json.loads(data["rng"])
@@ -456,6 +455,7 @@ class _Checkpoint:
             warnings.simplefilter("ignore", UserWarning)  # "step before optimizer.step"
             for _ in range(data["epoch"]):
                 scheduler.step()
+        # after the replay, which rewrote the learning rates the state also holds
         optimizer.load_state_dict(data["optimizer"])
         state.epoch, state.best_val = data["epoch"], data["best_val"]
         state.best_epoch, state.best_state = data["best_epoch"], data["best_state"]

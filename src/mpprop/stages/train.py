@@ -20,7 +20,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from mpprop.bundle import ensemble_mean_std
@@ -39,7 +38,7 @@ from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
-from mpprop.presets import final_hyperparams
+from mpprop.presets import final_hyperparams, tuned_fine_tuning
 from mpprop.registry import resolve_parent
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
@@ -106,10 +105,9 @@ def train_property(
     keep = params.train["ensemble_keep"] if k > 1 else "all"
     graph = params.graph_settings()
     ref = init_from or params.train.get("init_from")
-    tuned_file = params.best_params_path(prop)
-    if preset == "tuned" and not ref and tuned_file.exists():
+    if preset == "tuned" and not ref:
         # a study of fine-tuned trials names its parent and settings in the tuned file
-        tuned_ft = (yaml.safe_load(tuned_file.read_text()) or {}).get("fine_tuning")
+        tuned_ft = tuned_fine_tuning(params, prop)
         if tuned_ft:
             ref = tuned_ft["init_from"]
             params.train.update(freeze_trunk_epochs=tuned_ft["freeze_trunk_epochs"],

@@ -30,171 +30,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing
 import os
-import subprocess
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
-from mpprop import presets
-from mpprop.config import Hyperparams, load_params
-from mpprop.experiment import model_summary, paired
+from mpprop import experiment_runs as runs
+from mpprop.config import load_params
+from mpprop.experiment import screening_warning, summaries
 from mpprop.snapshot import atomic_output
-from mpprop.stats import (
-    MIN_TOP_MATERIALS,
-    bootstrap_resamples,
-    n_top,
-)
+from mpprop.stats import bootstrap_resamples, n_top
 
 RESULTS = REPO / "benchmarks" / "results" / "quality"
 # properties with ~31k records here: a seeded subsample keeps the benchmark within hours
 LARGE_PROPERTIES = ("formation_energy_per_atom", "band_gap", "efermi")
-# the paper's protocol: decay at 800 of 1000 epochs (Xie); warm-up 30 and decay range
-# 50-150 of 200 epochs (tuning): kept as fractions when the epochs are scaled down
-XIE_DECAY_FRACTION = 0.8
-PAPER_TUNE_EPOCHS = 200
-BOOTSTRAP_SEED = 0
-PROGRESS_EVERY = 10  # epochs between progress lines of a final-training job
-
-
-def scaled_tune_overrides(params_file: Path, tune_epochs: int) -> list[str]:
-    """Warm-up and LR-decay range of the paper's 200-epoch protocol at `tune_epochs`."""
-    tune = load_params(params_file).tune
-    scale = tune_epochs / PAPER_TUNE_EPOCHS
-    decay = tune["search_space"]["lr_decay_epoch"]
-    low = max(1, round(decay["low"] * scale))
-    high = max(low, round(decay["high"] * scale))
-    warmup = max(1, math.floor(tune["pruner_warmup_steps"] * scale))
-    return [f"tune.search_space.lr_decay_epoch={{low: {low}, high: {high}}}",
-            f"tune.pruner_warmup_steps={warmup}"]
-
-
-def run_tuning(root: Path, prop: str, args: argparse.Namespace, overrides: list[str],
-               study: str | None = None, best_dir: Path | None = None) -> dict:
-    """`mpprop tune` workers on one study in the workspace; resumes a study that exists."""
-    study = study or f"quality-{prop}"
-    best_dir = best_dir or root / "tuned"
-    mpprop = str(Path(sys.executable).with_name("mpprop"))
-    sets = [x for item in overrides for x in ("-S", item)]
-    cmd = [mpprop, "--params", str(root / "params.yaml"), *sets, "tune", "--property", prop,
-           "--n-trials", str(args.trials), "--epochs", str(args.tune_epochs),
-           "--storage", f"sqlite:///{root / 'optuna.db'}", "--study-name", study]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    t0 = time.perf_counter()
-    workers = []
-    for i in range(args.workers):
-        log = open(root / f"{study}-worker-{i}.log", "a")  # noqa: SIM115 - closed below
-        workers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=root), log))
-        time.sleep(2)  # the first worker creates the study and queues the baseline
-    for proc, log in workers:
-        proc.wait()
-        log.close()
-    failed = [i for i, (p, _) in enumerate(workers) if p.returncode != 0]
-    if failed:
-        raise SystemExit(f"tuning worker(s) {failed} failed; see {root}/{study}-worker-*.log")
-    best = yaml.safe_load((best_dir / f"{prop}.yaml").read_text())
-    return {**best, "wall_seconds": time.perf_counter() - t0}
-
-
-def study_record(root: Path, prop: str) -> dict:
-    import optuna
-
-    study = optuna.load_study(study_name=f"quality-{prop}", storage=f"sqlite:///{root / 'optuna.db'}")
-    trials = []
-    for t in study.get_trials(deepcopy=False):
-        trials.append({"number": t.number, "state": t.state.name, "value": t.value,
-                       "epochs_run": len(t.intermediate_values), "params": t.params,
-                       "enqueued": bool(t.user_attrs.get("enqueued_baseline"))})
-    return {"trials": trials}
-
-
-def final_hyperparams(params_file: Path, overrides: list[str], prop: str, preset: str,
-                      final_epochs: int) -> Hyperparams:
-    """The final-training hyperparameters: mpprop train's own rule (stages.train) at
-    `final_epochs`: the tuned set (tune.best_params_dir of `overrides`) with its LR decay
-    moved in proportion, the Xie preset with its decay at the paper's 80%."""
-    params = load_params(params_file, [*overrides, f"tune.final_epochs={final_epochs}"])
-    if preset == "xie":
-        decay = max(1, round(XIE_DECAY_FRACTION * final_epochs))
-        return presets.final_hyperparams(params, prop, "xie",
-                                             {"epochs": final_epochs, "lr_decay_epoch": decay})
-    return presets.final_hyperparams(params, prop, "tuned")
-
-
-def fit_final(root: str, overrides: list[str], prop: str, preset: str, hp: dict,
-              seed: int) -> tuple[Any, Any, Any, float]:
-    """One final model on the workspace's fixed train/val split of the non-test pool (in a
-    worker process with one torch thread): (FitResult, params, PropertyData, seconds)."""
-    import torch
-
-    from mpprop.data import open_workspace, property_data, train_val_split
-    from mpprop.losses import LossSettings
-    from mpprop.training import EpochStats, fit_on_pool
-
-    torch.set_num_threads(1)
-    params = load_params(Path(root) / "params.yaml", overrides)
-    data = property_data(params, open_workspace(params), prop)
-    tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"],
-                             int(params.train["seed"]))
-    hparams = Hyperparams(**hp)
-
-    def progress(s: EpochStats) -> None:
-        if s.epoch % PROGRESS_EVERY == 0 or s.epoch == hparams.epochs:
-            print(f"  {prop} {preset} seed {seed}: epoch {s.epoch}/{hparams.epochs} "
-                  f"val_mae {s.val_mae:.4f} ({s.seconds:.1f} s/epoch)", flush=True)
-
-    t0 = time.perf_counter()
-    result = fit_on_pool(hparams, params.graph_settings(), data, tr, va, seed, progress,
-                         params.predict["batch_size"], LossSettings.from_train(params.train))
-    return result, params, data, time.perf_counter() - t0
-
-
-def train_job(root: str, overrides: list[str], prop: str, preset: str, hp: dict, seed: int,
-              out: str) -> dict:
-    """One final model and its test predictions; writes `out`."""
-    from mpprop.training import predict
-
-    result, params, data, seconds = fit_final(root, overrides, prop, preset, hp, seed)
-    pred = predict(result.model, result.normalizer, data.cache, data.test_rows,
-                   params.predict["batch_size"])
-    record = {"preset": preset, "seed": seed, "hyperparams": hp,
-              "best_val_mae": result.best_val_mae, "best_epoch": result.best_epoch,
-              "seconds": seconds, "test_pred": pred.tolist()}
-    with atomic_output(out) as tmp:  # a killed job leaves no half-written record
-        Path(tmp).write_text(json.dumps(record) + "\n")
-    return record
-
-
-def published_predictions(root: Path, overrides: list[str], prop: str) -> tuple[np.ndarray, dict]:
-    from mpprop.data import open_workspace, property_data
-    from mpprop.model import load_checkpoint, pretrained_path
-    from mpprop.training import predict
-
-    params = load_params(root / "params.yaml", overrides)
-    ws = open_workspace(params)
-    data = property_data(params, ws, prop)
-    model, normalizer, hp = load_checkpoint(pretrained_path(prop), params.graph_settings())
-    pred = predict(model, normalizer, data.cache, data.test_rows, params.predict["batch_size"])
-    return pred, {"hyperparams": hp.as_dict(), "normalizer": normalizer.state_dict()}
-
-
-def test_set(root: Path, overrides: list[str], prop: str) -> tuple[np.ndarray, list[str], Any]:
-    from mpprop.data import open_workspace, property_data
-
-    params = load_params(root / "params.yaml", overrides)
-    ws = open_workspace(params)
-    data = property_data(params, ws, prop)
-    ids = ws.cache.material_id[data.test_rows].tolist()
-    return data.test_targets, ids, data.spec
+PRESETS = ("xie", "tuned")
 
 
 def run_property(prop: str, args: argparse.Namespace) -> dict:
@@ -206,92 +59,54 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
           f"{ws_info['n_test']} test", flush=True)
     params_file = root / "params.yaml"
     overrides = ["train.torch_threads=1", f"tune.best_params_dir={root / 'tuned'}",
-                 *scaled_tune_overrides(params_file, args.tune_epochs), *args.overrides]
-    params = load_params(params_file, overrides)
-    top_percent = float(params.train["screening_top_percent"])
+                 *runs.scaled_tune_overrides(params_file, args.tune_epochs), *args.overrides]
+    top_percent = float(load_params(params_file, overrides).train["screening_top_percent"])
 
     print(f"[{prop}] tuning: {args.trials} trials x {args.tune_epochs} epochs, "
           f"{args.workers} workers", flush=True)
-    tuned = run_tuning(root, prop, args, overrides)
+    study = f"quality-{prop}"
+    tuned = runs.run_tuning(root, prop, args.trials, args.tune_epochs, args.workers, overrides,
+                            study, root / "tuned")
     print(f"[{prop}] tuned: {tuned['hyperparams']} (val MAE {tuned['best_val_mae']:.4g}, "
           f"trial {tuned['best_trial']}) in {tuned['wall_seconds']:.0f} s", flush=True)
 
-    hps = {preset: final_hyperparams(params_file, overrides, prop, preset, args.final_epochs)
-           for preset in ("xie", "tuned")}
-    jobs, records = [], {}
-    final_dir = root / "final"
-    final_dir.mkdir(exist_ok=True)
-    for preset, hp in hps.items():
-        for seed in range(args.seeds):
-            out = final_dir / f"{preset}-{seed}-{hp.epochs}.json"
-            if out.exists():
-                records[(preset, seed)] = json.loads(out.read_text())
-            else:
-                jobs.append((str(root), overrides, prop, preset, hp.as_dict(), seed, str(out)))
+    hps = {preset: runs.final_hyperparams(params_file, overrides, prop, preset, args.final_epochs)
+           for preset in PRESETS}
     t0 = time.perf_counter()
-    print(f"[{prop}] final training: {len(jobs)} models to train "
-          f"({len(records)} done before), {args.final_epochs} epochs each", flush=True)
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for rec in pool.map(train_job, *zip(*jobs, strict=True)) if jobs else []:
-            records[(rec["preset"], rec["seed"])] = rec
-            print(f"[{prop}] {rec['preset']} seed {rec['seed']}: best val MAE "
-                  f"{rec['best_val_mae']:.4g} ({rec['seconds']:.0f} s)", flush=True)
+    records = runs.final_models(root, prop, {p: (hp, overrides) for p, hp in hps.items()},
+                                args.seeds, args.workers,
+                                lambda line: print(line, flush=True))
     final_seconds = time.perf_counter() - t0
 
-    y, ids, spec = test_set(root, overrides, prop)
-    resamples = bootstrap_resamples(len(y), args.bootstrap, BOOTSTRAP_SEED)
-    preds = {preset: np.array([records[(preset, s)]["test_pred"] for s in range(args.seeds)])
-             for preset in hps}
-    published, published_info = published_predictions(root, overrides, prop)
-    models = {
-        preset: model_summary(y, preds[preset], resamples, top_percent, spec.better,
-                              [records[(preset, s)] for s in range(args.seeds)])
-        for preset in hps
-    }
-    models["published"] = {
-        **model_summary(y, published, resamples, top_percent, spec.better),
-        **published_info,
-        "note": "xie-2018 checkpoint, trained on 60% of a 2017 MP list that overlaps this "
-                "snapshot (its test error here is optimistic)"
-                + ("; trained on non-metals only" if prop == "band_gap" else ""),
-    }
-    comparisons = {
-        "tuned-xie": paired(y, preds["tuned"], preds["xie"], resamples, top_percent, spec.better),
-        "tuned-published": paired(y, preds["tuned"], published, resamples, top_percent,
-                                  spec.better),
-        "xie-published": paired(y, preds["xie"], published, resamples, top_percent, spec.better),
-    }
-    n_top_test = n_top(len(y), top_percent)
+    y, ids, spec = runs.test_set(root, overrides, prop)
+    resamples = bootstrap_resamples(len(y), args.bootstrap, runs.BOOTSTRAP_SEED)
+    preds = {p: np.array([r["test_pred"] for r in records[p]]) for p in PRESETS}
+    preds["published"], published_info = runs.published_predictions(root, overrides, prop)
+    models, comparisons = summaries(
+        y, preds, [("tuned", "xie"), ("tuned", "published"), ("xie", "published")], resamples,
+        top_percent, spec.better, records)
+    models["published"].update(published_info, note=(
+        "xie-2018 checkpoint, trained on 60% of a 2017 MP list that overlaps this snapshot "
+        "(its test error here is optimistic)"
+        + ("; trained on non-metals only" if prop == "band_gap" else "")))
     result = {
-        "property": prop,
-        "unit": spec.unit,
-        "better": spec.better,
-        "quick": args.quick,
+        "property": prop, "unit": spec.unit, "better": spec.better, "quick": args.quick,
         "budget": {
-            "records": ws_info["n_records"],
-            "subsample": n_records,
-            "n_pool": ws_info["n_pool"],
-            "n_test": ws_info["n_test"],
-            "tune_trials": args.trials,
-            "tune_epochs_per_trial": args.tune_epochs,
-            "tune_workers": args.workers,
-            "final_epochs": args.final_epochs,
-            "seeds": args.seeds,
-            "bootstrap_resamples": args.bootstrap,
-            "overrides": overrides,
-            "tune_wall_seconds": tuned["wall_seconds"],
-            "final_wall_seconds": final_seconds,
+            "records": ws_info["n_records"], "subsample": n_records,
+            "n_pool": ws_info["n_pool"], "n_test": ws_info["n_test"],
+            "tune_trials": args.trials, "tune_epochs_per_trial": args.tune_epochs,
+            "tune_workers": args.workers, "final_epochs": args.final_epochs,
+            "seeds": args.seeds, "bootstrap_resamples": args.bootstrap, "overrides": overrides,
+            "tune_wall_seconds": tuned["wall_seconds"], "final_wall_seconds": final_seconds,
             "total_wall_seconds": time.perf_counter() - t_start,
             "machine": f"{os.cpu_count()} cores",
         },
         "top_percent": top_percent,
-        "n_top_test": n_top_test,
-        "screening_warning": (
-            f"only {n_top_test} materials in the top {top_percent:g}% of the test set"
-            if spec.better is not None and n_top_test < MIN_TOP_MATERIALS else None),
+        "n_top_test": n_top(len(y), top_percent),
+        "screening_warning": screening_warning(len(y), top_percent, spec.better),
         "tuning": {k: tuned[k] for k in ("hyperparams", "best_val_mae", "best_trial",
                                          "n_trials_complete", "n_trials_pruned")}
-                  | study_record(root, prop),
+                  | runs.study_record(root, study),
         "models": models,
         "paired": comparisons,
         "test_material_ids": ids,

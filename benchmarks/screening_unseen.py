@@ -26,29 +26,25 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-import quality
 import screening
-from quality import RESULTS, fit_final
+from quality import RESULTS
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
-from mpprop import stats
+from mpprop import experiment_runs as runs
 from mpprop.config import load_params
-from mpprop.data import open_workspace, transform_target
+from mpprop.experiment import compare_models
 from mpprop.snapshot import atomic_output
-from mpprop.training import predict
+from mpprop.stats import bootstrap_resamples, n_top
 
 OUT = REPO / "benchmarks" / "results" / "screening_unseen.json"
 # the retrained models must reproduce the stored test predictions (target units) to this
 REPRODUCE_TOLERANCE = 1e-3
 # the bootstrap over ~25k materials: 1,000 resamples keep each summary to minutes
 BOOTSTRAP_RESAMPLES = 1000
-PRED_DECIMALS = 4
 
 
 def predictions_path(out: Path) -> Path:
@@ -58,40 +54,6 @@ def predictions_path(out: Path) -> Path:
 def all_records_root(workdir: Path, prop: str) -> Path:
     """The workspace of every record of the property (the unseen ones are read from it)."""
     return workdir / f"{prop}-all-records"
-
-
-def unseen_rows(root: Path, root_all: Path, prop: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Rows of the all-records workspace whose material is not in quality's workspace
-    (subsample: train, validation and test), their ids and transformed targets."""
-    params_all = load_params(root_all / "params.yaml")
-    ws_all = open_workspace(params_all, in_memory=False)
-    seen = set(open_workspace(load_params(root / "params.yaml"), in_memory=False)
-               .cache.material_id.tolist())
-    ids_all = ws_all.cache.material_id.tolist()
-    if not seen <= set(ids_all):
-        raise SystemExit(f"[{prop}] {root} holds materials that {root_all} lacks: another snapshot?")
-    labels = ws_all.raw_labels(prop)
-    rows = np.array([i for i, m in enumerate(ids_all) if m not in seen and np.isfinite(labels[i])],
-                    dtype=np.int64)
-    y = transform_target(labels[rows], params_all.property_spec(prop))
-    return rows, [ids_all[i] for i in rows], y
-
-
-def unseen_job(root: str, root_all: str, overrides: list[str], prop: str, name: str, hp: dict,
-               seed: int, rows: list[int], out: str) -> dict:
-    """One model retrained as before (worker process, one torch thread); its test and unseen
-    predictions; writes `out`."""
-    result, params, data, seconds = fit_final(root, overrides, prop, name, hp, seed)
-    batch = params.predict["batch_size"]
-    test_pred = predict(result.model, result.normalizer, data.cache, data.test_rows, batch)
-    cache_all = open_workspace(load_params(Path(root_all) / "params.yaml")).cache
-    pred = predict(result.model, result.normalizer, cache_all, np.asarray(rows), batch)
-    record = {"name": name, "seed": seed, "hyperparams": hp, "seconds": seconds,
-              "test_pred": test_pred.tolist(),
-              "unseen_pred": np.round(pred, PRED_DECIMALS).tolist()}
-    with atomic_output(out) as tmp:
-        Path(tmp).write_text(json.dumps(record) + "\n")
-    return record
 
 
 def model_specs(base: dict, entry: dict, chosen: list[str] | None) -> dict[str, dict]:
@@ -110,26 +72,15 @@ def model_specs(base: dict, entry: dict, chosen: list[str] | None) -> dict[str, 
     return {n: specs[n] for n in names}
 
 
-def cache_path(root: Path, name: str, epochs: int, seed: int) -> Path:
-    return root / "unseen" / f"{name}-{seed}-{epochs}.json"
-
-
 def restore_caches(root: Path, stored: dict) -> None:
-    """Write the per-model caches of an earlier predictions file (where absent)."""
-    (root / "unseen").mkdir(parents=True, exist_ok=True)
+    """Write the per-model records of an earlier predictions file (where absent)."""
     for name, m in stored.get("models", {}).items():
         for seed, (test_pred, pred) in enumerate(zip(m["test_pred_per_seed"],
                                                      m["unseen_pred_per_seed"], strict=True)):
-            out = cache_path(root, name, m["hyperparams"]["epochs"], seed)
-            if not out.exists():
-                out.write_text(json.dumps({"name": name, "seed": seed,
-                                           "hyperparams": m["hyperparams"],
-                                           "test_pred": test_pred, "unseen_pred": pred}) + "\n")
-
-
-def seeds_done(specs: dict, records: dict, seeds: int) -> int:
-    """How many leading seeds every model has finished (the rounds a summary can use)."""
-    return next((s for s in range(seeds) if any((n, s) not in records for n in specs)), seeds)
+            runs.restore_record(
+                runs.record_path(root, runs.UNSEEN_DIR, name, m["hyperparams"]["epochs"], seed),
+                {"name": name, "seed": seed, "hyperparams": m["hyperparams"],
+                 "test_pred": test_pred, "unseen_pred": pred})
 
 
 def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: np.ndarray,
@@ -140,8 +91,8 @@ def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: 
     preds = {n: np.array([records[n, s]["unseen_pred"] for s in range(seeds)]) for n in specs}
     pairs = [(a, b) for a in specs for b in screening.BASELINES
              if b in specs and a != b and not (a == "xie" and b == "mae_tuned")]
-    res = stats.bootstrap_resamples(len(y), n_resamples, quality.BOOTSTRAP_SEED)
-    models, paired = screening.compare_models(y, preds, pairs, res, top, better, percents)
+    res = bootstrap_resamples(len(y), n_resamples, runs.BOOTSTRAP_SEED)
+    models, paired = compare_models(y, preds, pairs, res, top, better, percents)
     for n in specs:
         stored = np.array(specs[n]["stored_test_pred"][:seeds])
         again = np.array([records[n, s]["test_pred"] for s in range(seeds)])
@@ -155,13 +106,13 @@ def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: 
         models[n]["hyperparams"] = specs[n]["hyperparams"]
     result = {"property": prop, "unit": base["unit"], "better": better, "top_percent": top,
               "screening_percents": percents, "n_unseen": len(y),
-              "n_top": stats.n_top(len(y), top),
+              "n_top": n_top(len(y), top),
               "budget": {k: base["budget"][k] for k in ("records", "n_test", "tune_trials",
                                                         "tune_epochs_per_trial", "final_epochs",
                                                         "seeds")}
                         | {"seeds_used": seeds, "bootstrap_resamples": n_resamples},
               "models": models, "paired": paired}
-    predictions = {"material_ids": ids, "y": np.round(y, PRED_DECIMALS).tolist(),
+    predictions = {"material_ids": ids, "y": np.round(y, runs.UNSEEN_DECIMALS).tolist(),
                    "models": {n: {"hyperparams": specs[n]["hyperparams"],
                                   "test_pred_per_seed": [records[n, s]["test_pred"]
                                                          for s in range(seeds)],
@@ -218,18 +169,18 @@ def run_property(prop: str, args: argparse.Namespace, results: dict, predictions
     root, root_all = args.workdir / prop, all_records_root(args.workdir, prop)
     screening.ensure_workspace(root, prop, base, args)
     build_workspace(root_all, args.data, prop, None, args.workers)
-    rows, ids, y = unseen_rows(root, root_all, prop)
-    print(f"[{prop}] {len(y)} unseen materials ({stats.n_top(len(y), base['top_percent'])} in "
+    rows, ids, y = runs.unseen_rows(root, root_all, prop)
+    print(f"[{prop}] {len(y)} unseen materials ({n_top(len(y), base['top_percent'])} in "
           f"the top {base['top_percent']:g}%)", flush=True)
     stored = predictions.get(prop, {})
     if stored.get("material_ids") == ids:
         restore_caches(root, stored)
-    (root / "unseen").mkdir(exist_ok=True)
+    (root / runs.UNSEEN_DIR).mkdir(exist_ok=True)
     records, jobs = {}, []
     for seed in range(base["budget"]["seeds"]):  # seed-major: each round completes every model
         for name, spec in specs.items():
-            out = cache_path(root, name, spec["hyperparams"]["epochs"], seed)
-            cached = screening.read_cache(out, spec["hyperparams"])
+            out = runs.record_path(root, runs.UNSEEN_DIR, name, spec["hyperparams"]["epochs"], seed)
+            cached = runs.read_record(out, spec["hyperparams"])
             if cached is not None:
                 records[name, seed] = cached
             else:
@@ -246,19 +197,19 @@ def run_property(prop: str, args: argparse.Namespace, results: dict, predictions
         print(table({prop: results[prop]}), flush=True)
 
     t0 = time.perf_counter()
-    summarised = seeds_done(specs, records, n_seeds)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        futures = [pool.submit(unseen_job, *job) for job in jobs]
-        for i, future in enumerate(as_completed(futures), 1):
-            rec = future.result()
-            records[rec["name"], rec["seed"]] = rec
-            print(f"[{prop}] {rec['name']} seed {rec['seed']} done ({rec['seconds']:.0f} s; "
-                  f"{i}/{len(jobs)}, {time.perf_counter() - t0:.0f} s)", flush=True)
-            rounds = seeds_done(specs, records, n_seeds)
-            if summarised < rounds < n_seeds:  # a round of seeds is complete: a partial result
-                write_summary(rounds)
-            summarised = rounds
+    summarised = runs.seeds_done(specs, records, n_seeds)
+
+    def done(rec: dict, i: int) -> None:
+        nonlocal summarised
+        records[rec["name"], rec["seed"]] = rec
+        print(f"[{prop}] {rec['name']} seed {rec['seed']} done ({rec['seconds']:.0f} s; "
+              f"{i}/{len(jobs)}, {time.perf_counter() - t0:.0f} s)", flush=True)
+        rounds = runs.seeds_done(specs, records, n_seeds)
+        if summarised < rounds < n_seeds:  # a round of seeds is complete: a partial result
+            write_summary(rounds)
+        summarised = rounds
+
+    runs.run_in_workers(runs.train_unseen, jobs, args.workers, done)
     write_summary(n_seeds)
 
 

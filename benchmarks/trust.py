@@ -6,7 +6,7 @@
    (benchmarks/results/quality/<P>.json, `test_pred_per_seed`): the K seeds of a preset are
    an ensemble of K; on the fixed test set, the share of |error of the mean| within 1 and 2
    standard deviations over the members (a Gaussian would give 68% and 95%) and the
-   Spearman correlation of |error| with the std (stages.train.calibration, as `mpprop train
+   Spearman correlation of |error| with the std (mpprop.experiment.calibration, as `mpprop train
    --ensemble K` logs it). Test targets are read from the shared snapshot by material id.
 2. Out-of-distribution score (mpprop.ood, the settings of params `predict:`): the published
    checkpoint of --ood-property embeds its property's records (a workspace built through the

@@ -1,4 +1,4 @@
-"""The extrapolation test's split and recall (mpprop.stages.extrapolation), hand-made."""
+"""The extrapolation test's split (mpprop.holdout) and recall (mpprop.stats), hand-made."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 
 from mpprop.config import PropertySpec
 from mpprop.data import PropertyData
-from mpprop.stages.extrapolation import (
+from mpprop.holdout import extrapolation_split
+from mpprop.stats import (
     bootstrap_recall,
     bootstrap_recall_diff,
-    extrapolation_split,
     held_out_top,
     recall_at_top,
     seed_mean_recall,

@@ -26,12 +26,19 @@ from mpprop.losses import LossSettings
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
 from mpprop.stats import (
+    MIN_TOP_MATERIALS,
     bootstrap_metric,
     bootstrap_paired_difference,
+    bootstrap_recall,
+    bootstrap_recall_diff,
     is_near_constant,
     mae,
+    n_top,
+    paired_intervals,
     prediction_spread_ratio,
+    quality_intervals,
     screening_metric,
+    screening_signal,
 )
 from mpprop.training import EpochStats, FineTuning, fit, predict
 
@@ -86,9 +93,10 @@ def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_p
     the seed spread, and the predictions themselves (so later comparisons can pair them)."""
     preds = np.atleast_2d(preds)
     maes = [mae(y, p) for p in preds]
+    ci = quality_intervals(y, preds, resamples, top_percent, better)  # evaluate's statistics
     out: dict[str, Any] = {
         "n_seeds": len(preds),
-        "test_mae": bootstrap_metric(y, preds, mae, resamples).as_dict(),
+        "test_mae": ci["test_mae"].as_dict(),
         "test_mae_seed_mean": float(np.mean(maes)),
         "test_mae_seed_std": float(np.std(maes, ddof=1)) if len(maes) > 1 else None,
         "test_mae_per_seed": maes,
@@ -98,7 +106,7 @@ def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_p
     if better is not None:
         metric = screening_metric(top_percent, better)
         scr = [metric(y, p) for p in preds]
-        out["screening"] = bootstrap_metric(y, preds, metric, resamples).as_dict()
+        out["screening"] = ci["screening"].as_dict()
         out["screening_seed_std"] = float(np.std(scr, ddof=1)) if len(scr) > 1 else None
         out["screening_per_seed"] = scr
     # kept so later benchmarks (screening.py) can pair new models with these on the same materials
@@ -115,10 +123,61 @@ def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: np.ndarray,
            top_percent: float, better: str | None) -> dict:
     """Paired bootstrap of metric(a) - metric(b) on the same materials: MAE and, with a
     screening direction, top-N% precision."""
-    out = {"mae_diff": bootstrap_paired_difference(y, a, b, mae, resamples).as_dict()}
-    if better is not None:
-        out["screening_diff"] = bootstrap_paired_difference(
-            y, a, b, screening_metric(top_percent, better), resamples).as_dict()
+    return {k: d.as_dict()
+            for k, d in paired_intervals(y, a, b, resamples, top_percent, better).items()}
+
+
+def summaries(y: np.ndarray, preds: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+              resamples: np.ndarray, top_percent: float, better: str | None,
+              per_seed: dict[str, list[dict]] | None = None) -> tuple[dict, dict]:
+    """model_summary of each model (with its seeds' training records where `per_seed` has
+    them) and the paired differences of `pairs` ((a, b): a - b, keyed "a-b"), all on the
+    same resampled test materials."""
+    models = {k: model_summary(y, p, resamples, top_percent, better, (per_seed or {}).get(k))
+              for k, p in preds.items()}
+    diffs = {f"{a}-{b}": paired(y, preds[a], preds[b], resamples, top_percent, better)
+             for a, b in pairs}
+    return models, diffs
+
+
+def screening_warning(n_test: int, top_percent: float, better: str | None) -> str | None:
+    """Why a top-N% precision on this test set says little, if it does."""
+    k = n_top(n_test, top_percent)
+    if better is None or k >= MIN_TOP_MATERIALS:
+        return None
+    return f"only {k} materials in the top {top_percent:g}% of the test set"
+
+
+def compare_models(y: np.ndarray, preds: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                   resamples: np.ndarray, top_percent: float, better: str,
+                   percents: list[float]) -> tuple[dict, dict]:
+    """Each model's MAE, top-N% precision and precision averaged over `percents` (seed-
+    averaged, 95% bootstrap intervals over `resamples`; the predictions left out), and the
+    paired differences of `pairs` ((a, b): a - b on the same resampled materials)."""
+    models, diffs = summaries(y, preds, pairs, resamples, top_percent, better)
+
+    # secondary: the screening studies' own objective (precision averaged over
+    # tune.screening_percents), less step-like than one N on few top materials
+    def signal(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        return screening_signal(y_true, y_pred, percents, better)
+
+    for k, m in models.items():
+        m.pop("test_pred_per_seed", None)
+        m["screening_signal"] = bootstrap_metric(y, preds[k], signal, resamples).as_dict()
+    for a, b in pairs:
+        diffs[f"{a}-{b}"]["screening_signal_diff"] = bootstrap_paired_difference(
+            y, preds[a], preds[b], signal, resamples).as_dict()
+    return models, diffs
+
+
+def compare_recall(is_top: np.ndarray, preds: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                   resamples: np.ndarray, better: str) -> dict[str, dict]:
+    """Extrapolation recall of each model's ranking of the candidate pool (seed-averaged,
+    bootstrap over the pool) and the paired differences of `pairs`, keyed "a-b"."""
+    out = {k: bootstrap_recall(is_top, p, better, resamples).as_dict() for k, p in preds.items()}
+    for a, b in pairs:
+        out[f"{a}-{b}"] = bootstrap_recall_diff(is_top, preds[a], preds[b], better,
+                                                resamples).as_dict()
     return out
 
 

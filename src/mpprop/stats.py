@@ -154,3 +154,74 @@ def is_near_constant(y_true: np.ndarray, y_pred: np.ndarray) -> bool:
 def n_top(n: int, top_percent: float) -> int:
     """Materials in the top N% of n (the rounding of metrics.screening_precision)."""
     return max(1, int(np.ceil(n * top_percent / 100.0)))
+
+
+def quality_intervals(y_true: np.ndarray, preds: np.ndarray, resamples: np.ndarray,
+                      top_percent: float, better: str | None) -> dict[str, Interval]:
+    """Seed-averaged test MAE and, with a screening direction, top-N% precision, each with
+    its bootstrap interval: what evaluate and the benchmarks report of one model."""
+    out = {"test_mae": bootstrap_metric(y_true, preds, mae, resamples)}
+    if better is not None:
+        out["screening"] = bootstrap_metric(y_true, preds, screening_metric(top_percent, better),
+                                            resamples)
+    return out
+
+
+def paired_intervals(y_true: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray,
+                     resamples: np.ndarray, top_percent: float, better: str | None
+                     ) -> dict[str, Interval]:
+    """metric(a) - metric(b) on the same resampled materials: MAE ("mae_diff") and, with a
+    screening direction, top-N% precision ("screening_diff")."""
+    out = {"mae_diff": bootstrap_paired_difference(y_true, preds_a, preds_b, mae, resamples)}
+    if better is not None:
+        out["screening_diff"] = bootstrap_paired_difference(
+            y_true, preds_a, preds_b, screening_metric(top_percent, better), resamples)
+    return out
+
+
+# The extrapolation test (evaluate --extrapolation, benchmarks/screening.py): the top of a
+# property held out of training; how much of it does a model put in its own top?
+
+def held_out_top(y: np.ndarray, top_percent: float, better: str) -> np.ndarray:
+    """Boolean mask of the top `top_percent` of y (by `better`), at least one material."""
+    k = n_top(len(y), top_percent)
+    order = np.argsort(-y if better == "higher" else y, kind="stable")
+    mask = np.zeros(len(y), bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def recall_at_top(is_top: np.ndarray, pred: np.ndarray, better: str) -> float:
+    """Share of the true top found in the model's top-|top| of the pool."""
+    k = int(is_top.sum())
+    if k == 0:
+        return float("nan")
+    order = np.argsort(-pred if better == "higher" else pred, kind="stable")
+    return float(is_top[order[:k]].sum() / k)
+
+
+def recall_metric(better: str) -> Metric:
+    """recall_at_top as a metric of (is_top, pred), for the seed-averaged bootstraps."""
+
+    def metric(is_top: np.ndarray, pred: np.ndarray) -> float:
+        return recall_at_top(is_top, pred, better)
+
+    return metric
+
+
+def seed_mean_recall(is_top: np.ndarray, preds: np.ndarray, better: str) -> float:
+    """recall_at_top averaged over the rows of (S, n) predictions (one row per seed; a 1-d
+    array is one seed)."""
+    return seed_mean(recall_metric(better), is_top, preds)
+
+
+def bootstrap_recall(is_top: np.ndarray, pred: np.ndarray, better: str,
+                     resamples: np.ndarray) -> Interval:
+    """Seed-averaged recall of (n,) or (S, n) predictions with its bootstrap interval."""
+    return bootstrap_metric(is_top, pred, recall_metric(better), resamples)
+
+
+def bootstrap_recall_diff(is_top: np.ndarray, a: np.ndarray, b: np.ndarray, better: str,
+                          resamples: np.ndarray) -> Interval:
+    """recall(a) - recall(b) on the same resampled pool (each seed-averaged)."""
+    return bootstrap_paired_difference(is_top, a, b, recall_metric(better), resamples)

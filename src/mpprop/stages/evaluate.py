@@ -82,12 +82,11 @@ class PresetEvaluation:
     def quality(self, resamples: np.ndarray, top_percent: float, better: str | None) -> dict[str, Any]:
         """Intervals and flags: what Table 2 needs to say how far a number can be trusted."""
         out: dict[str, Any] = {}
-        ci = stats.bootstrap_metric(self.y_true, self.y_pred, stats.mae, resamples)
-        out.update(test_mae_low=ci.low, test_mae_high=ci.high)
-        if better is not None:
-            ci = stats.bootstrap_metric(self.y_true, self.y_pred,
-                                        stats.screening_metric(top_percent, better), resamples)
-            out.update(test_screening_low=ci.low, test_screening_high=ci.high)
+        ci = stats.quality_intervals(self.y_true, self.y_pred, resamples, top_percent, better)
+        out.update(test_mae_low=ci["test_mae"].low, test_mae_high=ci["test_mae"].high)
+        if "screening" in ci:
+            out.update(test_screening_low=ci["screening"].low,
+                       test_screening_high=ci["screening"].high)
         out.update(
             n_top=stats.n_top(self.n_test, top_percent),
             prediction_spread_ratio=stats.prediction_spread_ratio(self.y_true, self.y_pred),
@@ -344,14 +343,13 @@ def paired_differences(
     base = evaluations[names[0]]
     for name in names[1:]:
         ev = evaluations[name]
-        d = stats.bootstrap_paired_difference(ev.y_true, ev.y_pred, base.y_pred, stats.mae,
-                                              resamples)
+        diffs = stats.paired_intervals(ev.y_true, ev.y_pred, base.y_pred, resamples,
+                                       top_percent, better)
+        d = diffs["mae_diff"]
         entry: dict[str, Any] = {"mae_diff": d.value, "mae_diff_low": d.low,
                                  "mae_diff_high": d.high, "mae_diff_excludes_zero": d.excludes_zero}
-        if better is not None:
-            d = stats.bootstrap_paired_difference(
-                ev.y_true, ev.y_pred, base.y_pred, stats.screening_metric(top_percent, better),
-                resamples)
+        if "screening_diff" in diffs:
+            d = diffs["screening_diff"]
             entry.update(screening_diff=d.value, screening_diff_low=d.low,
                          screening_diff_high=d.high)
         out[f"{PAIRED_PREFIX}{name}-{names[0]}"] = entry

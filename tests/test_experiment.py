@@ -1,0 +1,134 @@
+"""The experiment API the benchmarks drive (mpprop.experiment, mpprop.experiment_runs) and the
+statistics it shares with `mpprop evaluate` (mpprop.stats), on hand-made numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mpprop import experiment_runs as runs
+from mpprop.config import Hyperparams
+from mpprop.experiment import (
+    compare_models,
+    compare_recall,
+    screening_warning,
+    summaries,
+)
+from mpprop.stats import bootstrap_resamples, paired_intervals, quality_intervals
+
+Y = np.arange(20, dtype=float)
+EXACT = Y.copy()
+OFF_BY_ONE = Y + 1.0
+REVERSED = Y[::-1].copy()  # ranks the top last
+
+
+def hp(epochs: int = 3, **kw) -> Hyperparams:
+    return Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.01,
+                       lr_decay_epoch=2, optimizer="Adam", epochs=epochs, **kw)
+
+
+def test_quality_and_paired_intervals_hold_the_metrics_evaluate_reports() -> None:
+    res = bootstrap_resamples(len(Y), 50, 0)
+    q = quality_intervals(Y, OFF_BY_ONE, res, 10.0, "higher")
+    assert q["test_mae"].value == q["test_mae"].low == q["test_mae"].high == 1.0
+    assert q["screening"].value == 100.0  # a constant shift keeps the ranking
+    assert "screening" not in quality_intervals(Y, OFF_BY_ONE, res, 10.0, None)
+    d = paired_intervals(Y, EXACT, OFF_BY_ONE, res, 10.0, "higher")
+    assert (d["mae_diff"].value, d["mae_diff"].low, d["mae_diff"].high) == (-1.0, -1.0, -1.0)
+    assert d["mae_diff"].excludes_zero
+    assert paired_intervals(Y, REVERSED, EXACT, res, 10.0, "higher")["screening_diff"].value == -100.0
+
+
+def test_summaries_pair_models_on_the_same_materials_and_keep_seed_records() -> None:
+    res = bootstrap_resamples(len(Y), 50, 0)
+    preds = {"a": np.stack([EXACT, OFF_BY_ONE]), "b": OFF_BY_ONE}
+    per_seed = {"a": [{"best_val_mae": 0.1, "best_epoch": 2, "seconds": 5.0,
+                       "hyperparams": {"epochs": 3}},
+                      {"best_val_mae": 0.2, "best_epoch": 3, "seconds": 6.0,
+                       "hyperparams": {"epochs": 3}}]}
+    models, diffs = summaries(Y, preds, [("a", "b")], res, 10.0, "higher", per_seed)
+    assert models["a"]["n_seeds"] == 2 and models["b"]["n_seeds"] == 1
+    assert models["a"]["test_mae"]["value"] == 0.5  # seed-averaged: (0 + 1) / 2
+    assert models["a"]["test_mae_per_seed"] == [0.0, 1.0]
+    assert models["a"]["best_val_mae_per_seed"] == [0.1, 0.2]
+    assert "best_val_mae_per_seed" not in models["b"]
+    assert list(diffs) == ["a-b"]
+    assert diffs["a-b"]["mae_diff"]["value"] == -0.5
+
+
+def test_compare_models_adds_the_averaged_precision_and_drops_predictions() -> None:
+    res = bootstrap_resamples(len(Y), 50, 0)
+    models, diffs = compare_models(Y, {"good": EXACT, "bad": REVERSED}, [("good", "bad")], res,
+                                   10.0, "higher", [5.0, 10.0])
+    assert "test_pred_per_seed" not in models["good"]
+    assert models["good"]["screening_signal"]["value"] == 100.0
+    assert models["bad"]["screening_signal"]["value"] == 0.0
+    assert diffs["good-bad"]["screening_signal_diff"]["value"] == 100.0
+
+
+def test_compare_recall_scores_each_ranking_and_the_pairs() -> None:
+    is_top = np.array([False] * 8 + [True] * 2)
+    finds = np.arange(10, dtype=float)  # ranks the two top materials first ("higher")
+    misses = finds[::-1].copy()
+    out = compare_recall(is_top, {"finds": finds, "misses": misses}, [("finds", "misses")],
+                         bootstrap_resamples(10, 30, 0), "higher")
+    assert out["finds"]["value"] == 1.0 and out["misses"]["value"] == 0.0
+    assert out["finds-misses"]["value"] == 1.0
+
+
+def test_screening_warning_only_for_few_top_materials() -> None:
+    assert screening_warning(100, 3.0, "higher") == "only 3 materials in the top 3% of the test set"
+    assert screening_warning(1000, 3.0, "higher") is None
+    assert screening_warning(100, 3.0, None) is None
+
+
+def test_cached_records_are_used_only_for_the_same_hyperparameters(tmp_path) -> None:
+    path = runs.record_path(tmp_path, runs.FINAL_DIR, "tuned", 3, 1)
+    assert path == tmp_path / "final" / "tuned-1-3.json"
+    # extrapolation's seed 0 keeps the name of results from before several seeds
+    assert runs.record_path(tmp_path, runs.EXTRAPOLATION_DIR, "xie", 3, 0).name == "xie-3.json"
+    assert runs.record_path(tmp_path, runs.EXTRAPOLATION_DIR, "xie", 3, 2).name == "xie-3-seed2.json"
+    assert runs.read_record(path, hp().as_dict()) is None
+    runs.restore_final(tmp_path, "tuned", hp().as_dict(), [[1.0, 2.0], [3.0, 4.0]])
+    assert runs.read_record(path, hp().as_dict())["test_pred"] == [3.0, 4.0]
+    assert runs.read_record(path, hp(rank_weight=1.0).as_dict()) is None
+    # restoring never overwrites a record that is there
+    runs.restore_final(tmp_path, "tuned", hp().as_dict(), [[9.0], [9.0]])
+    assert json.loads(path.read_text())["test_pred"] == [3.0, 4.0]
+
+
+def test_final_models_reads_every_cached_seed_without_training(tmp_path) -> None:
+    runs.restore_final(tmp_path, "xie", hp().as_dict(), [[1.0], [2.0]])
+    lines: list[str] = []
+    got = runs.final_models(tmp_path, "p", {"xie": (hp(), [])}, 2, 1, lines.append)
+    assert [r["test_pred"] for r in got["xie"]] == [[1.0], [2.0]]
+    assert "0 final models to train (2 done before)" in lines[0]
+
+
+def test_extrapolation_summary_of_restored_rankings(tmp_path) -> None:
+    is_top = [False, False, True]
+    runs.restore_extrapolation(tmp_path, "a", hp().as_dict(), [[0.0, 1.0, 2.0]], is_top)
+    runs.restore_extrapolation(tmp_path, "b", hp().as_dict(), [[2.0, 1.0, 0.0]], is_top)
+    rankings = runs.extrapolation_rankings(tmp_path, "p", {"a": (hp(), []), "b": (hp(), [])},
+                                           5.0, 1, 1, lambda _: None)
+    out = runs.extrapolation_summary(rankings, [("a", "b")], 20, "higher", 5.0)
+    assert (out["n_top"], out["n_pool"]) == (1, 3)
+    assert out["random_recall"] == pytest.approx(1 / 3)
+    assert out["a"]["value"] == 1.0 and out["b"]["value"] == 0.0
+    assert out["a-b"]["value"] == 1.0
+    assert out["rankings"]["a"]["pred_per_seed"] == [[0.0, 1.0, 2.0]]
+
+
+def test_seeds_done_counts_leading_rounds_every_model_finished() -> None:
+    records = {("a", 0): {}, ("b", 0): {}, ("a", 1): {}}
+    assert runs.seeds_done(["a", "b"], records, 3) == 1
+    assert runs.seeds_done(["a"], records, 2) == 2
+
+
+def test_run_in_workers_returns_records_in_job_order() -> None:
+    seen: list[int] = []
+    out = runs.run_in_workers(dict, [([("i", 0)],), ([("i", 1)],)], 1,
+                              lambda rec, n: seen.append(n))
+    assert out == [{"i": 0}, {"i": 1}] and seen == [1, 2]

@@ -478,7 +478,7 @@ def task_predict_all(tmp: Path, threads: int) -> dict:
 
     def run(chosen: list[LoadedModel]) -> np.ndarray:
         structures = [Structure.from_dict(d) for d in dicts]
-        out = predict_structures(chosen, structures, batch_size=params.predict["batch_size"])
+        out = predict_structures(chosen, structures, batch_size=params.predict.batch_size)
         if any(out.errors):
             raise AssertionError(f"prediction failed: {[e for e in out.errors if e][:3]}")
         return np.stack(out.values)

@@ -120,7 +120,7 @@ def published_predictions(params: Any, ws: Any, prop: str) -> tuple[np.ndarray, 
     data = property_data(params, ws, prop)
     graph = params.graph_settings()
     model, normalizer, _ = load_checkpoint(pretrained_path(prop), graph)
-    bs = params.predict["batch_size"]
+    bs = params.predict.batch_size
     pred = predict(model, normalizer, ws.cache, data.test_rows, bs)
     if PRETRAINED_DOMAINS.get(prop) != DOMAIN_NON_METALS:
         return pred, "published (xie-2018)"
@@ -134,7 +134,7 @@ def report(work: Path, results: Path, comparisons: dict) -> dict:
     """Every property with finished jobs: statistics, paired differences, CPU-hours."""
     params = load_params(work / "params.yaml")
     ws = open_workspace(params)
-    top = float(params.train["screening_top_percent"])
+    top = float(params.train.screening_top_percent)
     out: dict[str, Any] = {}
     for prop, rows in comparisons.items():
         records = {k: [_result(results, j) for j in jobs] for k, jobs in rows.items()}

@@ -72,6 +72,7 @@ def export(folder: Path, prop: str, data: Path, max_records: int | None) -> Path
     from mpprop.config import load_params
     from mpprop.data import open_workspace, property_data
     from mpprop.graph_cache import atom_feature_table
+    from mpprop.presets import hyperparams
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-ws-"))
     try:
@@ -89,12 +90,12 @@ def export(folder: Path, prop: str, data: Path, max_records: int | None) -> Path
         np.save(folder / ROWS_FILE, pdata.pool_rows)
         np.save(folder / TARGETS_FILE, pdata.pool_targets)
         np.save(folder / ATOM_FEATURES_FILE, atom_feature_table())
-        space = params.tune["search_space"]
-        xie = params.hyperparams("xie", prop)
+        space = params.tune.search_space
+        xie = hyperparams(params, "xie", prop)
 
         def top(key: str) -> Any:
             entry = space[key]
-            return max(entry) if isinstance(entry, list) else entry["high"]
+            return max(entry) if isinstance(entry, list) else entry.high
 
         largest = {**xie.as_dict(), **{k: top(k) for k in ("n_conv", "n_h", "atom_fea_len",
                                                              "h_fea_len")},
@@ -102,7 +103,7 @@ def export(folder: Path, prop: str, data: Path, max_records: int | None) -> Path
                    else xie.optimizer}
         (folder / CHECK_FILE).write_text(json.dumps({
             "property": prop, "xie": xie.as_dict(), "largest": largest,
-            "tune_epochs": int(params.tune["epochs"]), "n_records": len(ws.cache),
+            "tune_epochs": int(params.tune.epochs), "n_records": len(ws.cache),
             "n_labelled": int(len(pdata.pool_rows)),
         }, indent=2) + "\n")
     finally:

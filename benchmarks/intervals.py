@@ -76,7 +76,7 @@ def published_predictions(params: Any, data: PropertyData, prop: str, rows: np.n
     """The published checkpoint's predictions (model units) on cache rows; the band-gap
     model is gated by the metal classifier (0 where it says metal), as predict runs it."""
     graph = params.graph_settings()
-    bs = int(params.predict["batch_size"])
+    bs = int(params.predict.batch_size)
     model, normalizer, _ = load_checkpoint(pretrained_path(prop), graph)
     pred = predict(model.eval(), normalizer, data.cache, rows, bs)
     if PRETRAINED_DOMAINS.get(prop) == DOMAIN_NON_METALS:
@@ -97,8 +97,8 @@ def binomial_interval(share: float, n: int) -> tuple[float, float]:
 def measure(params: Any, ws: Any, prop: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = property_data(params, ws, prop)
-    _, va = train_val_split(len(data.pool_rows), params.split["val_fraction"],
-                            int(params.train["seed"]))
+    _, va = train_val_split(len(data.pool_rows), params.split.val_fraction,
+                            int(params.train.seed))
     val_pred = published_predictions(params, data, prop, data.pool_rows[va])
     test_pred = published_predictions(params, data, prop, data.test_rows)
     cal = calibrate(data.pool_targets[va], val_pred, source=f"validation split ({len(va)})")

@@ -75,7 +75,7 @@ def main() -> None:
 
     paper = load_params(REPO / "params.yaml").tune
     fraction = (args.warmup_fraction if args.warmup_fraction is not None
-                else paper["pruner_warmup_steps"] / paper["epochs"])
+                else paper.pruner_warmup_steps / paper.epochs)
     warmup = max(1, math.floor(fraction * args.epochs))
     overrides = [*args.overrides, f"tune.pruner_warmup_steps={warmup}"]
     tag = f"{args.n_trials}x{args.epochs}"
@@ -84,8 +84,8 @@ def main() -> None:
         "workspace": ws_info,
         "n_trials": args.n_trials,
         "epochs": args.epochs,
-        "pruner": {"percentile": load_params(REPO / "params.yaml", overrides).tune[
-            "pruner_percentile"], "warmup_steps": warmup},
+        "pruner": {"percentile": load_params(REPO / "params.yaml", overrides).tune.pruner_percentile,
+                   "warmup_steps": warmup},
         "overrides": overrides,
         "studies": {},
     }

@@ -1,6 +1,7 @@
 """The layers hold: stages never import each other, the core imports no CLI, tracking,
-tuning or validation framework (nor anything above it), and a literal that a contract owns
-(the bundle's file name, MLflow tag names) is spelled only by its owner."""
+tuning or validation framework (nor anything above it), a literal that a contract owns
+(the bundle's file name, MLflow tag names) is spelled only by its owner, and params stay
+typed after loading (sections read by attribute, never as dicts)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,39 @@ def test_owned_literals_are_spelled_only_by_their_owner():
             if clash:
                 found[str(path.relative_to(REPO))] = sorted(clash)
     assert not found
+
+
+# the sections of params.yaml that are one model each (config.Params returns the model);
+# `presets` and `property_specs` map names to entries and are looked up by name
+SECTIONS = {"data", "graph", "split", "train", "tune", "mlflow", "predict", "evaluate",
+            "report", "promote", "pretrain"}
+DICT_METHODS = {"get", "update", "items", "keys", "values", "setdefault", "pop"}
+
+
+def _is_section(node: ast.AST) -> bool:
+    """`params.<section>` (also `x.params.<section>`)."""
+    if not (isinstance(node, ast.Attribute) and node.attr in SECTIONS):
+        return False
+    owner = node.value
+    return (isinstance(owner, ast.Name) and owner.id == "params") or (
+        isinstance(owner, ast.Attribute) and owner.attr == "params")
+
+
+def dict_lookups_of_params(path: Path) -> list[str]:
+    """`params.<section>[...]`, `params.<section>.get(...)` (and the other dict methods)
+    and `params.raw` in one file, as `file:line`."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        subscript = isinstance(node, ast.Subscript) and _is_section(node.value)
+        method = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in DICT_METHODS and _is_section(node.func.value))
+        raw = (isinstance(node, ast.Attribute) and node.attr == "raw"
+               and isinstance(node.value, ast.Name) and node.value.id == "params")
+        if subscript or method or raw:
+            hits.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return hits
+
+
+def test_params_are_read_by_attribute_after_loading():
+    found = [hit for path in sorted(SRC.rglob("*.py")) for hit in dict_lookups_of_params(path)]
+    assert not found, f"dict lookups of typed params sections: {found}"

@@ -24,6 +24,7 @@ from pymatgen.core import Lattice, Structure
 from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.graphs import GraphError, build_graphs, graphs_from_structures
+from mpprop.presets import hyperparams
 from mpprop.snapshot import Snapshot, load_snapshot
 from mpprop.training import MIN_TRAIN_LABELS, TrainingDataError, fit
 
@@ -240,7 +241,7 @@ def tiny_cache():
 
 def test_fit_refuses_too_few_labelled_records(tiny_cache):
     params, cache = tiny_cache
-    hp = params.hyperparams("xie", "band_gap", epochs=1)
+    hp = hyperparams(params, "xie", "band_gap", epochs=1)
     graph = params.graph_settings()
     one = np.array([0]), np.array([1.0])
     val = np.array([3]), np.array([2.0])
@@ -256,7 +257,7 @@ def test_fit_refuses_too_few_labelled_records(tiny_cache):
 
 def test_fit_with_constant_targets_does_not_divide_by_zero(tiny_cache):
     params, cache = tiny_cache
-    hp = params.hyperparams("xie", "band_gap", epochs=1)
+    hp = hyperparams(params, "xie", "band_gap", epochs=1)
     result = fit(hp, params.graph_settings(), cache, np.array([0, 1, 2]),
                  np.array([1.0, 1.0, 1.0]), np.array([3]), np.array([1.0]), seed=0)
     assert result.normalizer.std == 1.0

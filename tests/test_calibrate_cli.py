@@ -75,8 +75,8 @@ def test_train_calibrates_on_its_validation_split(project: Path) -> None:
     # the quantile is that of the validation residuals (not train's, not test's)
     params = load_params(project / "params.yaml")
     data = property_data(params, open_workspace(params), PROP)
-    _, va = train_val_split(len(data.pool_rows), params.split["val_fraction"],
-                            int(params.train["seed"]))
+    _, va = train_val_split(len(data.pool_rows), params.split.val_fraction,
+                            int(params.train.seed))
     pred, _ = predict_rows(loaded, data.cache, data.pool_rows[va])
     q90 = conformal_quantile(np.abs(pred - data.pool_targets[va]), 0.9)
     assert cal.quantile(0.9) == (0.9, pytest.approx(q90, rel=1e-6))

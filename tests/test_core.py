@@ -26,6 +26,7 @@ from mpprop.model import (
     load_checkpoint,
     pretrained_path,
 )
+from mpprop.presets import hyperparams
 from mpprop.snapshot import Snapshot
 from mpprop.stats import screening_precision
 
@@ -165,14 +166,13 @@ def test_splits_are_seeded_disjoint_and_cover():
 
 def test_params_overrides_and_errors(tmp_path):
     p = load_params("params.yaml", ["train.batch_size=64", "presets.xie.epochs=3"])
-    hp = p.hyperparams("xie", "band_gap", lr=0.1)
+    hp = hyperparams(p, "xie", "band_gap", lr=0.1)
     assert (hp.batch_size, hp.epochs, hp.lr, hp.n_conv) == (64, 3, 0.1, 4)
     with pytest.raises(ConfigError, match="unknown key"):
         load_params("params.yaml", ["train.no_such_key=1"])
     with pytest.raises(ConfigError, match="no tuned hyperparameters"):
-        load_params("params.yaml", [f"tune.best_params_dir={tmp_path}"]).hyperparams(
-            "tuned", "band_gap"
-        )
+        hyperparams(load_params("params.yaml", [f"tune.best_params_dir={tmp_path}"]),
+                    "tuned", "band_gap")
     with pytest.raises(ConfigError, match="optimizer"):
         Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.1, lr_decay_epoch=1,
                     optimizer="LBFGS", epochs=1)

@@ -61,7 +61,7 @@ def test_resolve_device_names_and_clear_errors(monkeypatch):
 
 def test_params_device_is_validated_and_resolved(tmp_path):
     params = load_params(overrides=["train.device=cpu", "train.precision=bf16"])
-    assert training_device(params.train) == (torch.device("cpu"), "bf16")
+    assert training_device(params.train.device, params.train.precision) == (torch.device("cpu"), "bf16")
     with pytest.raises(ValueError, match="train.device"):
         load_params(overrides=["train.device=gpu0"])
 
@@ -148,4 +148,4 @@ def test_stage_fails_at_once_on_an_absent_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     params = load_params(overrides=["train.device=cuda"])
     with pytest.raises(DeviceError, match="no CUDA device"):
-        training_device(params.train)
+        training_device(params.train.device, params.train.precision)

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from conftest import require_shared_data
 from mp_api_server import GGA, MPAPIServer, load_records
 from pymatgen.core import Lattice, Structure
 
-from mpprop.config import Params, load_params
+from mpprop.config import Params, validate_params
 from mpprop.snapshot import load_snapshot, sha256_file
 from mpprop.stages import fetch as sources
 from mpprop.stages.fetch import FetchError, fetch_snapshot, format_fetch_summary
@@ -30,10 +31,9 @@ DUMMY_KEY = "0123456789abcdef0123456789abcdef"  # 32 characters, as mp_api requi
 
 
 def make_params(root: Path, **data: Any) -> Params:
-    params = load_params(REPO / "params.yaml")
-    params.raw["data"].update(data)
-    params.root = root
-    return params
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(data)
+    return Params(schema=validate_params(raw), root=root)
 
 
 def write_jsonl_gz(path: Path, lines: list[Any]) -> Path:
@@ -384,7 +384,7 @@ def test_default_out_dir_and_no_valid_records(tmp_path):
         fetch_snapshot(params, progress=False)
     assert not (tmp_path / "data" / "snapshot").exists()
     ok = write_jsonl_gz(tmp_path / "ok.jsonl.gz", [_rec("mp-1", _structure(["Si"]))])
-    params.raw["data"]["path"] = str(ok)
+    params.data.path = str(ok)
     fetch_snapshot(params, progress=False)
     assert (tmp_path / "data" / "snapshot" / "snapshot.json").exists()
 

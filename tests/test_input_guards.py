@@ -291,7 +291,7 @@ def test_atom_count_and_distance_limits(project, cifs):
 
 def test_limits_are_params_with_the_inference_defaults(tmp_path):
     params = load_params(REPO / "params.yaml")
-    assert StructureLimits.from_params(params.predict) == StructureLimits()
+    assert params.structure_limits() == StructureLimits()
     fields = PredictSection.model_fields
     assert StructureLimits() == StructureLimits(
         max_atoms=fields["max_atoms"].default,

@@ -12,7 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from mpprop.cli import main
-from mpprop.config import ConfigError, load_params
+from mpprop.config import ConfigError, ParamsSchema, TrainSection, load_params
+from mpprop.presets import hyperparams
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -45,10 +46,13 @@ def contains(big: Any, small: Any) -> bool:
 
 def test_shipped_params_load_unchanged():
     params = load_params(REPO / "params.yaml")
-    assert contains(params.raw, SHIPPED)  # nothing the file says is lost or retyped
-    assert type(params.raw) is dict and type(params.train) is dict
+    assert contains(params.as_dict(), SHIPPED)  # nothing the file says is lost or retyped
+    # typed after loading: each section is its model, read by attribute
+    assert isinstance(params.schema, ParamsSchema) and isinstance(params.train, TrainSection)
+    assert params.train.batch_size == SHIPPED["train"]["batch_size"]
     assert params.graph_settings().radius == SHIPPED["graph"]["radius"]
-    assert params.hyperparams("xie", params.properties[0]).optimizer == SHIPPED["presets"]["xie"]["optimizer"]
+    xie = hyperparams(params, "xie", params.properties[0])
+    assert xie.optimizer == SHIPPED["presets"]["xie"]["optimizer"]
     assert set(params.property_specs()) >= set(params.properties)
 
 
@@ -58,10 +62,10 @@ def test_defaults_are_filled_in_and_overridable(tmp_path):
 
     path = write_params(tmp_path, drop)
     params = load_params(path)
-    assert params.train["torch_threads"] is None and params.tune["enqueue"] == []
-    assert params.data["mp_api"]["chunk_size"] == 1000
+    assert params.train.torch_threads is None and params.tune.enqueue == []
+    assert params.data.mp_api.chunk_size == 1000
     # -S may set a key the file leaves to its default
-    assert load_params(path, ["train.torch_threads=2"]).train["torch_threads"] == 2
+    assert load_params(path, ["train.torch_threads=2"]).train.torch_threads == 2
 
 
 def test_numbers_keep_their_type(tmp_path):
@@ -71,10 +75,11 @@ def test_numbers_keep_their_type(tmp_path):
 
     params = load_params(write_params(tmp_path, change))
     assert params.graph_settings().key() == load_params(REPO / "params.yaml").graph_settings().key()
-    assert params.train["screening_top_percent"] == 3
-    assert type(params.train["screening_top_percent"]) is int  # "top 3%", not "top 3.0%"
+    assert params.train.screening_top_percent == 3
+    assert type(params.train.screening_top_percent) is int  # "top 3%", not "top 3.0%"
     # a range is dumped as written (a default step would change how Optuna samples)
-    assert params.tune["search_space"]["n_conv"] == SHIPPED["tune"]["search_space"]["n_conv"]
+    dumped = params.as_dict()["tune"]["search_space"]["n_conv"]
+    assert dumped == SHIPPED["tune"]["search_space"]["n_conv"]
 
 
 def _set(dotted: str, value: Any):

@@ -36,7 +36,7 @@ def test_sampler_key_is_validated(tmp_path):
     from conftest import REPO
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    assert load_params(tmp_path / "params.yaml").tune["sampler"] == "tpe"
+    assert load_params(tmp_path / "params.yaml").tune.sampler == "tpe"
     with pytest.raises(ConfigError, match="tune.sampler"):
         load_params(tmp_path / "params.yaml", ["tune.sampler=cmaes"])
 

@@ -26,6 +26,7 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
 from mpprop.cli import main
 from mpprop.config import load_params
+from mpprop.presets import hyperparams
 from mpprop.search import TRIAL_ENQUEUED
 from mpprop.study import ATTR_PARENT_RUN, OBJECTIVE_NAME
 from mpprop.study_storage import storage_url, study_storage
@@ -156,7 +157,7 @@ def test_single_worker_prunes_writes_best_params_and_resumes(project):
     # trial 0 is the enqueued baseline: the Xie architecture of tune.enqueue
     first = min(trials, key=lambda t: t.number)
     assert first.user_attrs.get(TRIAL_ENQUEUED) is True
-    assert {k: first.params[k] for k in params.tune["enqueue"][0]} == params.tune["enqueue"][0]
+    assert {k: first.params[k] for k in params.tune.enqueue[0]} == params.tune.enqueue[0]
     assert not any(t.user_attrs.get(TRIAL_ENQUEUED) for t in trials if t.number != first.number)
     assert study.metric_names == [OBJECTIVE_NAME]
     # progress inside a trial (tune.progress_every epochs), not only when it ends
@@ -166,8 +167,8 @@ def test_single_worker_prunes_writes_best_params_and_resumes(project):
     assert tuned["best_trial"] == study.best_trial.number
     assert tuned["best_val_mae"] == pytest.approx(study.best_value)
     assert tuned["n_trials_complete"] + tuned["n_trials_pruned"] == 8
-    hp = params.hyperparams("tuned", PROP)
-    assert hp.epochs == 3 and hp.batch_size == params.train["batch_size"]
+    hp = hyperparams(params, "tuned", PROP)
+    assert hp.epochs == 3 and hp.batch_size == params.train.batch_size
     assert {k: getattr(hp, k) for k in study.best_params} == study.best_params
 
     by_state = check_mlflow(params.tracking_uri(), study)
@@ -381,10 +382,10 @@ def test_screening_and_pareto_objectives(project):
             assert "no pruning" in out
             assert study.metric_names == [OBJECTIVE_NAME, SCREENING_NAME]
             front = study.best_trials
-            pick = _best_trial(study, params.tune["pareto_mae_tolerance"])
+            pick = _best_trial(study, params.tune.pareto_mae_tolerance)
             assert tuned["best_trial"] == pick.number and pick in front
             best_mae = min(t.values[0] for t in front)
-            assert pick.values[0] <= best_mae * (1 + params.tune["pareto_mae_tolerance"])
+            assert pick.values[0] <= best_mae * (1 + params.tune.pareto_mae_tolerance)
             client = mlflow.MlflowClient()
             artifacts = {a.path for a in client.list_artifacts(study.user_attrs[ATTR_PARENT_RUN])}
             assert {"pareto_front.csv", "pareto_front.png"} <= artifacts

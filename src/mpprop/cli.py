@@ -97,9 +97,9 @@ def fetch(obj: Context, source: str | None, path: str | None, out_dir: str | Non
 
     params = obj.params
     if source:
-        params.data["source"] = source
+        params.data.source = source
     if path:
-        params.data["path"] = str(Path(path).resolve())
+        params.data.path = str(Path(path).resolve())
     try:
         meta = fetch_snapshot(params, Path(out_dir) if out_dir else None)
     except (FetchError, ValueError, FileNotFoundError) as exc:
@@ -195,9 +195,9 @@ def train(obj: Context, prop: str, preset: str, ensemble: int | None, init_from:
     params = obj.params
     check_property(params, prop)
     if freeze_trunk_epochs is not None:
-        params.train["freeze_trunk_epochs"] = freeze_trunk_epochs
+        params.train.freeze_trunk_epochs = freeze_trunk_epochs
     if trunk_lr_scale is not None:
-        params.train["trunk_lr_scale"] = trunk_lr_scale
+        params.train.trunk_lr_scale = trunk_lr_scale
     try:
         metrics = train_property(params, prop, preset, overrides, ensemble=ensemble,
                                  init_from=init_from)
@@ -337,7 +337,6 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, ove
             alias: str | None, version: int | None, batch_size: int | None,
             fail_on_error: bool) -> None:
     """Predict properties of structures with registered models; one CSV row per structure."""
-    from mpprop.inference import StructureLimits
     from mpprop.stages.predict import (
         OutputRefused,
         PredictError,
@@ -362,9 +361,9 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, ove
         raise click.ClickException(str(exc)) from exc
     try:
         summary = run_prediction(
-            models, list(inputs), output, batch_size or int(params.predict["batch_size"]),
-            limits=StructureLimits.from_params(params.predict),
-            coverage=float(params.predict["interval_coverage"]),
+            models, list(inputs), output, batch_size or params.predict.batch_size,
+            limits=params.structure_limits(),
+            coverage=params.predict.interval_coverage,
         )
     except PredictError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -481,7 +480,6 @@ def report(obj: Context, no_mlflow: bool) -> None:
 def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, overwrite: bool,
           alias: str | None, version: int | None) -> None:
     """Crystal feature vectors (the vector the model's output layer reads) of any input."""
-    from mpprop.inference import StructureLimits
     from mpprop.stages.predict import (
         OutputRefused,
         PredictError,
@@ -500,8 +498,8 @@ def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, overw
         raise RefusedError(str(exc)) from exc
     try:
         (model,) = resolve_models(params, prop, alias, version)
-        summary = run_embedding(model, list(inputs), output, int(params.predict["batch_size"]),
-                                limits=StructureLimits.from_params(params.predict))
+        summary = run_embedding(model, list(inputs), output, params.predict.batch_size,
+                                limits=params.structure_limits())
     except PredictError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(summary.format())
@@ -527,7 +525,7 @@ def show_params(obj: Context, out: Path | None) -> None:
     (e.g. to make the params.yaml of another DVC project, as run.sh does)."""
     import yaml
 
-    text = yaml.safe_dump(obj.params.raw, sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump(obj.params.as_dict(), sort_keys=False, allow_unicode=True)
     if out is None:
         click.echo(text, nl=False)
         return

@@ -39,9 +39,11 @@ from mpprop.settings import (
     GraphSettings,
     Hyperparams,
     Loss,
+    LossSettings,
     LrSchedule,
     Optimizer,
     PropertySpec,
+    StructureLimits,
 )
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -61,9 +63,11 @@ Pruner = Literal["percentile", "hyperband"]
 
 @dataclass
 class Params:
-    """The parsed params file, with typed accessors for each concern."""
+    """The validated params file: `schema` (ParamsSchema, checked once at load) and its
+    folder. Each section accessor returns that section's model (read its attributes:
+    `params.train.seed`); `as_dict` is the file as plain data (show-params)."""
 
-    raw: dict[str, Any]
+    schema: ParamsSchema
     root: Path = field(default_factory=Path.cwd)
     builtin: bool = False  # the packaged defaults (no params.yaml in this folder)
 
@@ -72,16 +76,20 @@ class Params:
         p = Path(value)
         return p if p.is_absolute() else (self.root / p)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The validated file with its defaults filled in, as plain YAML data."""
+        return self.schema.model_dump()
+
     @property
-    def data(self) -> dict[str, Any]:
-        return self.raw["data"]
+    def data(self) -> DataSection:
+        return self.schema.data
 
     @property
     def properties(self) -> list[str]:
-        return list(self.raw["properties"])
+        return list(self.schema.properties)
 
     def property_specs(self) -> dict[str, PropertySpec]:
-        return {k: PropertySpec(key=k, **v) for k, v in self.raw["property_specs"].items()}
+        return {k: PropertySpec(key=k, **v.model_dump()) for k, v in self.schema.property_specs.items()}
 
     def property_spec(self, key: str) -> PropertySpec:
         specs = self.property_specs()
@@ -89,66 +97,84 @@ class Params:
             raise ConfigError(f"unknown property {key!r}; known: {', '.join(specs)}")
         return specs[key]
 
+    @property
+    def graph(self) -> GraphSection:
+        return self.schema.graph
+
     def graph_settings(self) -> GraphSettings:
-        g = self.raw["graph"]
-        return GraphSettings(**{k: v for k, v in g.items() if k != "cache_dir"})
+        return GraphSettings(**self.graph.model_dump(exclude={"cache_dir"}))
 
     @property
-    def split(self) -> dict[str, Any]:
-        return self.raw["split"]
+    def split(self) -> SplitSection:
+        return self.schema.split
 
     @property
-    def train(self) -> dict[str, Any]:
-        return self.raw["train"]
+    def presets(self) -> dict[str, PresetEntry]:
+        return self.schema.presets
 
     @property
-    def tune(self) -> dict[str, Any]:
-        return self.raw["tune"]
+    def train(self) -> TrainSection:
+        return self.schema.train
 
     @property
-    def mlflow(self) -> dict[str, Any]:
-        return self.raw["mlflow"]
+    def tune(self) -> TuneSection:
+        return self.schema.tune
 
     @property
-    def predict(self) -> dict[str, Any]:
-        return self.raw["predict"]
+    def mlflow(self) -> MlflowSection:
+        return self.schema.mlflow
 
     @property
-    def pretrain(self) -> dict[str, Any]:
-        return self.raw["pretrain"]
+    def predict(self) -> PredictSection:
+        return self.schema.predict
+
+    @property
+    def evaluate(self) -> EvaluateSection:
+        return self.schema.evaluate
+
+    @property
+    def report(self) -> ReportSection:
+        return self.schema.report
+
+    @property
+    def promote(self) -> PromoteSection:
+        return self.schema.promote
+
+    @property
+    def pretrain(self) -> PretrainSection:
+        return self.schema.pretrain
 
     def trunk_dir(self) -> Path:
-        return self.path(self.raw["pretrain"]["dir"])
+        return self.path(self.pretrain.dir)
 
     def snapshot_dir(self) -> Path:
-        return self.path(self.data["snapshot_dir"])
+        return self.path(self.data.snapshot_dir)
 
     def graph_cache_dir(self) -> Path:
-        return self.path(self.raw["graph"]["cache_dir"])
+        return self.path(self.graph.cache_dir)
 
     def split_dir(self) -> Path:
-        return self.path(self.split["dir"])
+        return self.path(self.split.dir)
 
     def models_dir(self) -> Path:
-        return self.path(self.train["models_dir"])
+        return self.path(self.train.models_dir)
 
     def best_params_path(self, prop: str) -> Path:
-        return self.path(self.tune["best_params_dir"]) / f"{prop}.yaml"
+        return self.path(self.tune.best_params_dir) / f"{prop}.yaml"
 
     def tracking_uri(self) -> str:
         """MLflow tracking URI: mlflow.tracking_uri (relative sqlite paths anchored at the params
         folder); with the built-in defaults (no params.yaml), MLFLOW_TRACKING_URI where set.
-        Not otherwise: mlflow.set_tracking_uri sets that variable for the whole process."""
-        uri = (self.builtin and os.environ.get(TRACKING_URI_ENV)) or self.mlflow["tracking_uri"]
+        Not otherwise: mlflow.set_tracking_uri sets that variable for the whole process.
+        Creates nothing: the store's folder is made where the store is opened (tracking)."""
+        uri = (self.builtin and os.environ.get(TRACKING_URI_ENV)) or self.mlflow.tracking_uri
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-            db = self.path(uri[len(prefix):])
-            db.parent.mkdir(parents=True, exist_ok=True)
-            return prefix + str(db)
+            return prefix + str(self.path(uri[len(prefix):]))
         return uri
 
     def optuna_storage(self, override: str | None = None) -> str:
-        uri = override or self.tune["storage"]
+        uri = override or self.tune.storage
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             return prefix + str(self.path(uri[len(prefix):]))
@@ -156,28 +182,21 @@ class Params:
 
     def train_defaults(self) -> dict[str, Any]:
         """The Hyperparams keys that `train:` gives every run (TRAIN_DEFAULTS)."""
-        return {k: self.train[k] for k in TRAIN_DEFAULTS}
+        return {k: getattr(self.train, k) for k in TRAIN_DEFAULTS}
 
-    def hyperparams(self, preset: str, prop: str, **overrides: Any) -> Hyperparams:
-        """Hyperparameters of a preset ("xie" or "tuned"), with command-line overrides."""
-        base: dict[str, Any] = self.train_defaults()
-        if preset == "tuned":
-            path = self.best_params_path(prop)
-            if not path.exists():
-                raise ConfigError(
-                    f"no tuned hyperparameters for {prop}: {path} is missing; "
-                    f"run `mpprop tune --property {prop}` first"
-                )
-            tuned = yaml.safe_load(path.read_text())
-            base.update(tuned["hyperparams"])
-        elif preset in self.raw["presets"]:
-            base.update(self.raw["presets"][preset])
-        else:
-            raise ConfigError(
-                f"unknown preset {preset!r}; known: tuned, {', '.join(self.raw['presets'])}"
-            )
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return Hyperparams(**base)
+    def structure_limits(self) -> StructureLimits:
+        """The bounds on one structure's work at prediction (`predict:`)."""
+        p = self.predict
+        return StructureLimits(max_atoms=int(p.max_atoms),
+                               min_volume_per_atom=float(p.min_volume_per_atom),
+                               min_distance=float(p.min_distance))
+
+    def loss_settings(self) -> LossSettings:
+        """The `train:` keys a loss needs beyond Hyperparams."""
+        t = self.train
+        return LossSettings(huber_delta=float(t.huber_delta),
+                            rank_top_percent=float(t.rank_top_percent),
+                            rank_margin=float(t.rank_margin))
 
 
 # =========================================================================== schema
@@ -197,9 +216,10 @@ class Invalid(ValueError):
 
 class Section(BaseModel):
     """Base of every params model: unknown keys are errors and values keep their YAML type
-    (strict: "3" is not a number, 3.0 is not an integer; an integer is a valid float)."""
+    (strict: "3" is not a number, 3.0 is not an integer; an integer is a valid float).
+    A value a command sets after loading (`mpprop fetch --source`) is checked the same way."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
 def _keep_int(value: Any, handler: Any) -> Any:
@@ -309,7 +329,7 @@ class PresetEntry(Section):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
-        # a preset without `loss` takes train.loss: leave it out of Params.raw
+        # a preset without `loss` takes train.loss: leave it out of the dump
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
@@ -656,16 +676,16 @@ def _describe(exc: ValidationError, source: str, overrides: dict[str, str]) -> s
 
 
 def validate_params(raw: Any, source: str = DEFAULT_PARAMS_FILE,
-                    overrides: dict[str, str] | None = None) -> dict[str, Any]:
-    """`raw` checked against ParamsSchema: a plain dict with the defaults filled in, or a
-    ConfigError naming each bad key (`source` and `overrides` only word the message)."""
+                    overrides: dict[str, str] | None = None) -> ParamsSchema:
+    """`raw` checked against ParamsSchema (the defaults filled in), or a ConfigError naming
+    each bad key (`source` and `overrides` only word the message)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping of sections (got {_show(raw)})")
     try:
         model = ParamsSchema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, overrides or {})) from None
-    return model.model_dump()
+    return model
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -684,8 +704,8 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:
     """Read params.yaml; `overrides` are `section.key=value` strings (value parsed as YAML).
 
-    The result is validated against ParamsSchema; `Params.raw` is the validated file (a plain
-    dict, defaults filled in). Every problem is a ConfigError with a one-line message."""
+    The result is validated against ParamsSchema, once: `Params.schema` holds the typed
+    sections (defaults filled in). Every problem is a ConfigError with a one-line message."""
     path = Path(path)
     text, root = None, path.resolve().parent
     if not path.exists():
@@ -713,4 +733,5 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | N
             break  # validate_params reports it
         _set_dotted(raw, key.strip(), parsed)
         given[key.strip()] = item
-    return Params(raw=validate_params(raw, str(path), given), root=root, builtin=text is not None)
+    return Params(schema=validate_params(raw, str(path), given), root=root,
+                  builtin=text is not None)

@@ -58,9 +58,9 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
-def training_device(train: dict) -> tuple[torch.device, str]:
-    """The device and precision of params `train:` (validated by mpprop.config)."""
-    return resolve_device(str(train["device"])), check_precision(str(train["precision"]))
+def training_device(device: str, precision: str) -> tuple[torch.device, str]:
+    """The torch device and precision of `train.device` and `train.precision`."""
+    return resolve_device(str(device)), check_precision(str(precision))
 
 
 def pin_host_memory(device: torch.device) -> bool:

@@ -22,7 +22,6 @@ from scipy.stats import spearmanr
 
 from mpprop.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
-from mpprop.losses import LossSettings
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
 from mpprop.stats import (
@@ -233,12 +232,12 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
 
     result = fit(hp, params.graph_settings(), ws.cache, rows[tr], targets[tr], rows[va],
                  targets[va], seed=job.seed, on_epoch=on_epoch,
-                 eval_batch_size=params.predict["batch_size"],
-                 loss_settings=LossSettings.from_train(params.train), better=data.spec.better,
+                 eval_batch_size=params.predict.batch_size,
+                 loss_settings=params.loss_settings(), better=data.spec.better,
                  fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE)
     total = spent()
     pred = predict(result.model, result.normalizer, ws.cache, data.test_rows,
-                   params.predict["batch_size"])
+                   params.predict.batch_size)
     save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,
                 extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
                        "job": job.name, "parent": fine_tuning.parent if fine_tuning else ""})

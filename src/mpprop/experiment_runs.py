@@ -36,7 +36,6 @@ from mpprop.config import Hyperparams, Params, load_params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split, transform_target
 from mpprop.experiment import compare_recall
 from mpprop.holdout import extrapolation_split, rank_candidates
-from mpprop.losses import LossSettings
 from mpprop.model import load_checkpoint, pretrained_path
 from mpprop.snapshot import atomic_output
 from mpprop.stats import bootstrap_resamples
@@ -68,10 +67,10 @@ def scaled_tune_overrides(params_file: Path, tune_epochs: int) -> list[str]:
     """Warm-up and LR-decay range of the paper's 200-epoch protocol at `tune_epochs`."""
     tune = load_params(params_file).tune
     scale = tune_epochs / PAPER_TUNE_EPOCHS
-    decay = tune["search_space"]["lr_decay_epoch"]
-    low = max(1, round(decay["low"] * scale))
-    high = max(low, round(decay["high"] * scale))
-    warmup = max(1, math.floor(tune["pruner_warmup_steps"] * scale))
+    decay = tune.search_space["lr_decay_epoch"]
+    low = max(1, round(decay.low * scale))
+    high = max(low, round(decay.high * scale))
+    warmup = max(1, math.floor(tune.pruner_warmup_steps * scale))
     return [f"tune.search_space.lr_decay_epoch={{low: {low}, high: {high}}}",
             f"tune.pruner_warmup_steps={warmup}"]
 
@@ -145,7 +144,7 @@ def published_predictions(root: Path, overrides: list[str], prop: str
     params = workspace_params(root, overrides)
     data = property_data(params, open_workspace(params), prop)
     model, normalizer, hp = load_checkpoint(pretrained_path(prop), params.graph_settings())
-    pred = predict(model, normalizer, data.cache, data.test_rows, params.predict["batch_size"])
+    pred = predict(model, normalizer, data.cache, data.test_rows, params.predict.batch_size)
     return pred, {"hyperparams": hp.as_dict(), "normalizer": normalizer.state_dict()}
 
 
@@ -224,8 +223,8 @@ def fit_final(root: Path | str, overrides: list[str], prop: str, name: str,
     set_torch_threads(1)
     params = workspace_params(Path(root), overrides)
     data = property_data(params, open_workspace(params), prop)
-    tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"],
-                             int(params.train["seed"]))
+    tr, va = train_val_split(len(data.pool_rows), params.split.val_fraction,
+                             int(params.train.seed))
     hparams = Hyperparams(**hp)
 
     def progress(s: EpochStats) -> None:
@@ -235,7 +234,7 @@ def fit_final(root: Path | str, overrides: list[str], prop: str, name: str,
 
     t0 = time.perf_counter()
     result = fit_on_pool(hparams, params.graph_settings(), data, tr, va, seed, progress,
-                         params.predict["batch_size"], LossSettings.from_train(params.train))
+                         params.predict.batch_size, params.loss_settings())
     return result, params, data, time.perf_counter() - t0
 
 
@@ -244,7 +243,7 @@ def train_final(root: str, overrides: list[str], prop: str, name: str, hp: dict[
     """One final model and its test predictions (a worker's job); writes `out`."""
     result, params, data, seconds = fit_final(root, overrides, prop, name, hp, seed)
     pred = predict(result.model, result.normalizer, data.cache, data.test_rows,
-                   params.predict["batch_size"])
+                   params.predict.batch_size)
     return write_record(Path(out), {
         "preset": name, "seed": seed, "hyperparams": hp, "best_val_mae": result.best_val_mae,
         "best_epoch": result.best_epoch, "seconds": seconds, "test_pred": pred.tolist()})
@@ -355,7 +354,7 @@ def train_unseen(root: str, root_all: str, overrides: list[str], prop: str, name
     """One final model retrained (a worker's job): its test predictions and those for
     `rows` of the all-records workspace; writes `out`."""
     result, params, data, seconds = fit_final(root, overrides, prop, name, hp, seed)
-    batch = params.predict["batch_size"]
+    batch = params.predict.batch_size
     test_pred = predict(result.model, result.normalizer, data.cache, data.test_rows, batch)
     cache_all = open_workspace(workspace_params(Path(root_all))).cache
     pred = predict(result.model, result.normalizer, cache_all, np.asarray(rows), batch)

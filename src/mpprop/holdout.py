@@ -15,7 +15,6 @@ from mpprop.config import Hyperparams, Params
 from mpprop.data import PropertyData, train_val_split
 from mpprop.device import training_device
 from mpprop.inference import predict_rows
-from mpprop.losses import LossSettings
 from mpprop.stats import held_out_top
 from mpprop.training import fit_on_pool
 
@@ -35,8 +34,8 @@ def extrapolation_split(data: PropertyData, top_percent: float, better: str) -> 
 
 def train_val(params: Params, sp: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The train:val split of the training part, by train.seed as `mpprop train` splits."""
-    return train_val_split(len(sp["train_rows"]), params.split["val_fraction"],
-                           int(params.train["seed"]))
+    return train_val_split(len(sp["train_rows"]), params.split.val_fraction,
+                           int(params.train.seed))
 
 
 def rank_candidates(params: Params, data: PropertyData, sp: dict[str, np.ndarray],
@@ -47,11 +46,11 @@ def rank_candidates(params: Params, data: PropertyData, sp: dict[str, np.ndarray
     tr, va = train_val(params, sp)
     sub = PropertyData(data.spec, data.cache, sp["train_rows"], sp["train_y"],
                        sp["cand_rows"], sp["cand_y"])
-    device, precision = training_device(params.train)
-    model_seed = int(params.train["seed"]) if seed is None else seed
+    device, precision = training_device(params.train.device, params.train.precision)
+    model_seed = int(params.train.seed) if seed is None else seed
     result = fit_on_pool(hp, params.graph_settings(), sub, tr, va, model_seed,
-                         None, params.predict["batch_size"], LossSettings.from_train(params.train),
+                         None, params.predict.batch_size, params.loss_settings(),
                          device, precision)
     loaded = LoadedModel("extrapolation", result.model, result.normalizer, data.spec, {})
-    pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict["batch_size"])
+    pred, _ = predict_rows(loaded, data.cache, sp["cand_rows"], params.predict.batch_size)
     return pred, result.best_val_mae

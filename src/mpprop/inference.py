@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from mpprop.graph_cache import GraphCache, known_elements
 from mpprop.graphs import graphs_from_structures
 from mpprop.intervals import DEFAULT_COVERAGE, NO_CALIBRATION_NOTE
 from mpprop.model import CrystalGraphConvNet
-from mpprop.settings import GraphSettings
+from mpprop.settings import GraphSettings, StructureLimits
 from mpprop.snapshot import structure_problem
 from mpprop.training import model_device, predict
 
@@ -45,35 +44,6 @@ SHORT_BOND_RATIO = 0.6
 _IMAGES = np.array([v for v in itertools.product((-1, 0, 1), repeat=3) if any(v)], dtype=float)
 # pairs of sites per block of the shortest-distance check (bounds its memory)
 _DISTANCE_BLOCK = 1 << 20
-
-
-@dataclass(frozen=True)
-class StructureLimits:
-    """Bounds on the work one structure may cost, checked before the neighbour search
-    (predict.max_atoms, predict.min_volume_per_atom, predict.min_distance; 0 = no bound).
-
-    The search visits every periodic image within the graph radius: a cell far denser than
-    any crystal (a 0.02 Å cube: 8e-6 Å^3 per atom) or with a tiny lattice vector has
-    millions of them (18 GB, 29 s for one atom), so such cells are refused, not searched.
-    Real crystals have > ~5 Å^3 per atom and bonds > 0.7 Å (H2); the warning for atoms
-    closer than OVERLAP_DISTANCE stays a warning above min_distance. The defaults are those
-    of params.yaml; the served model (tracking.CGCNNPyfunc) uses them too.
-    """
-
-    max_atoms: int = 1000
-    min_volume_per_atom: float = 1.0  # Å^3
-    min_distance: float = 0.3  # Å, periodic images included
-
-    @classmethod
-    def from_params(cls, predict: Mapping[str, Any]) -> StructureLimits:
-        """The limits of params `predict:` (defaults where a key is absent)."""
-        default = cls()
-        return cls(
-            max_atoms=int(predict.get("max_atoms", default.max_atoms)),
-            min_volume_per_atom=float(predict.get("min_volume_per_atom",
-                                                  default.min_volume_per_atom)),
-            min_distance=float(predict.get("min_distance", default.min_distance)),
-        )
 
 
 DEFAULT_LIMITS = StructureLimits()

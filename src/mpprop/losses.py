@@ -11,27 +11,12 @@ loss, as in RankNet-style pairwise learning to rank).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from mpprop.settings import Hyperparams
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The `train:` keys a loss needs beyond Hyperparams (see params.yaml)."""
-
-    huber_delta: float
-    rank_top_percent: float
-    rank_margin: float
-
-    @classmethod
-    def from_train(cls, train: dict) -> LossSettings:
-        return cls(float(train["huber_delta"]), float(train["rank_top_percent"]),
-                   float(train["rank_margin"]))
+from mpprop.settings import Hyperparams, LossSettings
 
 
 def regression_loss(kind: str, huber_delta: float) -> nn.Module:

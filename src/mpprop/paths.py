@@ -30,11 +30,11 @@ def checkpoint_dir(params: Params, prop: str, preset: str) -> Path:
 
 def metrics_path(params: Params, prop: str) -> Path:
     """metrics/<P>.json: evaluate's test metrics of every preset (DVC metrics)."""
-    return params.path(params.raw["evaluate"]["metrics_dir"]) / f"{prop}.json"
+    return params.path(params.evaluate.metrics_dir) / f"{prop}.json"
 
 
 def plots_dir(params: Params, prop: str) -> Path:
-    return params.path(params.raw["evaluate"]["plots_dir"]) / prop
+    return params.path(params.evaluate.plots_dir) / prop
 
 
 def extrapolation_path(params: Params, prop: str) -> Path:
@@ -42,7 +42,7 @@ def extrapolation_path(params: Params, prop: str) -> Path:
 
 
 def report_dir(params: Params) -> Path:
-    return params.path(params.raw["report"]["dir"])
+    return params.path(params.report.dir)
 
 
 def promoted_path(params: Params) -> Path:

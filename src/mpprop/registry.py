@@ -49,7 +49,7 @@ class RegistryError(RuntimeError):
 
 
 def registered_name(params: Params, prop: str) -> str:
-    return f"{params.mlflow['registry_prefix']}{prop}"
+    return f"{params.mlflow.registry_prefix}{prop}"
 
 
 def is_not_found(exc: MlflowException) -> bool:
@@ -172,7 +172,7 @@ def with_metal_gate(params: Params, client: MlflowClient, model: LoadedModel) ->
     """`model` gated by the published metal classifier (`<prefix>is_metal` at the pretrained
     alias, on the same graphs): 0 where it says metal; the label names it."""
     name = registered_name(params, METAL_CLASSIFIER)
-    alias = params.mlflow["pretrained_alias"]
+    alias = params.mlflow.pretrained_alias
     mv = get_version_by_alias(client, name, alias)
     if mv is None:
         raise RegistryError(

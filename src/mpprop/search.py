@@ -20,6 +20,7 @@ from mpprop.config import (
     GraphSettings,
     Hyperparams,
     Params,
+    SearchRange,
 )
 from mpprop.presets import tuning_parent
 
@@ -36,11 +37,16 @@ SAMPLER_STREAM = 0
 SPLIT_STREAM = 1
 
 
-def search_space(params: Params) -> dict[str, Any]:
-    """`tune.search_space`, checked: {low, high[, step, log]} ranges or lists of choices."""
-    space = dict(params.tune["search_space"])
-    if params.tune.get("extend_search_space"):
-        space.update(params.tune.get("extended_search_space") or {})
+# one searched key: a range (low, high[, step, log]) or a list of choices
+SearchSpace = dict[str, SearchRange | list[Any]]
+
+
+def search_space(params: Params) -> SearchSpace:
+    """`tune.search_space` (with `extended_search_space` when asked), less the keys a
+    fine-tuning parent decides; it must cover SEARCHED (each entry's form is checked at load)."""
+    space = dict(params.tune.search_space)
+    if params.tune.extend_search_space:
+        space.update(params.tune.extended_search_space)
     if tuning_parent(params):
         # fine-tuned trials take n_conv and atom_fea_len from the parent's trunk
         for key in TRUNK_KEYS:
@@ -55,33 +61,30 @@ def search_space(params: Params) -> dict[str, Any]:
             + (f"; missing {', '.join(missing)}" if missing else "")
             + (f"; not searchable: {', '.join(unknown)}" if unknown else "")
         )
-    for name, spec in space.items():
-        if isinstance(spec, dict):
-            if not {"low", "high"} <= set(spec) or set(spec) - {"low", "high", "step", "log"}:
-                raise ConfigError(f"tune.search_space.{name}: a range needs low and high only "
-                                  f"(optional step, log), got {sorted(spec)}")
-        elif not isinstance(spec, list) or not spec:
-            raise ConfigError(f"tune.search_space.{name}: give {{low, high}} or a list of choices")
     return space
 
 
-def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
+def space_as_dict(space: SearchSpace) -> dict[str, Any]:
+    """The space as written in params.yaml (what the study's run logs)."""
+    return {k: v.model_dump() if isinstance(v, SearchRange) else v for k, v in space.items()}
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     """Sample one point of the search space (ints and floats by the type of low/high)."""
     values: dict[str, Any] = {}
     for name, spec in space.items():
         if isinstance(spec, list):
             values[name] = trial.suggest_categorical(name, spec)
-        elif all(isinstance(spec[k], int) for k in ("low", "high")) and isinstance(
-            spec.get("step", 1), int
+        elif isinstance(spec.low, int) and isinstance(spec.high, int) and isinstance(
+            1 if spec.step is None else spec.step, int
         ):
             values[name] = trial.suggest_int(
-                name, spec["low"], spec["high"], step=spec.get("step", 1),
-                log=bool(spec.get("log", False)),
+                name, spec.low, spec.high, step=1 if spec.step is None else int(spec.step),
+                log=spec.log,
             )
         else:
             values[name] = trial.suggest_float(
-                name, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
-                log=bool(spec.get("log", False)),
+                name, float(spec.low), float(spec.high), step=spec.step, log=spec.log,
             )
     return values
 
@@ -158,10 +161,10 @@ class TrialSeededSampler(BaseSampler):
 
 def pruner_label(params: Params) -> str:
     tune = params.tune
-    if tune.get("pruner") == "hyperband":
-        return (f"Hyperband(min {tune['pruner_warmup_steps']}, "
-                f"factor {tune['hyperband_reduction_factor']})")
-    return f"Percentile({tune['pruner_percentile']}, warmup={tune['pruner_warmup_steps']})"
+    if tune.pruner == "hyperband":
+        return (f"Hyperband(min {tune.pruner_warmup_steps}, "
+                f"factor {tune.hyperband_reduction_factor})")
+    return f"Percentile({tune.pruner_percentile}, warmup={tune.pruner_warmup_steps})"
 
 
 def make_pruner(params: Params, epochs: int, prune: bool = True) -> optuna.pruners.BasePruner:
@@ -169,28 +172,29 @@ def make_pruner(params: Params, epochs: int, prune: bool = True) -> optuna.prune
     Hyperband (`tune.pruner: hyperband`) for a budget-aware search."""
     if not prune:
         return optuna.pruners.NopPruner()
-    if params.tune.get("pruner") == "hyperband":
+    tune = params.tune
+    if tune.pruner == "hyperband":
         # successive halving in brackets: rungs from the warm-up epochs to the trial's epochs
         return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, int(params.tune["pruner_warmup_steps"])),
+            min_resource=max(1, tune.pruner_warmup_steps),
             max_resource=int(epochs),
-            reduction_factor=int(params.tune["hyperband_reduction_factor"]),
+            reduction_factor=tune.hyperband_reduction_factor,
         )
     return optuna.pruners.PercentilePruner(
-        float(params.tune["pruner_percentile"]),
-        n_startup_trials=int(params.tune["pruner_startup_trials"]),
-        n_warmup_steps=int(params.tune["pruner_warmup_steps"]),
+        float(tune.pruner_percentile),
+        n_startup_trials=tune.pruner_startup_trials,
+        n_warmup_steps=tune.pruner_warmup_steps,
     )
 
 
-def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]) -> int:
+def enqueue_baselines(study: optuna.Study, params: Params, space: SearchSpace) -> int:
     """Queue `tune.enqueue` (baseline points, e.g. the Xie architecture) as a new study's
     first trials, so the study's best is never worse on validation than those baselines.
 
     Each entry fixes some searched hyperparameters; the sampler draws the rest. Called once,
     under the init lock, for a study without trials. Returns the number queued.
     """
-    entries = params.tune.get("enqueue") or []
+    entries = params.tune.enqueue
     if tuning_parent(params):  # the parent's trunk decides these
         entries = [{k: v for k, v in e.items() if k not in TRUNK_KEYS} for e in entries]
     for i, entry in enumerate(entries):
@@ -199,10 +203,11 @@ def enqueue_baselines(study: optuna.Study, params: Params, space: dict[str, Any]
             raise ConfigError(f"tune.enqueue[{i}]: {', '.join(unknown)} not in tune.search_space")
         for name, value in entry.items():
             spec = space[name]
-            inside = (value in spec) if isinstance(spec, list) else spec["low"] <= value <= spec["high"]
+            inside = (value in spec) if isinstance(spec, list) else spec.low <= value <= spec.high
             if not inside:
+                shown = spec.model_dump() if isinstance(spec, SearchRange) else spec
                 raise ConfigError(
-                    f"tune.enqueue[{i}].{name}={value!r} is outside tune.search_space.{name} ({spec})"
+                    f"tune.enqueue[{i}].{name}={value!r} is outside tune.search_space.{name} ({shown})"
                 )
     if study.get_trials(deepcopy=False):
         return 0

@@ -1,4 +1,5 @@
-"""The typed settings the training core reads: property specs, graph settings, hyperparameters.
+"""The typed settings the core reads: property specs, graph settings, hyperparameters, loss
+settings, the bounds on one structure's work.
 
 Plain dataclasses (standard library only), so the core (model, batches, the batch loop) runs
 where only torch and numpy are installed; `mpprop.config` validates params.yaml and builds them.
@@ -111,3 +112,32 @@ class Hyperparams:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The `train:` keys a loss needs beyond Hyperparams (see params.yaml; built by
+    `config.Params.loss_settings`)."""
+
+    huber_delta: float
+    rank_top_percent: float
+    rank_margin: float
+
+
+@dataclass(frozen=True)
+class StructureLimits:
+    """Bounds on the work one structure may cost, checked before the neighbour search
+    (predict.max_atoms, predict.min_volume_per_atom, predict.min_distance; 0 = no bound;
+    built by `config.Params.structure_limits`; inference checks them).
+
+    The search visits every periodic image within the graph radius: a cell far denser than
+    any crystal (a 0.02 Å cube: 8e-6 Å^3 per atom) or with a tiny lattice vector has
+    millions of them (18 GB, 29 s for one atom), so such cells are refused, not searched.
+    Real crystals have > ~5 Å^3 per atom and bonds > 0.7 Å (H2); the warning for atoms
+    closer than inference.OVERLAP_DISTANCE stays a warning above min_distance. The defaults are those
+    of params.yaml; the served model (tracking.CGCNNPyfunc) uses them too.
+    """
+
+    max_atoms: int = 1000
+    min_volume_per_atom: float = 1.0  # Å^3
+    min_distance: float = 0.3  # Å, periodic images included

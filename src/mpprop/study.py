@@ -25,6 +25,7 @@ from mpprop.search import (
     TRIAL_ENQUEUED,
     pruner_label,
     search_space,
+    space_as_dict,
     trial_hyperparams,
 )
 from mpprop.snapshot import atomic_output
@@ -126,7 +127,7 @@ def trial_val_mae(t: FrozenTrial) -> float | None:
 
 def write_best_params(params: Params, prop: str, study: optuna.Study) -> Path | None:
     """tuned/<prop>.yaml: the best trial's hyperparameters, read by `train --preset tuned`."""
-    best = _best_trial(study, params.tune["pareto_mae_tolerance"])
+    best = _best_trial(study, params.tune.pareto_mae_tolerance)
     if best is None:
         return None
     epochs = int(best.user_attrs.get(TRIAL_EPOCHS, study.user_attrs[ATTR_EPOCHS]))
@@ -249,10 +250,11 @@ def parent_run(study: optuna.Study, params: Params, prop: str, exp_id: str,
             "property": prop,
             "study_name": study.study_name,
             "epochs": study.user_attrs[ATTR_EPOCHS],
-            "sampler": SAMPLER_LABELS[tune["sampler"]],
-            "sampler_seed": tune["sampler_seed"],
+            "sampler": SAMPLER_LABELS[tune.sampler],
+            "sampler_seed": tune.sampler_seed,
             "pruner": pruner_label(params) if prune else "none",
-            "search_space": yaml.safe_dump(search_space(params), default_flow_style=True).strip(),
+            "search_space": yaml.safe_dump(space_as_dict(search_space(params)),
+                                           default_flow_style=True).strip(),
             "optuna_storage": redact(storage_url),
         }.items()
     ])

@@ -192,8 +192,8 @@ def open_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url,
-                heartbeat_interval=int(params.tune["heartbeat_interval"]),
-                grace_period=int(params.tune["grace_period"]),
+                heartbeat_interval=params.tune.heartbeat_interval,
+                grace_period=params.tune.grace_period,
                 heartbeat_stale_trial_callback=stale_callback,
             )
     # RuntimeError: e.g. Optuna's "incompatible with the table schema" of an older study

@@ -99,7 +99,7 @@ def setup_mlflow(params: Params, experiment: str | None = None) -> str:
     creates or upgrades the schema and the experiment: two commands starting at once on a fresh
     workspace would otherwise race on the schema (`table ... already exists`)."""
     uri = params.tracking_uri()
-    name = experiment or params.mlflow["experiment"]
+    name = experiment or params.mlflow.experiment
     with _store_lock(uri):
         _open_checked(params, uri, name)
         experiment_id = _activate_experiment(params, uri, name)
@@ -112,7 +112,7 @@ def open_store(params: Params) -> MlflowClient:
     fine-tuning parent): checked as by setup_mlflow, orphaned runs of this host ended."""
     uri = params.tracking_uri()
     with _store_lock(uri):
-        _open_checked(params, uri, params.mlflow["experiment"])
+        _open_checked(params, uri, params.mlflow.experiment)
     _end_orphans_once(uri)
     return MlflowClient()
 
@@ -179,6 +179,7 @@ def _open_checked(params: Params, uri: str, experiment: str) -> None:
     db = sqlite_path(uri)
     if db is not None:
         check_database(db)
+        db.parent.mkdir(parents=True, exist_ok=True)  # a new store's folder (mlruns/)
     mlflow.set_tracking_uri(uri)
     try:
         # opening the store creates its tables (once per process and URI: MLflow caches it)
@@ -223,7 +224,7 @@ def _check_artifact_location(params: Params, db: Path, experiment: str) -> None:
     if where is None:
         return
     where = where.resolve()
-    configured = _local_path(str(params.mlflow["artifact_location"]))
+    configured = _local_path(params.mlflow.artifact_location)
     if where.is_relative_to(root) or (
             configured is not None and where.is_relative_to(params.path(configured).resolve())):
         return
@@ -252,7 +253,7 @@ def _activate_experiment(params: Params, uri: str, name: str) -> str:
         # a tracking server decides where artifacts go; a local store gets a folder of ours
         artifacts = None
         if not uri.startswith(("http://", "https://", "databricks")):
-            folder = params.path(params.mlflow["artifact_location"]).resolve()
+            folder = params.path(params.mlflow.artifact_location).resolve()
             folder.mkdir(parents=True, exist_ok=True)
             artifacts = folder.as_uri()
         try:

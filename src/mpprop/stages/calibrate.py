@@ -37,7 +37,7 @@ from mpprop.bundle import BUNDLE_FILE, TASK_REGRESSION, BundleError, LoadedModel
 from mpprop.config import Params
 from mpprop.data import transform_target
 from mpprop.device import training_device
-from mpprop.inference import StructureLimits, predict_structures
+from mpprop.inference import predict_structures
 from mpprop.intervals import (
     METHOD_NORMALIZED,
     Calibration,
@@ -170,8 +170,8 @@ def _predict(params: Params, model: LoadedModel, data: Labelled
     """Targets (model units), predictions and member spreads of the labelled structures the
     model can predict (as `mpprop predict`: same limits, the metal gate); the others are
     counted in data.skipped."""
-    limits = StructureLimits.from_params(params.predict)
-    bs = int(params.predict["batch_size"])
+    limits = params.structure_limits()
+    bs = int(params.predict.batch_size)
     y, pred, std = [], [], []
     targets = transform_target(np.asarray(data.targets, np.float64), model.spec)
     for lo in range(0, len(data.structures), CHUNK):
@@ -197,7 +197,7 @@ def _source_version(params: Params, client: MlflowClient, prop: str, alias: str 
         except MlflowException as exc:
             raise CalibrateError(f"{name} has no version {version}: "
                                  f"{exc.message.splitlines()[0]}") from exc
-    alias = alias or params.mlflow["champion_alias"]
+    alias = alias or params.mlflow.champion_alias
     mv = get_version_by_alias(client, name, alias)
     if mv is None:
         raise CalibrateError(f"{name} has no version with alias {alias!r}: `mpprop promote` or "
@@ -208,12 +208,12 @@ def _source_version(params: Params, client: MlflowClient, prop: str, alias: str 
 def _load(params: Params, client: MlflowClient, mv: ModelVersion) -> LoadedModel:
     """The version's model on train.device, behind the metal classifier where `mpprop predict`
     puts it there (the intervals are of the predictions users get)."""
-    device, _ = training_device(params.train)
+    device, _ = training_device(params.train.device, params.train.precision)
     try:
         model = load_version(mv.name, str(mv.version), f"{mv.name} v{mv.version}").to(device)
         if model.task != TASK_REGRESSION:
             raise CalibrateError(f"{model.label} is a classifier: a probability has no interval")
-        if params.predict["xie_band_gap_metal_gate"] and model.domain == DOMAIN_NON_METALS:
+        if params.predict.xie_band_gap_metal_gate and model.domain == DOMAIN_NON_METALS:
             model = with_metal_gate(params, client, model)
     except RegistryError as exc:
         raise CalibrateError(str(exc)) from exc
@@ -234,7 +234,7 @@ def calibrate_model(params: Params, prop: str, labelled: Path, alias: str | None
     model = _load(params, client, mv)
     data = read_labelled(labelled, model.spec)
     y, pred, std = _predict(params, model, data)
-    coverage = float(params.predict["interval_coverage"])
+    coverage = float(params.predict.interval_coverage)
     need = min_calibration_size(coverage)
     if len(y) < need:
         raise CalibrateError(f"{labelled}: {len(y)} usable labelled materials of {prop}; "

@@ -105,14 +105,9 @@ def available_presets(params: Params, prop: str) -> list[str]:
 
 
 def curve_percents(params: Params) -> np.ndarray:
-    ev = params.raw["evaluate"]
-    lo, hi, step = (float(ev[k]) for k in ("curve_min_percent", "curve_max_percent",
-                                           "curve_step_percent"))
-    if not (0 < lo <= hi <= 100 and step > 0):
-        raise EvaluationError(
-            "evaluate.curve_min_percent/curve_max_percent/curve_step_percent must satisfy "
-            f"0 < min <= max <= 100 and step > 0, got {lo}, {hi}, {step}"
-        )
+    ev = params.evaluate  # 0 < min <= max <= 100 and step > 0: checked at load
+    lo, hi = float(ev.curve_min_percent), float(ev.curve_max_percent)
+    step = float(ev.curve_step_percent)
     # half a step of slack so the maximum is included despite float rounding
     return np.arange(lo, hi + step / 2, step)
 
@@ -158,7 +153,8 @@ def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) 
             f"no {preset} model for {prop}: {path} is missing; "
             f"run `mpprop train --property {prop} --preset {preset}`"
         )
-    loaded = load_model(path, label=f"{prop} {preset}").to(training_device(params.train)[0])
+    device, _ = training_device(params.train.device, params.train.precision)
+    loaded = load_model(path, label=f"{prop} {preset}").to(device)
     bundle = loaded.bundle
     _check_bundle(bundle, data.spec, ws, path)
     train_metrics_file = folder / TRAIN_METRICS_FILE
@@ -166,7 +162,7 @@ def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) 
         json.loads(train_metrics_file.read_text()) if train_metrics_file.exists() else {}
     )
     # the ensemble mean for an ensemble bundle, as `mpprop predict` gives it
-    y_pred, _ = predict_rows(loaded, data.cache, data.test_rows, params.predict["batch_size"])
+    y_pred, _ = predict_rows(loaded, data.cache, data.test_rows, params.predict.batch_size)
     y_true = data.test_targets
     if not np.all(np.isfinite(y_pred)):
         raise EvaluationError(f"the {preset} model of {prop} predicts non-finite values")
@@ -178,7 +174,7 @@ def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) 
         y_pred=y_pred,
         test_mae=float(np.mean(np.abs(y_pred - y_true))),
         test_screening_precision=screening_precision(
-            y_true, y_pred, params.train["screening_top_percent"], better
+            y_true, y_pred, params.train.screening_top_percent, better
         ),
         best_val_mae=train_metrics.get("best_val_mae"),
         run_id=train_metrics.get("run_id"),
@@ -299,12 +295,12 @@ def evaluate_property(
     spec = params.property_spec(prop)
     ws = open_workspace(params, in_memory=False)  # only the test rows are read
     data = property_data(params, ws, prop)
-    top_percent = params.train["screening_top_percent"]
+    top_percent = params.train.screening_top_percent
     results: dict[str, dict[str, Any]] = {}
     evaluations: dict[str, PresetEvaluation] = {}
     resamples = stats.bootstrap_resamples(
-        len(data.test_rows), int(params.raw["evaluate"]["bootstrap_resamples"]),
-        int(params.raw["evaluate"]["bootstrap_seed"]),
+        len(data.test_rows), int(params.evaluate.bootstrap_resamples),
+        int(params.evaluate.bootstrap_seed),
     )
     # plots/<prop>/ is one unit (outputs.output_dir): swapped in whole once every preset is
     # done, so a kill leaves the previous plots; metrics/<prop>.json is replaced atomically

@@ -45,17 +45,17 @@ def evaluate_extrapolation(params: Params, prop: str, presets: list[str]) -> dic
     spec = params.property_spec(prop)
     if spec.better is None:
         raise ValueError(f"{prop} has no screening direction: no extrapolation test")
-    set_torch_threads(params.train.get("torch_threads"))
-    top_percent = float(params.raw["evaluate"]["extrapolation_top_percent"])
+    set_torch_threads(params.train.torch_threads)
+    top_percent = float(params.evaluate.extrapolation_top_percent)
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
     sp = extrapolation_split(data, top_percent, spec.better)
     n_train, n_val = (len(x) for x in train_val(params, sp))
     n_pool, n_top = len(sp["cand_rows"]), int(sp["cand_top"].sum())
     base_rate = n_top / n_pool
-    ev = params.raw["evaluate"]
-    resamples = stats.bootstrap_resamples(n_pool, int(ev["bootstrap_resamples"]),
-                                          int(ev["bootstrap_seed"]))
+    ev = params.evaluate
+    resamples = stats.bootstrap_resamples(n_pool, int(ev.bootstrap_resamples),
+                                          int(ev.bootstrap_seed))
     setup_mlflow(params)
     out: dict[str, Any] = {"top_percent": top_percent, "n_top": n_top, "n_pool": n_pool,
                            "n_train": n_train, "n_val": n_val, "random_recall": base_rate}

@@ -584,8 +584,8 @@ def _query_masked(api_key: str, endpoint: str | None, *args: Any
 def _mp_api_candidates(
     params: Params, specs: dict[str, PropertySpec], props: list[str], progress: bool
 ) -> tuple[list[_Candidate], dict[str, Any]]:
-    mp = params.data.get("mp_api") or {}
-    criteria = dict(mp.get("criteria") or {})
+    mp = params.data.mp_api
+    criteria = dict(mp.criteria)
     if not any(not str(k).startswith("_") and v is not None for k, v in criteria.items()):
         raise FetchError(
             "data.mp_api.criteria is empty. Without search criteria the mp_api client does "
@@ -604,8 +604,8 @@ def _mp_api_candidates(
     # it explicitly makes a value set later (tests, notebooks) count as well
     endpoint = os.environ.get("MP_API_ENDPOINT") or None
     warn_if_insecure(endpoint)
-    chunk = int(mp.get("chunk_size") or 1000)
-    thermo_type = str(mp.get("energy_thermo_type") or "GGA_GGA+U")
+    chunk = mp.chunk_size
+    thermo_type = mp.energy_thermo_type
     energy_props = [p for p in props if specs[p].field == ENERGY_FIELD]
     # summary fields: top-level names; energy_per_atom is not asked for (see module doc)
     fields = ["material_id", "structure"]
@@ -674,15 +674,9 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
     data = params.data
     props = params.properties
     specs = {p: params.property_spec(p) for p in props}
-    source_kind = data.get("source")
-    max_records = data.get("max_records")
-    if max_records is not None and (
-        isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
-    ):
-        raise ConfigError(
-            f"data.max_records must be a positive integer or null, not {max_records!r}"
-        )
-    seed = int(data.get("subsample_seed") or 0)
+    source_kind = data.source  # max_records, source, require_property: checked at load
+    max_records = data.max_records
+    seed = data.subsample_seed
     now = datetime.now(UTC)
     meta: dict[str, Any] = {
         "snapshot_date": now.date().isoformat(),
@@ -692,14 +686,14 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
         "property_fields": {p: specs[p].field for p in props},
         "database_version": None,
         # the data's own date (the day it was read is snapshot_date): from params for a file
-        "data_vintage": data.get("vintage"),
+        "data_vintage": data.vintage,
     }
     in_source = list(props)
 
     if source_kind == "file":
-        path = params.path(data["path"]).resolve()
+        path = params.path(data.path).resolve()
         if path.is_dir():
-            prop = data.get("cgcnn_property")
+            prop = data.cgcnn_property
             if prop not in props:
                 raise ConfigError(
                     f"data.cgcnn_property must be one of the properties ({', '.join(props)}), "
@@ -722,7 +716,7 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
                 f"data.path must be a .jsonl / .jsonl.gz file or a CGCNN folder, not {path}"
             )
         meta["source_path"] = str(path)
-        meta["query"] = {"path": str(data["path"])}
+        meta["query"] = {"path": data.path}
         if ENERGY_FIELD in [specs[p].field for p in in_source]:
             meta["energy_per_atom_functional"] = KNOWN_FILE_FUNCTIONALS.get(
                 meta["source_sha256"],
@@ -730,19 +724,12 @@ def fetch_snapshot(params: Params, out_dir: Path | None = None, progress: bool =
             )
         else:
             meta["energy_per_atom_functional"] = None
-    elif source_kind == "mp-api":
+    else:  # mp-api
         cands, info = _mp_api_candidates(params, specs, props, progress)
         source = _list_source(cands)
         meta |= info
-    else:
-        raise ConfigError(f"data.source must be 'file' or 'mp-api', not {source_kind!r}")
 
-    require = data.get("require_property")
-    if require is not None and require not in props:
-        raise ConfigError(
-            f"data.require_property must be null or one of the properties "
-            f"({', '.join(props)}), not {require!r}"
-        )
+    require = data.require_property
     collected = _collect(source, max_records, seed, progress, require)
     labels, counts, label_excl = _labels(collected, props, specs, in_source)
     meta["counts"] = counts

@@ -41,7 +41,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mpprop.bundle import BundleError, LoadedModel, load_model
-from mpprop.config import TRACKING_URI_ENV, Params, PropertySpec
+from mpprop.config import Params, PropertySpec
 from mpprop.data import inverse_transform, natural_unit
 from mpprop.device import training_device
 from mpprop.inference import (
@@ -340,12 +340,10 @@ def protected_paths(params: Params) -> list[tuple[str, Path]]:
         parent = folder.resolve().parent
         if parent != root and parent.is_relative_to(root) and parent not in (p for _, p in out):
             out.append(("the project's data folder", parent))
-    # as Params.tracking_uri reads it, without creating the database's folder
-    tracking = (params.builtin and os.environ.get(TRACKING_URI_ENV)) or params.mlflow["tracking_uri"]
-    stores = [("the MLflow tracking store (mlflow.tracking_uri)", tracking),
+    stores = [("the MLflow tracking store (mlflow.tracking_uri)", params.tracking_uri()),
               ("the MLflow artifact store (mlflow.artifact_location)",
-               params.mlflow["artifact_location"]),
-              ("the Optuna study store (tune.storage)", params.tune["storage"])]
+               params.mlflow.artifact_location),
+              ("the Optuna study store (tune.storage)", params.tune.storage)]
     for what, uri in stores:
         path = _local_store_path(params, uri)
         if path is None or "{" in str(path.parent):
@@ -467,12 +465,12 @@ def resolve_models(
     from mpprop.registry import get_version_by_alias, registered_name
     from mpprop.tracking import download_bundle, open_store
 
-    device, _ = training_device(params.train)
+    device, _ = training_device(params.train.device, params.train.precision)
 
     client = open_store(params)  # checked: an empty or corrupt database is one line
     if prop == "all" and version is not None:
         raise PredictError("--version needs one --property: versions differ between models")
-    alias = alias or params.mlflow["champion_alias"]
+    alias = alias or params.mlflow.champion_alias
     props = params.properties if prop == "all" else [prop]
     models = []
     for p in props:
@@ -490,8 +488,8 @@ def resolve_models(
                     continue
                 raise PredictError(
                     f"{name} has no version with alias {alias!r}: run `mpprop promote "
-                    f"--property {p}` (alias {params.mlflow['champion_alias']!r}) or "
-                    f"`mpprop import-pretrained` (alias {params.mlflow['pretrained_alias']!r})"
+                    f"--property {p}` (alias {params.mlflow.champion_alias!r}) or "
+                    f"`mpprop import-pretrained` (alias {params.mlflow.pretrained_alias!r})"
                 )
             label = f"{name}@{alias} v{mv.version}"
         # by version number, so the alias moving during the run cannot mix two models
@@ -503,7 +501,7 @@ def resolve_models(
                 # the model's URI, not the temp folder it was downloaded to
                 raise PredictError(f"{label}: {str(exc).replace(tmp, uri)}") from exc
         # the published band-gap model knows non-metals only: its classifier decides metals
-        if params.predict["xie_band_gap_metal_gate"] and loaded.domain == DOMAIN_NON_METALS:
+        if params.predict.xie_band_gap_metal_gate and loaded.domain == DOMAIN_NON_METALS:
             loaded = _with_metal_gate(params, client, loaded)
         models.append(RegisteredModel(p, uri, loaded))
     if not models:

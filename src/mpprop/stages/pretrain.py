@@ -21,9 +21,9 @@ from mpprop.config import Params
 from mpprop.data import open_workspace, property_data, train_val_split
 from mpprop.experiment import all_test_ids, usable_rows
 from mpprop.faults import process_tags, sigterm_as_exception
-from mpprop.losses import LossSettings
 from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE
+from mpprop.presets import hyperparams
 from mpprop.registry import registered_name
 from mpprop.tracking import (
     KIND_PRETRAIN,
@@ -48,21 +48,21 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
     """Train, save and register the trunk (or record that pretraining is off)."""
     cfg = params.pretrain
     out = params.trunk_dir()
-    if not cfg["enabled"]:
+    if not cfg.enabled:
         with output_dir(out, "pretrain") as unit:
             (unit / TRAIN_METRICS_FILE).write_text(json.dumps(
                 {"enabled": False, "note": "pretrain.enabled is false: the tuned models "
                  "train from scratch (the paper's protocol)"}, indent=2) + "\n")
         return {"enabled": False}
-    set_torch_threads(params.train.get("torch_threads"))
-    prop = cfg["property"]
-    hp = params.hyperparams(cfg["preset"], prop, epochs=cfg["epochs"])
+    set_torch_threads(params.train.torch_threads)
+    prop = cfg.property
+    hp = hyperparams(params, cfg.preset, prop, epochs=cfg.epochs)
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
     excluded = all_test_ids(params, ws)
     rows, targets = usable_rows(data, ws.cache.material_id, excluded)
-    seed = int(params.train["seed"])
-    tr, va = train_val_split(len(rows), float(cfg["val_fraction"]), seed)
+    seed = int(params.train.seed)
+    tr, va = train_val_split(len(rows), float(cfg.val_fraction), seed)
     experiment_id = setup_mlflow(params)
     end_orphaned_runs(experiment_id, KIND_PRETRAIN)
     checkpoint = out.parent / f".{out.name}-checkpoint.pt"
@@ -77,26 +77,26 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
     with (
         sigterm_as_exception(),
         output_dir(out, "pretrain") as unit,
-        mlflow.start_run(run_name=f"trunk ({prop}, {cfg['preset']})") as run,
+        mlflow.start_run(run_name=f"trunk ({prop}, {cfg.preset})") as run,
         killed_on_interrupt(),
     ):
-        mlflow.set_tags({TAG_PROPERTY: prop, TAG_KIND: KIND_PRETRAIN, TAG_PRESET: cfg["preset"],
+        mlflow.set_tags({TAG_PROPERTY: prop, TAG_KIND: KIND_PRETRAIN, TAG_PRESET: cfg.preset,
                          TAG_SNAPSHOT: ws.snapshot_sha256, TAG_GRAPH_KEY: ws.cache.key,
                          **process_tags()})
-        mlflow.log_params({**hp.as_dict(), "property": prop, "preset": cfg["preset"],
+        mlflow.log_params({**hp.as_dict(), "property": prop, "preset": cfg.preset,
                            "n_train": len(tr), "n_val": len(va),
                            "n_excluded_test_materials": len(data.pool_rows) - len(rows)})
         result = fit(hp, params.graph_settings(), ws.cache, rows[tr], targets[tr], rows[va],
                      targets[va], seed=seed, on_epoch=on_epoch,
-                     eval_batch_size=params.predict["batch_size"],
-                     loss_settings=LossSettings.from_train(params.train),
+                     eval_batch_size=params.predict.batch_size,
+                     loss_settings=params.loss_settings(),
                      better=data.spec.better, checkpoint=checkpoint,
-                     checkpoint_every=max(1, int(params.train["checkpoint_every"])))
+                     checkpoint_every=max(1, int(params.train.checkpoint_every)))
         bar.close()
         test_pred = predict(result.model, result.normalizer, ws.cache, data.test_rows,
-                            params.predict["batch_size"])
+                            params.predict.batch_size)
         metrics = {
-            "enabled": True, "property": prop, "preset": cfg["preset"],
+            "enabled": True, "property": prop, "preset": cfg.preset,
             "best_val_mae": result.best_val_mae, "best_epoch": result.best_epoch,
             "epochs": hp.epochs, "n_train": len(tr), "n_val": len(va),
             "n_excluded_test_materials": int(len(data.pool_rows) - len(rows)),
@@ -114,9 +114,9 @@ def pretrain(params: Params, progress: bool = True) -> dict[str, Any]:
         name = registered_name(params, TRUNK)
         mv = mlflow.register_model(model_uri, name, tags={
             "role": "trunk for fine-tuning (train.init_from)", "property": prop,
-            "preset": cfg["preset"], "source_run_id": run.info.run_id,
+            "preset": cfg.preset, "source_run_id": run.info.run_id,
             "test_sets_excluded": "every configured property's"})
-        alias = params.mlflow["champion_alias"]
+        alias = params.mlflow.champion_alias
         mlflow.tracking.MlflowClient().set_registered_model_alias(name, alias, mv.version)
         metrics.update(run_id=run.info.run_id, registered=f"{name} v{mv.version}")
         (unit / TRAIN_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

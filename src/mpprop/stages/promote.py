@@ -309,13 +309,13 @@ def _promote_locked(params: Params, prop: str, client: MlflowClient) -> Promotio
             f"{TAG_PROPERTY}={prop} and {TAG_KIND} in ({', '.join(CANDIDATE_KINDS)}) has a "
             f"logged model; run `mpprop train --property {prop}` or `mpprop tune` first"
         )
-    select_by = params.raw["promote"]["select_by"]
+    select_by = params.promote.select_by
     if select_by == "val_screening" and not any(c.val_screening is not None for c in candidates):
         raise RegistryError(f"promote.select_by val_screening: no candidate of {prop} logged "
                             f"{VAL_SCREENING_METRIC} (a property without a screening direction?)")
     best = select_champion(candidates, select_by)
     name = registered_name(params, prop)
-    alias = params.mlflow["champion_alias"]
+    alias = params.mlflow.champion_alias
     previous = get_version_by_alias(client, name, alias)
     existing = [v for v in model_versions(client, name) if version_model_id(v) == best.model_id]
     pause_point("promote.before_register")  # inside the lock: where race tests hold one
@@ -416,7 +416,7 @@ def import_pretrained(
 
     setup_mlflow(params)
     client = client or MlflowClient()
-    alias = params.mlflow["pretrained_alias"]
+    alias = params.mlflow.pretrained_alias
     # the checkpoints fix the original's graph (8 Å, 12 neighbours, 0.2 Å Gaussians), whatever
     # params.graph says; only the search shortcut (speed, not the graph) comes from params
     graph = GraphSettings(first_search_radius=params.graph_settings().first_search_radius)
@@ -527,7 +527,7 @@ def import_shipped(params: Params, client: MlflowClient | None = None,
     version described by its model card. Idempotent by the bundle's SHA-256."""
     setup_mlflow(params)
     client = client or MlflowClient()
-    alias = params.mlflow["shipped_alias"]
+    alias = params.mlflow.shipped_alias
     results = []
     for shipped in shipped_models(folder):
         if props and shipped.prop not in props:

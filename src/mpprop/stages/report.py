@@ -353,7 +353,7 @@ def log_report(params: Params, rows: list[Row], presets: list[str], files: list[
         mlflow.log_params({
             "properties": ",".join(r.prop for r in rows),
             "presets": ",".join(presets),
-            "screening_top_percent": params.train["screening_top_percent"],
+            "screening_top_percent": params.train.screening_top_percent,
         })
         mlflow.log_metrics(metrics)
         for f in files:
@@ -367,8 +367,8 @@ def make_report(params: Params, log_mlflow: bool = True) -> tuple[str, list[Path
     presets = default_presets(params)
     rows = collect_rows(params)
     snapshot = _snapshot_meta(params)
-    markdown = to_markdown(rows, presets, params.train["screening_top_percent"],
-                           params.split["test_fraction"], snapshot)
+    markdown = to_markdown(rows, presets, params.train.screening_top_percent,
+                           params.split.test_fraction, snapshot)
     out = report_dir(params)
     md_path, csv_path = out / MARKDOWN_FILE, out / CSV_FILE
     # each file replaced atomically (temp file + rename): a kill leaves the previous one whole

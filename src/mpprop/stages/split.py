@@ -27,8 +27,8 @@ def split_property(params: Params, prop: str, overwrite: bool = False) -> dict[s
         raise SplitError(f"property {prop!r} is not in the snapshot")
     labels = snap.label(prop)
     split = make_test_split(snap.material_id, np.isfinite(labels),
-                            params.split["test_fraction"], params.split["seed"])
-    split.update(property=prop, snapshot_sha256=meta["sha256"], seed=params.split["seed"],
-                 test_fraction=params.split["test_fraction"])
+                            params.split.test_fraction, params.split.seed)
+    split.update(property=prop, snapshot_sha256=meta["sha256"], seed=params.split.seed,
+                 test_fraction=params.split.test_fraction)
     write_split(path, split)
     return split

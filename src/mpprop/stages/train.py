@@ -34,15 +34,15 @@ from mpprop.faults import (
 )
 from mpprop.inference import embed
 from mpprop.intervals import COVERAGES, Calibration, calibrate, interval_metrics
-from mpprop.losses import LossSettings
 from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
-from mpprop.presets import final_hyperparams, tuned_fine_tuning
+from mpprop.presets import final_hyperparams, preset_label, tuned_fine_tuning
 from mpprop.registry import resolve_parent
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
     KIND_TRAIN,
+    TAG_DESCRIPTION,
     TAG_GRAPH_KEY,
     TAG_KIND,
     TAG_PRESET,
@@ -73,7 +73,8 @@ REPORTED_COVERAGES = (0.68, 0.9)
 def n_members(params: Params, preset: str, ensemble: int | None) -> int:
     if ensemble is not None:
         return int(ensemble)
-    return int((params.raw["presets"].get(preset) or {}).get("ensemble") or params.train["ensemble"])
+    entry = params.presets.get(preset)  # none for the tuned preset
+    return (entry.ensemble if entry else None) or params.train.ensemble
 
 
 def _member_split(train_idx: np.ndarray, bootstrap: bool, seed: int) -> np.ndarray:
@@ -98,25 +99,26 @@ def train_property(
     trunk starts every member, fine-tuned with train.freeze_trunk_epochs and
     train.trunk_lr_scale. Every member checkpoints each train.checkpoint_every epochs beside
     the model folder; a rerun after a kill resumes it (the MLflow run is a new one)."""
-    set_torch_threads(params.train.get("torch_threads"))
-    device, precision = training_device(params.train)  # an absent device fails here, at once
+    set_torch_threads(params.train.torch_threads)
+    # an absent device fails here, at once
+    device, precision = training_device(params.train.device, params.train.precision)
     hp = final_hyperparams(params, prop, preset, overrides)
     k = n_members(params, preset, ensemble)
-    keep = params.train["ensemble_keep"] if k > 1 else "all"
+    keep = params.train.ensemble_keep if k > 1 else "all"
     graph = params.graph_settings()
-    ref = init_from or params.train.get("init_from")
+    ref = init_from or params.train.init_from
+    freeze, lr_scale = params.train.freeze_trunk_epochs, params.train.trunk_lr_scale
     if preset == "tuned" and not ref:
         # a study of fine-tuned trials names its parent and settings in the tuned file
         tuned_ft = tuned_fine_tuning(params, prop)
         if tuned_ft:
             ref = tuned_ft["init_from"]
-            params.train.update(freeze_trunk_epochs=tuned_ft["freeze_trunk_epochs"],
-                                trunk_lr_scale=tuned_ft["trunk_lr_scale"])
+            freeze, lr_scale = tuned_ft["freeze_trunk_epochs"], tuned_ft["trunk_lr_scale"]
     parent = resolve_parent(params, ref) if ref else None
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
-    seed = int(params.train["seed"])
-    tr, va = train_val_split(len(data.pool_rows), params.split["val_fraction"], seed)
+    seed = int(params.train.seed)
+    tr, va = train_val_split(len(data.pool_rows), params.split.val_fraction, seed)
     experiment_id = setup_mlflow(params)
     # the runs of trainers killed with -9 on this host would stay RUNNING for ever
     end_orphaned_runs(experiment_id, KIND_TRAIN)
@@ -132,7 +134,7 @@ def train_property(
         sigterm_as_exception(),
         output_dir(out_dir, "train") as unit,
         mlflow.start_run(run_name=name,
-                         log_system_metrics=bool(params.mlflow["system_metrics"])) as run,
+                         log_system_metrics=bool(params.mlflow.system_metrics)) as run,
         killed_on_interrupt(),
     ):
         mlflow.set_tags({
@@ -143,7 +145,7 @@ def train_property(
         mlflow.log_params({
             **hp.as_dict(), "property": prop, "preset": preset,
             "target_transform": data.spec.transform, "seed": seed, "ensemble": k,
-            "ensemble_keep": keep, "ensemble_bootstrap": params.train["ensemble_bootstrap"],
+            "ensemble_keep": keep, "ensemble_bootstrap": params.train.ensemble_bootstrap,
             "device": str(device), "precision": precision,
             "n_train": len(tr), "n_val": len(va), "n_test": len(data.test_rows),
             "snapshot_sha256": ws.snapshot_sha256,
@@ -151,11 +153,10 @@ def train_property(
             "graph_cache_key": ws.cache.key,
             **{f"graph_{key}": v for key, v in asdict(graph).items()},
             "init_from": parent.label if parent else None,
-            "freeze_trunk_epochs": params.train["freeze_trunk_epochs"] if parent else None,
-            "trunk_lr_scale": params.train["trunk_lr_scale"] if parent else None,
+            "freeze_trunk_epochs": freeze if parent else None,
+            "trunk_lr_scale": lr_scale if parent else None,
         })
-        fine_tuning = (FineTuning(parent.trunk, int(params.train["freeze_trunk_epochs"]),
-                                  float(params.train["trunk_lr_scale"]), parent.label)
+        fine_tuning = (FineTuning(parent.trunk, int(freeze), float(lr_scale), parent.label)
                        if parent else None)
         checkpoints = checkpoint_dir(params, prop, preset)
         results = [_fit_member(params, hp, data, tr, va, seed, i, k, bar, fine_tuning,
@@ -164,6 +165,7 @@ def train_property(
         if keep == "best":
             results = [min(results, key=lambda r: r.best_val_mae)]
         metrics, cal = _evaluate(params, hp, data, tr, va, results)
+        mlflow.set_tag(TAG_DESCRIPTION, _description(prop, preset, data, metrics, parent))
         mlflow.log_metrics({key: v for key, v in metrics.items()
                             if isinstance(v, float | int) and v is not None and np.isfinite(v)})
         ood = _ood_reference(params, results[0], data, tr, va)
@@ -186,6 +188,20 @@ def train_property(
     return metrics
 
 
+def _description(prop: str, preset: str, data: PropertyData, metrics: dict[str, Any],
+                 parent: Any) -> str:
+    """The training run's description until `mpprop evaluate` adds the test interval."""
+    unit = data.spec.unit
+    label = preset_label(preset, parent.label if parent else None)
+    text = (f"{prop} ({unit}), {label}: {metrics['epochs']} epochs on {metrics['n_train']} "
+            f"materials ({metrics['n_val']} validation); best validation MAE "
+            f"{metrics['best_val_mae']:.4g} {unit}")
+    if parent:
+        text += f"; fine-tuned from {parent.label}"
+    return (text + f"; test MAE {metrics['test_mae']:.4g} {unit} on {len(data.test_rows)} "
+            "test materials (its interval: `mpprop evaluate`).")
+
+
 def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,
                 va: np.ndarray, seed: int, i: int, k: int, bar: tqdm,
                 fine_tuning: FineTuning | None, checkpoints: Path) -> FitResult:
@@ -199,15 +215,15 @@ def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndar
                         val_mae=f"{s.val_mae:.4f}")
         bar.update(1)
 
-    train_idx = _member_split(tr, bool(params.train["ensemble_bootstrap"]) and k > 1, member_seed)
-    device, precision = training_device(params.train)
-    every = int(params.train["checkpoint_every"])
+    train_idx = _member_split(tr, bool(params.train.ensemble_bootstrap) and k > 1, member_seed)
+    device, precision = training_device(params.train.device, params.train.precision)
+    every = int(params.train.checkpoint_every)
     checkpoint = checkpoints / f"member-{i}.pt" if every else None
 
     def fit_member() -> FitResult:
         return fit_on_pool(hp, params.graph_settings(), data, train_idx, va, member_seed,
-                           on_epoch, params.predict["batch_size"],
-                           LossSettings.from_train(params.train), device, precision,
+                           on_epoch, params.predict.batch_size,
+                           params.loss_settings(), device, precision,
                            fine_tuning, checkpoint, max(1, every))
 
     try:
@@ -236,7 +252,7 @@ def _evaluate(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarra
 def _mean_std(params: Params, data: PropertyData, rows: np.ndarray, results: list[FitResult]
               ) -> tuple[np.ndarray, np.ndarray]:
     """The kept model(s)' prediction (ensemble mean) and member spread on `rows`."""
-    bs = params.predict["batch_size"]
+    bs = params.predict.batch_size
     return ensemble_mean_std([predict(r.model, r.normalizer, data.cache, rows, bs)
                               for r in results])
 
@@ -271,7 +287,7 @@ def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray
                 else float(np.mean(np.abs(val_mean - data.pool_targets[va]))))
     better = data.spec.better
     val_screening = (screening_signal(data.pool_targets[va], val_mean,
-                                      [float(p) for p in params.tune["screening_percents"]], better)
+                                      [float(p) for p in params.tune.screening_percents], better)
                      if better is not None else None)
     return {
         "best_val_mae": best_val,
@@ -285,18 +301,18 @@ def _metrics(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray
         "seconds_per_epoch": float(np.mean([h.seconds for r in results for h in r.history])),
         "test_mae": float(np.mean(np.abs(test_mean - y))),
         "test_screening_precision": screening_precision(
-            y, test_mean, params.train["screening_top_percent"], data.spec.better),
+            y, test_mean, params.train.screening_top_percent, data.spec.better),
         **calibration(y, test_mean, test_std),
     }
 
 
 def _ood_reference(params: Params, result: FitResult, data: PropertyData, tr: np.ndarray,
                    va: np.ndarray) -> OODReference:
-    bs = params.predict["batch_size"]
+    bs = params.predict.batch_size
     pred = params.predict
     return OODReference.fit(
         embed(result.model, data.cache, data.pool_rows[tr], bs),
         embed(result.model, data.cache, data.pool_rows[va], bs),
-        k=int(pred["ood_k"]), quantile=float(pred["ood_quantile"]),
-        max_reference=int(pred["ood_max_reference"]), seed=int(params.train["seed"]),
+        k=int(pred.ood_k), quantile=float(pred.ood_quantile),
+        max_reference=int(pred.ood_max_reference), seed=int(params.train.seed),
     )

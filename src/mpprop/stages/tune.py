@@ -43,12 +43,12 @@ from mpprop.config import ConfigError, GraphSettings, Params
 from mpprop.data import PropertyData, Workspace, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
 from mpprop.faults import process_tags
-from mpprop.losses import LossSettings
 from mpprop.model import trunk_shape
 from mpprop.presets import tuning_parent
 from mpprop.registry import resolve_parent
 from mpprop.search import (
     SPLIT_STREAM,
+    SearchSpace,
     TrialSeededSampler,
     derive_seed,
     enqueue_baselines,
@@ -195,7 +195,7 @@ class _Worker:
     params: Params
     prop: str
     study_name: str
-    space: dict[str, Any]
+    space: SearchSpace
     objective: str
     epochs: int
     prune: bool
@@ -212,11 +212,11 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     # parent run are set up in order and torn down in the one `finally` below, which must
     # see all of them; split up, the locks' lifetimes would be spread over several frames.
     tune = params.tune
-    n_trials = int(n_trials if n_trials is not None else tune["n_trials"])
+    n_trials = int(n_trials if n_trials is not None else tune.n_trials)
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     space = search_space(params)
-    objective = str(tune["objective"])
+    objective = str(tune.objective)
     if objective == "pareto" and prune:
         # Optuna cannot prune multi-objective trials (trial.report is single-objective)
         echo("note: tune.objective pareto: no pruning (every trial runs all its epochs)")
@@ -227,8 +227,9 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
                           f"{prop} has none (property_specs.{prop}.better)")
     study_name = study_name or f"mpprop-{prop}"
     url = storage_url(study_storage(params, prop, storage))
-    set_torch_threads(params.train.get("torch_threads"))
-    device, precision = training_device(params.train)  # an absent device fails at once
+    set_torch_threads(params.train.torch_threads)
+    # an absent device fails at once
+    device, precision = training_device(params.train.device, params.train.precision)
     ws = open_workspace(params)
     data = property_data(params, ws, prop)  # a property without labels fails before any study
 
@@ -277,7 +278,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
     status = "KILLED"
     try:
         _run_until_done(study, claim, n_trials, run_trial, [mlflc, progress],
-                        float(tune["heartbeat_interval"]), echo)
+                        float(tune.heartbeat_interval), echo)
         status = "FINISHED"
     finally:
         with contextlib.suppress(Exception):  # a summary must not hide why the worker stopped
@@ -307,7 +308,7 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
     tune = params.tune
     metric_names, directions = OBJECTIVES[objective]
     storage_obj = open_storage(
-        params, url, MarkStaleAndRetry(int(tune["failed_trial_max_retry"]), echo)
+        params, url, MarkStaleAndRetry(int(tune.failed_trial_max_retry), echo)
     )
     exp_id = setup_mlflow(params)
     # setup_mlflow does not activate an experiment it has just created; trial runs
@@ -315,15 +316,15 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
     mlflow.set_experiment(experiment_id=exp_id)
     study = optuna.create_study(
         storage=storage_obj, study_name=study_name, directions=directions,
-        sampler=TrialSeededSampler(int(tune["sampler_seed"]), kind=tune["sampler"]),
-        pruner=make_pruner(params, int(epochs or tune["epochs"]), prune), load_if_exists=True,
+        sampler=TrialSeededSampler(int(tune.sampler_seed), kind=tune.sampler),
+        pruner=make_pruner(params, int(epochs or tune.epochs), prune), load_if_exists=True,
     )
     if not study.metric_names:
         study.set_metric_names(metric_names)
-    study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune["pareto_mae_tolerance"]))
+    study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune.pareto_mae_tolerance))
     if ATTR_EPOCHS in study.user_attrs and epochs is None:
         epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
-    epochs = int(epochs if epochs is not None else tune["epochs"])
+    epochs = int(epochs if epochs is not None else tune.epochs)
     expect = {ATTR_PROPERTY: prop, ATTR_OBJECTIVE: objective, ATTR_SNAPSHOT: ws.snapshot_sha256,
               ATTR_GRAPH_KEY: ws.cache.key, ATTR_EPOCHS: epochs}
     _check_study_attrs(study, expect)
@@ -341,10 +342,10 @@ class _TrialRunner:
         self.w = worker
         self.claim = claim
         tune = worker.params.tune
-        self.percents = [float(p) for p in tune["screening_percents"]]
-        self.tie_weight = float(tune["screening_tie_weight"])
-        self.seed_base = int(tune["sampler_seed"])
-        self.every = int(tune.get("progress_every") or 0)
+        self.percents = [float(p) for p in tune.screening_percents]
+        self.tie_weight = float(tune.screening_tie_weight)
+        self.seed_base = int(tune.sampler_seed)
+        self.every = tune.progress_every
         self.datasets = {worker.params.graph_settings(): data}
         # train.init_from: every trial fine-tunes this parent's trunk (its n_conv and
         # atom_fea_len win over searched ones; the fine-tuning settings may be searched)
@@ -364,8 +365,8 @@ class _TrialRunner:
         train = self.w.params.train
         return FineTuning(
             self.parent.trunk,
-            int(values.get("freeze_trunk_epochs", train["freeze_trunk_epochs"])),
-            float(values.get("trunk_lr_scale", train["trunk_lr_scale"])), self.parent.label,
+            int(values.get("freeze_trunk_epochs", train.freeze_trunk_epochs)),
+            float(values.get("trunk_lr_scale", train.trunk_lr_scale)), self.parent.label,
         )
 
     def data_for(self, settings: GraphSettings) -> PropertyData:
@@ -401,7 +402,7 @@ class _TrialRunner:
         ))
         trial.set_user_attr(TRIAL_SPLIT_SEED, seed)
         trial.set_user_attr(TRIAL_EPOCHS, w.epochs)
-        tr, va = train_val_split(len(data.pool_rows), float(w.params.split["val_fraction"]), seed)
+        tr, va = train_val_split(len(data.pool_rows), float(w.params.split.val_fraction), seed)
         val_y = data.pool_targets[va]
         val_scale = float(np.std(val_y)) or 1.0
         better = data.spec.better
@@ -443,8 +444,8 @@ class _TrialRunner:
 
         try:
             result = fit_on_pool(
-                hp, graph, data, tr, va, seed, on_epoch, w.params.predict["batch_size"],
-                LossSettings.from_train(w.params.train), w.device, w.precision, fine_tuning,
+                hp, graph, data, tr, va, seed, on_epoch, w.params.predict.batch_size,
+                w.params.loss_settings(), w.device, w.precision, fine_tuning,
             )
         except optuna.TrialPruned:
             mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)

@@ -18,6 +18,15 @@ SNAPSHOT=$(realpath "${1:-../shared/data/mp_snapshot.jsonl.gz}")
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
 
+# commit everything in the demo project (a machine without a git identity gets one for it)
+demo_commit() {
+    git add -A
+    if git diff --cached --quiet; then return 0; fi
+    git -c user.name="$(git config user.name || echo 'mpprop demo')" \
+        -c user.email="$(git config user.email || echo 'demo@mpprop.invalid')" \
+        commit -q -m "$1"
+}
+
 if [ "${FULL:-0}" = 1 ]; then
     mpprop import-pretrained
     dvc repro   # reads data.path from params.yaml
@@ -25,8 +34,7 @@ if [ "${FULL:-0}" = 1 ]; then
 else
     RUN=runs/demo
     mkdir -p "$RUN"
-    # the pipeline and the code it depends on (DVC hashes src/ for the stages' deps)
-    cp dvc.yaml "$RUN/"
+    # the code the pipeline depends on (DVC hashes src/ for the stages' deps)
     rm -rf "$RUN/src" && mkdir -p "$RUN/src" && cp -r src/mpprop "$RUN/src/"
     find "$RUN/src" -name __pycache__ -prune -exec rm -rf {} +
     # the demo budget: each -S overrides one key of params.yaml (validated like any params)
@@ -37,10 +45,24 @@ else
         -S "tune.pruner_warmup_steps=2" -S "tune.pruner_startup_trials=2" -S "tune.search_space.lr_decay_epoch={low: 2, high: 6}" \
         -S "presets.xie.epochs=${EPOCHS:-25}" -S "presets.xie.lr_decay_epoch=${DECAY:-20}" \
         show-params --out "$RUN/params.yaml"
+    # the pipeline, with the plots of the demo's properties only
+    mpprop --params "$RUN/params.yaml" show-pipeline --out "$RUN/dvc.yaml"
     cd "$RUN"
-    [ -d .dvc ] || dvc init --no-scm -q
+    # a project of its own: a git repository, so that `dvc exp run -S`, `dvc exp show`,
+    # `dvc params diff` and `dvc plots diff` work there
+    [ -d .git ] || git init -q
+    [ -d .dvc ] || dvc init -q
+    # a demo made by an earlier run.sh had no git
+    if [ "$(dvc config core.no_scm 2>/dev/null || true)" = True ]; then dvc config --unset core.no_scm; fi
+    mkdir -p .dvc/plots && cp ../../.dvc/plots/*.json .dvc/plots/   # mpprop's plot templates
+    python ../../scripts/dvc_plots_offline.py --configure >/dev/null   # plots without internet
+    for ignored in /mlruns/ /predictions/; do   # the MLflow store and predictions: not versioned
+        grep -qxF "$ignored" .gitignore 2>/dev/null || echo "$ignored" >> .gitignore
+    done
+    demo_commit "demo project: params, pipeline and code"
     mpprop import-pretrained
     dvc repro
+    demo_commit "dvc repro: models, metrics, plots, Table 2"
 fi
 mpprop predict --property all --input data/snapshot --output predictions/champion.csv
 mpprop predict --property all --alias xie-2018 --input data/snapshot \

@@ -60,7 +60,7 @@ def run_property(prop: str, args: argparse.Namespace) -> dict:
     params_file = root / "params.yaml"
     overrides = ["train.torch_threads=1", f"tune.best_params_dir={root / 'tuned'}",
                  *runs.scaled_tune_overrides(params_file, args.tune_epochs), *args.overrides]
-    top_percent = float(load_params(params_file, overrides).train["screening_top_percent"])
+    top_percent = float(load_params(params_file, overrides).train.screening_top_percent)
 
     print(f"[{prop}] tuning: {args.trials} trials x {args.tune_epochs} epochs, "
           f"{args.workers} workers", flush=True)

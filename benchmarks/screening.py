@@ -129,7 +129,7 @@ def run_variant(prop: str, name: str, base: dict, args: argparse.Namespace,
     `stored`: its record in an earlier result)."""
     root = args.workdir / prop
     params = load_params(root / "params.yaml")
-    top = float(params.train["screening_top_percent"])
+    top = float(params.train.screening_top_percent)
     overrides = variant_overrides(root, name, top, base["budget"]["tune_epochs_per_trial"])
     t0 = time.perf_counter()
     hp, tuning = variant_hyperparams(root, prop, name, overrides, base, args, stored)
@@ -149,12 +149,12 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
     params = load_params(root / "params.yaml")
     y, _, spec = runs.test_set(root, [], prop)
     better = spec.better
-    top = float(params.train["screening_top_percent"])
+    top = float(params.train.screening_top_percent)
     res = bootstrap_resamples(len(y), budget["bootstrap_resamples"], runs.BOOTSTRAP_SEED)
     preds = {"xie": np.array(base["models"]["xie"]["test_pred_per_seed"]),
              "mae_tuned": np.array(base["models"]["tuned"]["test_pred_per_seed"]),
              **{v: np.array(r["test_pred_per_seed"]) for v, r in variants.items()}}
-    percents = [float(x) for x in params.tune["screening_percents"]]
+    percents = [float(x) for x in params.tune.screening_percents]
     pairs = [(v, b) for v in variants for b in BASELINES]
     models, paired = compare_models(y, preds, pairs, res, top, better, percents)
     # extrapolation: one model per preset and seed (quality's seeds), the final epochs
@@ -163,7 +163,7 @@ def summarise(prop: str, base: dict, variants: dict[str, dict], args: argparse.N
                                           budget["final_epochs"]), base_overrides),
            "mae_tuned": (Hyperparams(**base["models"]["tuned"]["hyperparams"]), base_overrides),
            **{v: (Hyperparams(**r["hyperparams"]), r["overrides"]) for v, r in variants.items()}}
-    ext_top = float(params.raw["evaluate"]["extrapolation_top_percent"])
+    ext_top = float(params.evaluate.extrapolation_top_percent)
     ext = runs.extrapolation_rankings(root, prop, hps, ext_top, budget["seeds"], args.workers,
                                       lambda line: print(line, flush=True))
     extrapolation = runs.extrapolation_summary(ext, pairs, budget["bootstrap_resamples"], better,

@@ -87,7 +87,7 @@ def summarise(prop: str, base: dict, specs: dict, records: dict, seeds: int, y: 
               ids: list[str], params: object, n_resamples: int) -> tuple[dict, dict]:
     """Metrics over the first `seeds` seeds of every model, and the predictions file entry."""
     better, top = base["better"], float(base["top_percent"])
-    percents = [float(x) for x in params.tune["screening_percents"]]
+    percents = [float(x) for x in params.tune.screening_percents]
     preds = {n: np.array([records[n, s]["unseen_pred"] for s in range(seeds)]) for n in specs}
     pairs = [(a, b) for a in specs for b in screening.BASELINES
              if b in specs and a != b and not (a == "xie" and b == "mae_tuned")]

@@ -337,7 +337,7 @@ def test_evaluate_failing_midway_keeps_previous_plots_and_metrics(
     plots = project / "plots" / PROP
     metrics = project / "metrics" / f"{PROP}.json"
     before, metrics_before = file_digests(plots), metrics.read_bytes()
-    assert {"parity_xie.csv", "screening_xie.csv", "xie.png"} <= set(before)
+    assert {"parity.csv", "screening.csv", "xie.png"} <= set(before)
     assert_unit_modes(plots)
 
     def broken_figure(path: Path, *args: object) -> None:

@@ -65,13 +65,16 @@ def dvc(*args: str, cwd: Path) -> str:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = require_shared_data()
     root = tmp_path_factory.mktemp("pipeline")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "src", root / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     raw = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), data)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    # as run.sh's demo: dvc.yaml with the plots of these properties only
+    sh([str(VENV_BIN / "mpprop"), "--params", str(root / "params.yaml"), "show-pipeline",
+        "--source", str(REPO / "dvc.yaml"), "--out", str(root / "dvc.yaml")], REPO)
     sh(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # mpprop's templates
     dvc("repro", cwd=root)
     return root
 
@@ -139,12 +142,22 @@ def test_report_table(pipeline: Path) -> None:
 
 def test_plots_and_mlflow(pipeline: Path) -> None:
     for prop in PROPS:
+        parity = list(csv.DictReader((pipeline / f"plots/{prop}/parity.csv").open()))
+        curve = list(csv.DictReader((pipeline / f"plots/{prop}/screening.csv").open()))
+        n_test = json.loads((pipeline / f"metrics/{prop}.json").read_text())["xie"]["n_test"]
+        for label in ("Xie preset", "tuned preset"):
+            rows = [r for r in parity if r["model"] == label]
+            assert len(rows) == n_test and all(math.isfinite(float(r["predicted"])) for r in rows)
+            points = [r for r in curve if r["model"] == label]
+            assert (not points) if prop in NO_SCREENING else len(points) > 1
         for preset in ("xie", "tuned"):
-            parity = list(csv.DictReader((pipeline / f"plots/{prop}/parity_{preset}.csv").open()))
-            assert parity and all(math.isfinite(float(r["predicted"])) for r in parity)
-            curve = list(csv.DictReader((pipeline / f"plots/{prop}/screening_{preset}.csv").open()))
-            assert (not curve) if prop in NO_SCREENING else len(curve) > 1
             assert (pipeline / f"plots/{prop}/{preset}.png").stat().st_size > 0
+        # `dvc metrics show`: one row per property, the same few columns, the unit named
+        summary = json.loads((pipeline / f"metrics/{prop}.summary.json").read_text())
+        full = json.loads((pipeline / f"metrics/{prop}.json").read_text())
+        assert summary["n_test"] == n_test and summary["unit"]
+        assert summary["test_mae"]["tuned"] == pytest.approx(full["tuned"]["test_mae"], rel=1e-3)
+        assert set(summary["test_mae"]) == {"xie", "tuned", "tuned-xie"}
     client = tracking(pipeline)
     # every training run has its evaluation under the same names: Compare pairs them
     for preset in ("xie", "tuned"):
@@ -152,6 +165,14 @@ def test_plots_and_mlflow(pipeline: Path) -> None:
         logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
         assert logged == {"evaluation/evaluation.png", "evaluation/parity.csv",
                           "evaluation/screening.csv"}, logged
+        # its page says what it is: property, unit, preset, test MAE with its interval
+        run = client.get_run(run_id)
+        note = run.data.tags["mlflow.note.content"]
+        label = {"xie": "Xie preset", "tuned": "tuned preset"}[preset]
+        assert note.startswith(f"band_gap (eV), {label}: test MAE"), note
+        low, high = run.data.metrics["test_mae_low"], run.data.metrics["test_mae_high"]
+        assert f"95% interval {low:.4g} to {high:.4g}" in note
+        assert low <= run.data.metrics["test_mae"] <= high
     reports = client.search_runs(
         [client.get_experiment_by_name("mpprop").experiment_id],
         filter_string="tags.`mpprop.kind` = 'report'",
@@ -163,16 +184,16 @@ def test_plots_and_mlflow(pipeline: Path) -> None:
     # `dvc plots show` renders every declared plot (HTML, no browser)
     dvc("plots", "show", "-o", str(pipeline / "dvc_plots"), cwd=pipeline)
     assert (pipeline / "dvc_plots" / "index.html").exists()
-    # dvc.yaml's top-level plots on the real outputs: per property Xie and tuned in one plot;
-    # only the properties left out of this run's params fail to load (they have no files)
+    # dvc.yaml's top-level plots on the real outputs: per property Xie and tuned in one plot,
+    # named by model; none fails to load (show-pipeline left out the other properties)
     shown = json.loads(dvc("plots", "show", "--json", cwd=pipeline))
-    assert {e["name"].split()[0] for e in shown.get("errors", [])}.isdisjoint(PROPS)
+    assert not shown.get("errors"), shown.get("errors")
     for prop in PROPS:
         kinds = ["parity"] + ([] if prop in NO_SCREENING else ["screening"])
         assert (f"{prop} screening" in shown["data"]) == (prop not in NO_SCREENING)
         for kind in kinds:
             rows = shown["data"][f"{prop} {kind}"][0]["content"]["data"]["values"]
-            assert {r["filename"] for r in rows} == {f"{kind}_xie.csv", f"{kind}_tuned.csv"}
+            assert {r["model"] for r in rows} == {"Xie preset", "tuned preset"}
 
 
 def test_champions_and_batch_prediction(pipeline: Path) -> None:
@@ -183,6 +204,12 @@ def test_champions_and_batch_prediction(pipeline: Path) -> None:
     for prop in PROPS:
         mv = client.get_model_version_by_alias(f"mpprop-{prop}", "champion")
         assert str(promoted[prop]["version"]) == str(mv.version)
+        # the registry's pages describe the model and the version
+        unit = yaml.safe_load((pipeline / "params.yaml").read_text())["property_specs"][prop]["unit"]
+        assert client.get_registered_model(f"mpprop-{prop}").description.startswith(
+            f"CGCNN models of {prop} ({unit})")
+        assert f"Validation MAE {float(mv.tags['val_mae']):.4g} {unit}" in mv.description
+        assert "the test set is not used to choose" in mv.description
 
     snap, _ = load_snapshot(pipeline / "data/snapshot")
     cifs = pipeline / "cifs"

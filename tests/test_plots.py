@@ -1,10 +1,12 @@
 """DVC plots: dvc.yaml's top-level plots draw what `mpprop evaluate` writes, one parity plot per
-property and one screening curve per property with a screening direction, the Xie and tuned
-presets together, the property's unit (from params.yaml) on both axes of the parity plot; and
-`dvc plots show` on a small project renders them, into a page that needs no internet.
+property and one screening curve per property with a screening direction, every preset in one
+plot, in its own colour, named in the legend, with the y = x line and the property's unit (from
+params.yaml) on both axes of the parity plot; and `dvc plots show` on a small project renders
+them, into a page that needs no internet.
 
 The definitions are checked statically against params.yaml and the evaluate stage's outputs,
-then the real `dvc` runs on CSVs written by evaluate's own writers.
+then the real `dvc` runs on CSVs written by evaluate's own writers, and Vega renders its specs
+to SVG (vl-convert, the Vega project's own renderer, no browser) to read what a person sees.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import yaml
 from conftest import REPO
 
 from mpprop.config import load_params
+from mpprop.paths import PARITY_CSV, SCREENING_CSV
+from mpprop.pipeline_file import pipeline_for
 from mpprop.stages.evaluate import (
     PresetEvaluation,
     curve_percents,
@@ -41,6 +45,8 @@ OFFLINE_SCRIPT = REPO / "scripts" / "dvc_plots_offline.py"
 VENV_BIN = Path(sys.executable).parent
 N_TEST = 50  # test materials per property in the small project (enough for a top-1% curve)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
+TEMPLATES = {"parity": "mpprop_parity", "screening": "mpprop_screening"}
+CATEGORY10 = ("#1f77b4", "#ff7f0e")  # the first two colours of the templates' scheme
 
 
 def resolve(text: str, item: str | None = None) -> str:
@@ -80,13 +86,14 @@ def evaluate_outputs(prop: str) -> set[str]:
     return set().union(*(entry_paths(stage.get(k, []), prop) for k in ("outs", "plots", "metrics")))
 
 
-def data_file(prop: str, kind: str, preset: str) -> str:
-    return f"{PARAMS['evaluate']['plots_dir']}/{prop}/{kind}_{preset}.csv"
+def data_file(prop: str, kind: str) -> str:
+    name = {"parity": PARITY_CSV, "screening": SCREENING_CSV}[kind]
+    return f"{PARAMS['evaluate']['plots_dir']}/{prop}/{name}"
 
 
 def files_of(props: dict[str, Any]) -> dict[str, str]:
     """The plot's data files (resolved) and the y field each gives."""
-    assert isinstance(props["y"], dict), "one file per preset: y maps file -> field"
+    assert isinstance(props["y"], dict), "y maps file -> field"
     return {resolve(path): field for path, field in props["y"].items()}
 
 
@@ -100,7 +107,7 @@ def expected_ids() -> set[str]:
 
 
 def header(write, ev: PresetEvaluation, path: Path) -> list[str]:
-    write(path, ev)
+    write(path, [ev])
     with path.open() as fh:
         return next(csv.reader(fh))
 
@@ -117,21 +124,30 @@ def evaluation(prop: str, preset: str, rng: np.random.Generator) -> PresetEvalua
         y_true=y_true, y_pred=y_pred, test_mae=float(np.mean(np.abs(y_pred - y_true))),
         test_screening_precision=None, best_val_mae=None, run_id=None,
         curve=screening_curve(y_true, y_pred, curve_percents(params), better),
+        parent="mpprop-trunk@champion" if preset == "tuned" else None,
     )
 
 
 # --- the definitions -------------------------------------------------------------------------
 
 
-def test_one_parity_plot_per_property_with_both_presets() -> None:
+def test_one_parity_plot_per_property_with_mpprops_template() -> None:
     defs = top_plots()
     assert set(defs) == expected_ids()
     for prop in PROPERTIES:
         props = defs[f"{prop} parity"]
         files = files_of(props)
-        assert set(files) == {data_file(prop, "parity", p) for p in PRESETS}
+        # one file with every preset's rows: the template colours by its `model` column
+        assert set(files) == {data_file(prop, "parity")}
         assert set(files.values()) == {"predicted"} and props["x"] == "true"
+        assert props["template"] == TEMPLATES["parity"]
         assert set(files) <= evaluate_outputs(prop), "a plot of a file evaluate does not write"
+
+
+def test_templates_are_in_the_repository() -> None:
+    for name in TEMPLATES.values():
+        spec = json.loads((REPO / ".dvc" / "plots" / f"{name}.json").read_text())
+        assert spec["data"] == {"values": "<DVC_METRIC_DATA>"}
 
 
 def test_parity_axes_carry_the_unit_from_params() -> None:
@@ -153,15 +169,17 @@ def test_screening_curves_only_where_the_property_has_a_direction() -> None:
             continue
         props = defs[f"{prop} screening"]
         files = files_of(props)
-        assert set(files) == {data_file(prop, "screening", p) for p in PRESETS}
+        assert set(files) == {data_file(prop, "screening")}
         assert set(files.values()) == {"precision"} and props["x"] == "top_percent"
+        assert props["template"] == TEMPLATES["screening"]
         assert set(files) <= evaluate_outputs(prop)
         assert "(%)" in props["x_label"] and "(%)" in props["y_label"]
 
 
 def test_stage_plots_are_figures_only() -> None:
     # DVC draws every stage plot on its own, besides the top-level plots: a CSV there would be
-    # drawn twice, per preset, and as an empty plot where there is no screening curve
+    # drawn twice, with DVC's default template, and as an empty plot where there is no
+    # screening curve
     for name, stage in DVC["stages"].items():
         body = stage.get("do", stage)
         for path in entry_paths(body.get("plots", []), "P"):
@@ -200,17 +218,25 @@ def plots_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     dvc("init", "--no-scm", "-q", cwd=root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
     rng = np.random.default_rng(0)
     for prop in PROPERTIES:
-        for preset in PRESETS:
-            ev = evaluation(prop, preset, rng)
-            (root / data_file(prop, "parity", preset)).parent.mkdir(parents=True, exist_ok=True)
-            write_parity_csv(root / data_file(prop, "parity", preset), ev)
-            write_screening_csv(root / data_file(prop, "screening", preset), ev)
+        evaluations = [evaluation(prop, preset, rng) for preset in PRESETS]
+        (root / data_file(prop, "parity")).parent.mkdir(parents=True, exist_ok=True)
+        write_parity_csv(root / data_file(prop, "parity"), evaluations)
+        write_screening_csv(root / data_file(prop, "screening"), evaluations)
         for path in evaluate_outputs(prop):
             if path.endswith(IMAGE_SUFFIXES):
                 (root / path).write_bytes(b"\x89PNG\r\n\x1a\n")
     return root
+
+
+def svg_texts(spec: dict[str, Any]) -> tuple[set[str], str]:
+    """The texts and the SVG of a Vega-Lite spec as Vega draws it."""
+    import vl_convert
+
+    svg = vl_convert.vegalite_to_svg(spec)
+    return set(re.findall(r"<text[^>]*>([^<]*)</text>", svg)), svg
 
 
 def test_dvc_plots_show_overlays_presets_with_units(plots_project: Path) -> None:
@@ -219,17 +245,49 @@ def test_dvc_plots_show_overlays_presets_with_units(plots_project: Path) -> None
     data = shown["data"]
     vega = {k for k, v in data.items() if v[0]["type"] == "vega"}
     assert vega == expected_ids()  # no plot per CSV, none of Poisson's ratio's empty curve
+    labels = {"Xie preset", "tuned preset, fine-tuned"}
     for plot_id in vega:
-        prop = plot_id.split()[0]
+        prop, kind = plot_id.split()
         spec = data[plot_id][0]["content"]
         rows = spec["data"]["values"]
-        assert rows, plot_id
-        kind = plot_id.split()[1]
-        assert {r["filename"] for r in rows} == {f"{kind}_{p}.csv" for p in PRESETS}
+        assert {r["model"] for r in rows} == labels, plot_id
+        texts, svg = svg_texts(spec)
+        # each model in the legend, in its own colour
+        assert labels <= texts, (plot_id, texts)
+        assert all(colour in svg for colour in CATEGORY10), plot_id
         if kind == "parity":
             unit = PARAMS["property_specs"][prop]["unit"]
-            assert spec["encoding"]["x"]["title"] == f"DFT {prop} ({unit})"
-            assert spec["encoding"]["y"]["title"] == f"predicted {prop} ({unit})"
+            assert {f"DFT {prop} ({unit})", f"predicted {prop} ({unit})", "y = x"} <= texts
+        else:
+            assert {"screening precision (%)"} <= texts
+
+
+def test_show_pipeline_keeps_only_the_params_properties(tmp_path: Path) -> None:
+    text = pipeline_for((REPO / "dvc.yaml").read_text(), ["bulk_modulus", "poisson_ratio"])
+    kept = {next(iter(p)) for p in yaml.safe_load(text)["plots"]}
+    assert kept == {"bulk_modulus parity", "bulk_modulus screening", "poisson_ratio parity"}
+    assert yaml.safe_load(text)["stages"] == DVC["stages"]  # the stages untouched
+    assert "# The evaluate stage's CSVs as plots" in text  # comments kept
+    project = tmp_path / "demo"
+    project.mkdir()
+    (project / "dvc.yaml").write_text(text)
+    props = ["bulk_modulus", "poisson_ratio"]
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "properties": props}))
+    dvc("init", "--no-scm", "-q", cwd=project)
+    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots", dirs_exist_ok=True)
+    rng = np.random.default_rng(1)
+    for prop in props:
+        evaluations = [evaluation(prop, preset, rng) for preset in PRESETS]
+        (project / data_file(prop, "parity")).parent.mkdir(parents=True)
+        write_parity_csv(project / data_file(prop, "parity"), evaluations)
+        write_screening_csv(project / data_file(prop, "screening"), evaluations)
+        for path in evaluate_outputs(prop):
+            if path.endswith(IMAGE_SUFFIXES):
+                (project / path).write_bytes(b"\x89PNG\r\n\x1a\n")
+    shown = json.loads(dvc("plots", "show", "--json", cwd=project))
+    # the full dvc.yaml here would report five properties' plots as failed to load
+    assert not shown.get("errors"), shown.get("errors")
+    assert {k for k, v in shown["data"].items() if v[0]["type"] == "vega"} == kept
 
 
 def test_offline_page(plots_project: Path, tmp_path: Path) -> None:
@@ -242,4 +300,4 @@ def test_offline_page(plots_project: Path, tmp_path: Path) -> None:
     assert not re.search(r"<script[^>]*\bsrc=", html), "the page loads a script from elsewhere"
     assert "window.vegaEmbed=" in html.replace(" ", "")
     assert html.count("vegaEmbed('#") == len(expected_ids())
-    assert "DFT band_gap (eV)" in html and "parity_tuned.csv" in html
+    assert "DFT band_gap (eV)" in html and "tuned preset, fine-tuned" in html

@@ -534,5 +534,28 @@ def show_params(obj: Context, out: Path | None) -> None:
     click.echo(f"params -> {out}")
 
 
+@main.command("show-pipeline")
+@click.option("--source", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=Path("dvc.yaml"), show_default=True, help="The pipeline to start from.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write it to this file instead of printing it.")
+@pass_ctx
+def show_pipeline(obj: Context, source: Path, out: Path | None) -> None:
+    """dvc.yaml for the params' properties: the top-level plots of the others left out (DVC
+    has no foreach for them; run.sh's demo project uses this)."""
+    from mpprop.pipeline_file import PipelineFileError, pipeline_for
+
+    try:
+        text = pipeline_for(source.read_text(), obj.params.properties)
+    except PipelineFileError as exc:
+        raise click.ClickException(f"{source}: {exc}") from exc
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    click.echo(f"pipeline -> {out}")
+
+
 def run() -> None:  # pragma: no cover
     sys.exit(main())

@@ -13,6 +13,9 @@ from mpprop.config import Params
 MODEL_FILE = BUNDLE_FILE  # models/<P>/<preset>/model.pt, the trunk's model.pt
 TRAIN_METRICS_FILE = "metrics.json"  # beside every saved model
 EXTRAPOLATION_SUFFIX = ".extrapolation.json"
+SUMMARY_SUFFIX = ".summary.json"  # metrics/<P>.summary.json: the few numbers DVC shows
+PARITY_CSV = "parity.csv"  # plots/<P>/: every preset's test predictions, a `model` column
+SCREENING_CSV = "screening.csv"  # plots/<P>/: every preset's screening curve
 PROMOTED_FILE = "promoted.json"  # written by `mpprop promote --record`, read by report
 TABLE2_MARKDOWN = "table2.md"
 TABLE2_CSV = "table2.csv"
@@ -39,6 +42,12 @@ def plots_dir(params: Params, prop: str) -> Path:
 
 def extrapolation_path(params: Params, prop: str) -> Path:
     return metrics_path(params, prop).with_name(f"{prop}{EXTRAPOLATION_SUFFIX}")
+
+
+def metrics_summary_path(params: Params, prop: str) -> Path:
+    """metrics/<P>.summary.json: one row of `dvc metrics show` per property (test MAE and
+    screening precision per preset, the paired difference, n_test, the unit)."""
+    return metrics_path(params, prop).with_name(f"{prop}{SUMMARY_SUFFIX}")
 
 
 def report_dir(params: Params) -> Path:

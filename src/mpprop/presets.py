@@ -83,3 +83,14 @@ def final_hyperparams(params: Params, prop: str, preset: str,
     if "lr_decay_epoch" not in overrides:
         decay = max(1, round(hp.lr_decay_epoch * final / hp.epochs))
     return replace(hp, epochs=int(final), lr_decay_epoch=int(decay))
+
+
+# how plots and legends name a preset's model
+PRESET_LABELS = {"xie": "Xie preset", "tuned": "tuned preset"}
+
+
+def preset_label(preset: str, parent: str | None = None) -> str:
+    """The name a preset's model has in plots ("tuned preset, fine-tuned" where it was
+    fine-tuned from a parent model)."""
+    label = PRESET_LABELS.get(preset, preset)
+    return f"{label}, fine-tuned" if parent else label

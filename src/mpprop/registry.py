@@ -52,6 +52,29 @@ def registered_name(params: Params, prop: str) -> str:
     return f"{params.mlflow.registry_prefix}{prop}"
 
 
+def model_description(params: Params, prop: str, unit: str) -> str:
+    """A registered model's description: what it predicts and what each alias means."""
+    m = params.mlflow
+    return (
+        f"CGCNN models of {prop} ({unit}). Aliases: `{m.champion_alias}`, the project's best "
+        f"model by validation MAE among its training runs and tuning trials (`mpprop "
+        f"promote`; the test set is not used to choose); `{m.pretrained_alias}`, the "
+        f"published CGCNN checkpoint (Xie & Grossman, PRL 120, 145301, 2018); "
+        f"`{m.shipped_alias}`, mpprop's own pretrained model where one is shipped "
+        f"(`mpprop import-pretrained`). Each version's description gives its preset, test "
+        f"MAE and how it was chosen."
+    )
+
+
+def describe_registered_model(client: MlflowClient, params: Params, prop: str,
+                              unit: str) -> None:
+    """Set the registered model's description (the registry's model page shows it)."""
+    name = registered_name(params, prop)
+    text = model_description(params, prop, unit)
+    if client.get_registered_model(name).description != text:
+        client.update_registered_model(name, description=text)
+
+
 def is_not_found(exc: MlflowException) -> bool:
     return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 

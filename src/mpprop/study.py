@@ -30,7 +30,7 @@ from mpprop.search import (
 )
 from mpprop.snapshot import atomic_output
 from mpprop.study_storage import TuneError, redact
-from mpprop.tracking import KIND_STUDY, TAG_KIND, TAG_PROPERTY
+from mpprop.tracking import KIND_STUDY, TAG_DESCRIPTION, TAG_KIND, TAG_PROPERTY
 
 # study user attrs: what the study was made from, and where its trials are tracked
 ATTR_PROPERTY = TAG_PROPERTY  # the study carries the same key as its runs
@@ -284,7 +284,7 @@ def name_trial_run(trial: FrozenTrial, prop: str) -> None:
     client.update_run(run_id, name=trial_run_name(prop, trial))
     described = ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items()))
     baseline = " Enqueued baseline (tune.enqueue)." if trial.user_attrs.get(TRIAL_ENQUEUED) else ""
-    client.set_tag(run_id, "mlflow.note.content",
+    client.set_tag(run_id, TAG_DESCRIPTION,
                    f"Optuna trial {trial.number}, {trial.state.name}: {described}.{baseline}")
 
 

@@ -49,6 +49,10 @@ TAG_STUDY = "mpprop.study"
 TAG_TRIAL_NUMBER = "optuna.trial_number"  # set by the tuner on each trial run
 TAG_SNAPSHOT = "snapshot_sha256"
 TAG_GRAPH_KEY = "graph_cache_key"
+TAG_DESCRIPTION = "mlflow.note.content"  # the Description box of a run's page (markdown)
+# a training run's test MAE interval (95% bootstrap), logged by evaluate, read by promote
+TEST_MAE_LOW = "test_mae_low"
+TEST_MAE_HIGH = "test_mae_high"
 KIND_TRAIN = "train"
 KIND_TRIAL = "tune-trial"
 KIND_STUDY = "tune-study"

@@ -2,11 +2,16 @@
 
 Writes, per property (paths from params `evaluate`):
 - metrics/<prop>.json: per preset test_mae, test_screening_precision (null where the property
-  has no screening direction), best_val_mae, n_test (DVC metrics);
-- plots/<prop>/parity_<preset>.csv (material_id, true, predicted) and
-  plots/<prop>/screening_<preset>.csv (top_percent, precision, n_top) (DVC plots);
-- plots/<prop>/<preset>.png, a parity + screening figure, also logged (with the CSVs) as
-  artifacts of the preset's training run in MLflow.
+  has no screening direction), best_val_mae, n_test, intervals, budgets, the paired
+  differences (read by report);
+- metrics/<prop>.summary.json: the few of those numbers `dvc metrics show` lists, one row
+  per property (DVC metrics);
+- plots/<prop>/parity.csv (model, material_id, true, predicted) and
+  plots/<prop>/screening.csv (model, top_percent, precision, n_top): every preset's rows,
+  named by `model`, which dvc.yaml's plot templates colour by (DVC plots);
+- plots/<prop>/<preset>.png, a parity + screening figure, logged with that preset's rows of
+  the CSVs as evaluation/evaluation.png, parity.csv and screening.csv in its MLflow
+  training run (the same names in every run, so the UI's Compare lines them up).
 
 The predictions are made again from the saved bundle (models/<prop>/<preset>/model.pt), not
 read from the training run, so the numbers belong to the file DVC versions.
@@ -37,13 +42,24 @@ from mpprop.data import open_workspace, property_data
 from mpprop.device import training_device
 from mpprop.inference import predict_rows
 from mpprop.outputs import output_dir
-from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, metrics_path, model_dir, plots_dir
-from mpprop.presets import PAIRED_PREFIX, default_presets
+from mpprop.paths import (
+    MODEL_FILE,
+    PARITY_CSV,
+    SCREENING_CSV,
+    TRAIN_METRICS_FILE,
+    metrics_path,
+    metrics_summary_path,
+    model_dir,
+    plots_dir,
+)
+from mpprop.presets import PAIRED_PREFIX, default_presets, preset_label
 from mpprop.snapshot import atomic_output
 from mpprop.stats import n_top, screening_precision
-from mpprop.tracking import setup_mlflow
+from mpprop.tracking import TAG_DESCRIPTION, TEST_MAE_HIGH, TEST_MAE_LOW, setup_mlflow
 
 ARTIFACT_DIR = "evaluation"  # folder of the evaluation files inside a training run
+FIGURE_ARTIFACT = "evaluation.png"  # the figure's name there (parity.csv, screening.csv beside)
+SUMMARY_DIGITS = 4  # significant digits of metrics/<P>.summary.json
 # figure layout (presentation only)
 PANEL_SIZE_INCHES = (5.0, 4.5)
 SCATTER_STYLE = {"s": 6, "alpha": 0.5}
@@ -66,6 +82,11 @@ class PresetEvaluation:
     best_val_mae: float | None
     run_id: str | None
     curve: list[tuple[float, int, float | None]]  # (top %, n_top, precision %)
+    parent: str | None = None  # the model it was fine-tuned from, if any
+
+    @property
+    def label(self) -> str:
+        return preset_label(self.preset, self.parent)
 
     @property
     def n_test(self) -> int:
@@ -179,25 +200,51 @@ def evaluate_preset(params: Params, ws: Any, data: Any, prop: str, preset: str) 
         best_val_mae=train_metrics.get("best_val_mae"),
         run_id=train_metrics.get("run_id"),
         curve=screening_curve(y_true, y_pred, curve_percents(params), better),
+        parent=train_metrics.get("init_from"),
     )
 
 
-def write_parity_csv(path: Path, ev: PresetEvaluation) -> None:
+def write_parity_csv(path: Path, evaluations: Sequence[PresetEvaluation]) -> None:
+    """Each model's test predictions, one row per material, the model named in `model`."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["material_id", "true", "predicted"])
-        for mid, t, p in zip(ev.material_ids.tolist(), ev.y_true, ev.y_pred, strict=True):
-            w.writerow([mid, repr(float(t)), repr(float(p))])
+        w.writerow(["model", "material_id", "true", "predicted"])
+        for ev in evaluations:
+            for mid, t, p in zip(ev.material_ids.tolist(), ev.y_true, ev.y_pred, strict=True):
+                w.writerow([ev.label, mid, repr(float(t)), repr(float(p))])
 
 
-def write_screening_csv(path: Path, ev: PresetEvaluation) -> None:
-    """The curve; header only for a property without a screening direction (no curve)."""
+def write_screening_csv(path: Path, evaluations: Sequence[PresetEvaluation]) -> None:
+    """Each model's curve; header only for a property without a screening direction."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["top_percent", "precision", "n_top"])
-        for pct, k, precision in ev.curve:
-            if precision is not None:
-                w.writerow([pct, precision, k])
+        w.writerow(["model", "top_percent", "precision", "n_top"])
+        for ev in evaluations:
+            for pct, k, precision in ev.curve:
+                if precision is not None:
+                    w.writerow([ev.label, pct, precision, k])
+
+
+def _significant(value: float | None, digits: int = SUMMARY_DIGITS) -> float | None:
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def metrics_summary(results: dict[str, dict[str, Any]], unit: str, top_percent: float
+                    ) -> dict[str, Any]:
+    """What `dvc metrics show` lists per property: test MAE per preset (in `unit`, the
+    model's), the paired difference, screening precision of the top N% per preset (%),
+    n_test. The same keys for every property, so each property is one row."""
+    screening_key = f"top{top_percent:g}%_precision"
+    summary: dict[str, Any] = {"unit": unit, "n_test": None, "test_mae": {}, screening_key: {}}
+    for name, m in results.items():
+        if name.startswith(PAIRED_PREFIX):
+            summary["test_mae"][name[len(PAIRED_PREFIX):]] = _significant(m["mae_diff"])
+            continue
+        summary["n_test"] = m["n_test"]
+        summary["test_mae"][name] = _significant(m["test_mae"])
+        precision = m["test_screening_precision"]
+        summary[screening_key][name] = None if precision is None else round(precision, 1)
+    return summary
 
 
 def plot_figure(path: Path, ev: PresetEvaluation, spec: PropertySpec, top_percent: float) -> None:
@@ -215,10 +262,12 @@ def plot_figure(path: Path, ev: PresetEvaluation, spec: PropertySpec, top_percen
     ax.scatter(ev.y_true, ev.y_pred, **SCATTER_STYLE)
     lo = float(min(ev.y_true.min(), ev.y_pred.min()))
     hi = float(max(ev.y_true.max(), ev.y_pred.max()))
-    ax.plot([lo, hi], [lo, hi], color="black")  # y = x
+    ax.plot([lo, hi], [lo, hi], color="black", linestyle="--", label="y = x")
     ax.set_xlabel(f"DFT {spec.key} ({spec.unit})")
-    ax.set_ylabel(f"predicted ({spec.unit})")
-    ax.set_title(f"{spec.key} [{ev.preset}]: test MAE {ev.test_mae:.4g}, n={ev.n_test}")
+    ax.set_ylabel(f"predicted {spec.key} ({spec.unit})")
+    ax.set_title(f"{spec.key}, {ev.label}: test MAE {ev.test_mae:.4g} {spec.unit}, "
+                 f"n={ev.n_test}")
+    ax.legend(loc="upper left")
     if screening:
         ax = axes[0][1]
         pcts = [c[0] for c in ev.curve]
@@ -234,16 +283,27 @@ def plot_figure(path: Path, ev: PresetEvaluation, spec: PropertySpec, top_percen
     plt.close(fig)
 
 
-def run_artifact_name(file_name: str, preset: str) -> str:
-    """The name an evaluation file has in its training run: without the preset (parity.csv,
-    screening.csv, evaluation.png), the run says which preset it is."""
-    stem, dot, suffix = file_name.rpartition(".")
-    stem = stem.replace(f"_{preset}", "")
-    return f"{'evaluation' if stem == preset else stem}{dot}{suffix}"
+def run_description(ev: PresetEvaluation, quality: dict[str, Any], spec: PropertySpec,
+                    top_percent: float) -> str:
+    """The training run's description once its model is evaluated: test MAE with its
+    interval and unit, screening precision, validation MAE."""
+    unit = spec.unit
+    text = (f"{spec.key} ({unit}), {ev.label}: test MAE {ev.test_mae:.4g} {unit} (95% interval "
+            f"{quality['test_mae_low']:.4g} to {quality['test_mae_high']:.4g}, "
+            f"{ev.n_test} test materials)")
+    if ev.test_screening_precision is not None:
+        text += (f"; top-{top_percent:g}% screening precision {ev.test_screening_precision:.1f}%"
+                 f" ({quality['test_screening_low']:.1f} to "
+                 f"{quality['test_screening_high']:.1f}, {quality['n_top']} top materials)")
+    if ev.best_val_mae is not None:
+        text += f"; best validation MAE {ev.best_val_mae:.4g} {unit}"
+    return text + "."
 
 
-def log_to_training_run(params: Params, ev: PresetEvaluation, files: list[Path]) -> bool:
-    """Attach the evaluation files and the screening curve to the preset's training run."""
+def log_to_training_run(params: Params, ev: PresetEvaluation, figure: Path,
+                        description: str, quality: dict[str, Any]) -> bool:
+    """Attach the figure, this preset's rows of the CSVs, the screening curve, the test
+    MAE interval and a description to the preset's training run."""
 
 
     if not ev.run_id:
@@ -259,17 +319,22 @@ def log_to_training_run(params: Params, ev: PresetEvaluation, files: list[Path])
         print(f"warning: training run {ev.run_id} of the {ev.preset} model is not in "
               f"{mlflow.get_tracking_uri()}; evaluation not logged to MLflow", file=sys.stderr)
         return False
-    # the same names in every training run (parity.csv, not parity_xie.csv), so that the
-    # UI's Compare shows the runs' files side by side
+    # the same names in every training run (not xie.png, tuned.png), so that the UI's
+    # Compare shows the runs' files side by side
     with tempfile.TemporaryDirectory() as tmp:
-        for f in files:
-            same_name = Path(tmp) / run_artifact_name(f.name, ev.preset)
-            shutil.copyfile(f, same_name)
-            client.log_artifact(ev.run_id, str(same_name), artifact_path=ARTIFACT_DIR)
+        folder = Path(tmp)
+        shutil.copyfile(figure, folder / FIGURE_ARTIFACT)
+        write_parity_csv(folder / PARITY_CSV, [ev])
+        write_screening_csv(folder / SCREENING_CSV, [ev])
+        for name in (FIGURE_ARTIFACT, PARITY_CSV, SCREENING_CSV):
+            client.log_artifact(ev.run_id, str(folder / name), artifact_path=ARTIFACT_DIR)
     for pct, _, precision in ev.curve:
         if precision is not None:
             # one metric with step = N: MLflow draws the curve and compares it across runs
             client.log_metric(ev.run_id, "test_screening_curve", precision, step=int(round(pct)))
+    client.log_metric(ev.run_id, TEST_MAE_LOW, quality["test_mae_low"])
+    client.log_metric(ev.run_id, TEST_MAE_HIGH, quality["test_mae_high"])
+    client.set_tag(ev.run_id, TAG_DESCRIPTION, description)
     return True
 
 
@@ -308,21 +373,22 @@ def evaluate_property(
         for preset in presets:
             ev = evaluate_preset(params, ws, data, prop, preset)
             evaluations[preset] = ev
-            parity, curve, figure = (
-                out_plots / f"parity_{preset}.csv",
-                out_plots / f"screening_{preset}.csv",
-                out_plots / f"{preset}.png",
-            )
-            write_parity_csv(parity, ev)
-            write_screening_csv(curve, ev)
+            figure = out_plots / f"{preset}.png"
             plot_figure(figure, ev, spec, top_percent)
+            quality = ev.quality(resamples, top_percent, spec.better)
             if log_mlflow:
-                log_to_training_run(params, ev, [figure, parity, curve])
-            results[preset] = {**ev.metrics(), **ev.quality(resamples, top_percent, spec.better),
+                log_to_training_run(params, ev, figure,
+                                    run_description(ev, quality, spec, top_percent), quality)
+            results[preset] = {**ev.metrics(), **quality,
                                "budget": training_budget(params, prop, preset)}
+        write_parity_csv(out_plots / PARITY_CSV, list(evaluations.values()))
+        write_screening_csv(out_plots / SCREENING_CSV, list(evaluations.values()))
         results.update(paired_differences(evaluations, resamples, top_percent, spec.better))
     with atomic_output(metrics_path(params, prop)) as tmp:
         Path(tmp).write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_output(metrics_summary_path(params, prop)) as tmp:
+        summary = metrics_summary(results, spec.unit, top_percent)
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     return results
 
 

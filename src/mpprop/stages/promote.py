@@ -45,7 +45,9 @@ from mpprop.model import (
 )
 from mpprop.registry import (
     PARENT_TAGS,
+    TAG_PARENT_NAME,
     RegistryError,
+    describe_registered_model,
     get_version_by_alias,
     registered_name,
 )
@@ -62,6 +64,8 @@ from mpprop.tracking import (
     TAG_STUDY,
     TAG_TASK,
     TAG_TRIAL_NUMBER,
+    TEST_MAE_HIGH,
+    TEST_MAE_LOW,
     VAL_SCREENING_METRIC,
     download_bundle,
     log_model,
@@ -166,6 +170,8 @@ class Candidate:
     graph_cache_key: str | None
     start_time: int
     val_screening: float | None = None  # smoothed val top-N% precision (best_val_screening)
+    test_mae_low: float | None = None  # its 95% bootstrap interval (logged by evaluate)
+    test_mae_high: float | None = None
     lineage: dict[str, str] = field(default_factory=dict)  # parent tags of a fine-tuned run
 
     def sort_key(self, select_by: str = "val_mae") -> tuple[float, float, int, str]:
@@ -251,6 +257,8 @@ def find_candidates(
                 graph_cache_key=tags.get("graph_cache_key"),
                 start_time=int(r.info.start_time or 0),
                 val_screening=metrics.get(VAL_SCREENING_METRIC),
+                test_mae_low=metrics.get(TEST_MAE_LOW),
+                test_mae_high=metrics.get(TEST_MAE_HIGH),
                 lineage={k: tags[k] for k in PARENT_TAGS if tags.get(k)},
             )
         )
@@ -324,12 +332,37 @@ def _promote_locked(params: Params, prop: str, client: MlflowClient) -> Promotio
         version, created = str(existing[0].version), False
     else:
         version, created = _register(best, name, prop, select_by, len(candidates)), True
+        unit = params.property_spec(prop).unit
+        client.update_model_version(name, version, description=version_description(
+            best, prop, unit, select_by, len(candidates)))
+        describe_registered_model(client, params, prop, unit)
     client.set_registered_model_alias(name, alias, version)
     return Promotion(
         name=name, alias=alias, version=str(version), created=created,
         previous_version=str(previous.version) if previous else None,
         candidate=best, n_candidates=len(candidates),
     )
+
+
+def _selection(best: Candidate, select_by: str, n_candidates: int) -> str:
+    return ((f"lowest validation MAE ({best.val_metric})" if select_by == "val_mae"
+             else f"highest {VAL_SCREENING_METRIC}")
+            + f" of {n_candidates} candidate runs; the test set is not used to choose")
+
+
+def version_description(best: Candidate, prop: str, unit: str, select_by: str,
+                        n_candidates: int) -> str:
+    """A promoted version's description: preset, errors with the unit, how it was chosen."""
+    made = f"{best.preset} ({best.kind} run {best.run_id[:8]})"
+    parent = best.lineage.get(TAG_PARENT_NAME)
+    if parent:
+        made += f", fine-tuned from {parent}"
+    text = f"{prop} ({unit}), {made}. Validation MAE {best.val_mae:.4g} {unit}."
+    if _finite(best.test_mae):
+        interval = (f" (95% interval {best.test_mae_low:.4g} to {best.test_mae_high:.4g})"
+                    if _finite(best.test_mae_low) and _finite(best.test_mae_high) else "")
+        text += f" Test MAE {best.test_mae:.4g} {unit}{interval}."
+    return text + f" Chosen as the {_selection(best, select_by, n_candidates)}."
 
 
 def _register(best: Candidate, name: str, prop: str, select_by: str, n_candidates: int) -> str:
@@ -349,9 +382,7 @@ def _register(best: Candidate, name: str, prop: str, select_by: str, n_candidate
         "target_unit": bundle["property"]["unit"],
         "target_transform": bundle["property"]["transform"],
         "val_mae": best.val_mae,
-        "selection": (f"lowest validation MAE ({best.val_metric})" if select_by == "val_mae"
-                      else f"highest {VAL_SCREENING_METRIC}")
-        + f" of {n_candidates} candidate runs; the test set is not used to choose",
+        "selection": _selection(best, select_by, n_candidates),
     }
     tags.update(best.lineage)  # a fine-tuned model's version names its parent
     if bundle.get("task", TASK_REGRESSION) == TASK_REGRESSION:
@@ -502,9 +533,23 @@ def import_pretrained(
             model_uri = log_model(bundle, gate_path=gate_bundle)
         tags["source_run_id"] = run.info.run_id
         mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
+        client.update_model_version(name, mv.version, description=_published_description(
+            prop, spec.unit, source, domain))
+        if not classifier:
+            describe_registered_model(client, params, prop, spec.unit)
         client.set_registered_model_alias(name, alias, mv.version)
         results.append(PretrainedImport(name, alias, str(mv.version), "registered", sha))
     return results
+
+
+def _published_description(prop: str, unit: str, source: str, domain: str) -> str:
+    text = (f"The published CGCNN checkpoint of {prop} ({unit}) (Xie & Grossman, PRL 120, "
+            f"145301, 2018; {source}). Trained on a 2017 MP list that most of this project's "
+            f"test materials come from: its test errors here are optimistic.")
+    if domain:
+        text += f" Trained on {domain} only; `mpprop predict` serves it behind the published "
+        text += "metal classifier."
+    return text
 
 
 def _metal_classifier_bundle(folder: Path, graph: GraphSettings) -> Path:
@@ -554,6 +599,7 @@ def import_shipped(params: Params, client: MlflowClient | None = None,
         tags["source_run_id"] = run.info.run_id
         mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
         client.update_model_version(name, mv.version, description=shipped.card.read_text())
+        describe_registered_model(client, params, shipped.prop, spec.unit)
         client.set_registered_model_alias(name, alias, mv.version)
         results.append(PretrainedImport(name, alias, str(mv.version), "registered",
                                         shipped.sha256))

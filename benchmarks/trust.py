@@ -119,15 +119,15 @@ def ood_scores(data: Path, prop: str, workdir: Path, max_records: int | None) ->
     ws = open_workspace(params)
     pdata = property_data(params, ws, prop)
     model, _, _ = load_checkpoint(pretrained_path(prop), params.graph_settings())
-    bs = params.predict["batch_size"]
-    tr, va = train_val_split(len(pdata.pool_rows), params.split["val_fraction"],
-                             int(params.train["seed"]))
+    bs = params.predict.batch_size
+    tr, va = train_val_split(len(pdata.pool_rows), params.split.val_fraction,
+                             int(params.train.seed))
     pred = params.predict
     ood = OODReference.fit(embed(model, ws.cache, pdata.pool_rows[tr], bs),
                            embed(model, ws.cache, pdata.pool_rows[va], bs),
-                           k=int(pred["ood_k"]), quantile=float(pred["ood_quantile"]),
-                           max_reference=int(pred["ood_max_reference"]),
-                           seed=int(params.train["seed"]))
+                           k=int(pred.ood_k), quantile=float(pred.ood_quantile),
+                           max_reference=int(pred.ood_max_reference),
+                           seed=int(params.train.seed))
     snap, _ = load_snapshot(params.snapshot_dir())
     test_structures = [snap.structure(int(i)) for i in pdata.test_rows]
     groups = {"MP test crystals": test_structures, **odd_structures(test_structures)}
@@ -144,7 +144,7 @@ def ood_scores(data: Path, prop: str, workdir: Path, max_records: int | None) ->
                      "warning_fraction": float(np.mean(warned))})
     return {"property": prop, "model": "xie-2018 published checkpoint",
             "n_reference": len(ood.embeddings), "k": ood.k, "threshold": ood.threshold,
-            "threshold_quantile": float(pred["ood_quantile"]), "groups": rows}
+            "threshold_quantile": float(pred.ood_quantile), "groups": rows}
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from conftest import require_shared_data
 from mp_api_server import GGA, MPAPIServer, load_records
 from pymatgen.core import Lattice, Structure
 
+from mpprop import mp_source
 from mpprop.config import Params, validate_params
 from mpprop.snapshot import load_snapshot, sha256_file
-from mpprop.stages import fetch as sources
 from mpprop.stages.fetch import FetchError, fetch_snapshot, format_fetch_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,7 +396,7 @@ def _api_records(n: int = 3) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("path", ["/materials/summary/", "/materials/thermo/", "/heartbeat"])
 def test_mp_api_busy_503_is_retried_with_backoff(tmp_path, monkeypatch, path):
-    monkeypatch.setattr(sources, "MP_API_BACKOFF_FACTOR", 0.01)  # keep the test fast
+    monkeypatch.setattr(mp_source, "MP_API_BACKOFF_FACTOR", 0.01)  # keep the test fast
     recs = _api_records()
     ids = [r["material_id"] for r in recs]
     with MPAPIServer(recs, busy={path: 2}) as srv:  # 503 twice, then answers
@@ -414,7 +414,7 @@ def test_mp_api_busy_503_is_retried_with_backoff(tmp_path, monkeypatch, path):
 
 
 def test_mp_api_503_that_does_not_end_is_a_fetch_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MP_API_BACKOFF_FACTOR", 0.01)
+    monkeypatch.setattr(mp_source, "MP_API_BACKOFF_FACTOR", 0.01)
     recs = _api_records()
     with MPAPIServer(recs, busy={"/materials/summary/": 1000}) as srv:
         monkeypatch.setenv("MP_API_ENDPOINT", srv.endpoint)
@@ -424,7 +424,7 @@ def test_mp_api_503_that_does_not_end_is_a_fetch_error(tmp_path, monkeypatch):
         with pytest.raises(FetchError, match="MP API query failed.*503"):
             fetch_snapshot(params, tmp_path / "api", progress=False)
         tries = [s for p, s in srv.statuses if p == "/materials/summary/"]
-    assert tries == [503] * (sources.MP_API_MAX_RETRIES + 1)  # retried, then given up
+    assert tries == [503] * (mp_source.MP_API_MAX_RETRIES + 1)  # retried, then given up
     assert not (tmp_path / "api").exists()
 
 
@@ -462,7 +462,7 @@ def test_a_non_https_endpoint_warns_and_client_errors_are_masked(tmp_path, monke
         raise RequestException(f"401 from a proxy; request had X-Api-Key: {DUMMY_KEY[::-1]}, "
                                f"key={DUMMY_KEY}")
 
-    monkeypatch.setattr(sources, "_query_mp_api", failing)
+    monkeypatch.setattr(mp_source, "_query_mp_api", failing)
     monkeypatch.setenv("MP_API_KEY", DUMMY_KEY)
     monkeypatch.setenv("MP_API_ENDPOINT", "http://mp.example.org/")
     params = make_params(tmp_path, source="mp-api", mp_api={"criteria": {"material_ids": ["mp-1"]}})
@@ -474,5 +474,5 @@ def test_a_non_https_endpoint_warns_and_client_errors_are_masked(tmp_path, monke
         "warning: MP_API_ENDPOINT http://mp.example.org/ is not https: the MP API key is sent "
         "unencrypted"]
     for endpoint in ("https://api.materialsproject.org/", "http://localhost:8000/"):
-        sources.warn_if_insecure(endpoint)
+        mp_source.warn_if_insecure(endpoint)
     assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@ crystals built in the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -99,8 +100,8 @@ def tiny_registered_model(prop: str = "band_gap"):
 
     from mpprop.bundle import LoadedModel
     from mpprop.model import CrystalGraphConvNet, Normalizer
+    from mpprop.prediction_csv import RegisteredModel
     from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
-    from mpprop.stages.predict import RegisteredModel
 
     torch.manual_seed(0)
     hp = Hyperparams(n_conv=1, n_h=1, atom_fea_len=8, h_fea_len=8, lr=0.01,
@@ -110,3 +111,30 @@ def tiny_registered_model(prop: str = "band_gap"):
     return RegisteredModel(prop, f"models:/mpprop-{prop}/1",
                            LoadedModel(f"mpprop-{prop}@test v1", net, Normalizer(0.0, 1.0),
                                        spec, {}))
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package `chromium`
+# headless on a machine without network: no sandbox (root), no GPU, and none of Chromium's
+# own background connections (refused here, and slow to fail)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@contextlib.contextmanager
+def headless_browser():
+    """A Playwright browser on the system Chromium; skipped with a reason where it is absent,
+    never in CI (.ci/run installs it)."""
+    if not CHROMIUM.exists():
+        skip_outside_ci(f"{CHROMIUM} not found (Debian package chromium)",
+                        f"{CHROMIUM} missing: .ci/run installs the Debian package chromium")
+    # imported here: only the browser tests need Playwright
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+                                     headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -230,4 +230,11 @@ def test_ui_url_opens_the_training_runs_in_the_model_training_view(project):
     assert route == f"/experiments/{exp.experiment_id}/runs"
     q = parse_qs(query)
     assert q["workflowType"] == ["machine_learning"]  # not MLflow 3's default GenAI view
-    assert q["searchFilter"] == ["tags.`mpprop.kind` = 'train'"]
+    # the runs table's state is the experiment's shared view that the link names
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{q['viewStateShareKey'][0]}"])
+    assert view["searchFilter"] == "tags.`mpprop.kind` = 'train'"
+    assert view["orderByKey"] == "metrics.`test_mae`" and view["orderByAsc"] is True
+    assert {"metrics.`test_mae`", "metrics.`best_val_mae`", "tags.`mpprop.preset`"} <= set(
+        view["selectedColumns"])
+    # any search parameter in the URL would make the UI ignore the shared view
+    assert set(q) == {"workflowType", "viewStateShareKey"}

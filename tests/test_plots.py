@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, headless_browser
 
 from mpprop.config import load_params
 from mpprop.paths import PARITY_CSV, SCREENING_CSV
@@ -301,3 +301,20 @@ def test_offline_page(plots_project: Path, tmp_path: Path) -> None:
     assert "window.vegaEmbed=" in html.replace(" ", "")
     assert html.count("vegaEmbed('#") == len(expected_ids())
     assert "DFT band_gap (eV)" in html and "tuned preset, fine-tuned" in html
+
+    # in a real browser with the network off: every plot drawn, nothing fetched from elsewhere
+    with headless_browser() as browser:
+        context = browser.new_context(offline=True, viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        requests: list[str] = []
+        errors: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((plots_project / "page" / "index.html").as_uri())
+        drawn = page.locator(".vega-embed canvas, .vega-embed svg.marks")
+        drawn.nth(len(expected_ids()) - 1).wait_for(timeout=60_000)
+        assert drawn.count() == len(expected_ids())
+        assert not errors, errors
+        assert all(url.startswith(("file:", "data:", "blob:")) for url in requests), requests
+        page.screenshot(path=str(tmp_path / "plots.png"), full_page=True)
+        context.close()

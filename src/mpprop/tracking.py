@@ -68,6 +68,17 @@ TAG_DOMAIN = "mpprop.domain"
 VAL_SCREENING_METRIC = "best_val_screening"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The MLflow UI keeps the runs table's columns in the browser, and its URL carries only the
+# search and sort; a "shared view" (the UI's Share button) is an experiment tag with the whole
+# table state that a link names (viewStateShareKey). mpprop writes one: the training runs,
+# best test MAE first, with the columns that compare them.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+TRAINING_RUNS_VIEW = "mpprop-training-runs"
+TRAINING_RUNS_COLUMNS = (
+    "tags.`mpprop.property`", "tags.`mpprop.preset`", "metrics.`test_mae`",
+    "metrics.`test_mae_low`", "metrics.`test_mae_high`", "metrics.`best_val_mae`",
+    "metrics.`test_screening_precision`", "metrics.`best_val_screening`", "attributes.`Models`",
+)
 
 
 class TrackingStoreError(ProjectFileError):
@@ -84,14 +95,22 @@ REGISTRY_LOCK_TIMEOUT_S = 600.0
 _SWEPT: set[str] = set()
 
 
+def training_runs_view() -> dict[str, Any]:
+    """The runs-table state of the shared view TRAINING_RUNS_VIEW (the UI's own format)."""
+    return {
+        "searchFilter": f"tags.`{TAG_KIND}` = '{KIND_TRAIN}'",
+        "orderByKey": "metrics.`test_mae`", "orderByAsc": True, "startTime": "ALL",
+        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": list(TRAINING_RUNS_COLUMNS),
+    }
+
+
 def runs_table_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
     """The MLflow UI page of the experiment's training runs: the model-training view (the UI's
-    `workflowType` URL parameter; without it MLflow 3 opens the GenAI view), the runs of
-    kind train, best test MAE first."""
-    query = urlencode({
-        "workflowType": "machine_learning",
-        "searchFilter": f"tags.`{TAG_KIND}` = '{KIND_TRAIN}'",
-        "orderByKey": "metrics.`test_mae`", "orderByAsc": "true"})
+    `workflowType` URL parameter; without it MLflow 3 opens the GenAI view) in the shared view
+    TRAINING_RUNS_VIEW (the runs of kind train, best test MAE first, their metric columns)."""
+    query = urlencode({"viewStateShareKey": TRAINING_RUNS_VIEW,
+                       "workflowType": "machine_learning"})
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
 
 
@@ -265,10 +284,13 @@ def _activate_experiment(params: Params, uri: str, name: str) -> str:
         except mlflow.exceptions.MlflowException:
             pass  # another worker created it first
     experiment = mlflow.set_experiment(name)
-    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        # the MLflow UI opens the experiment in its model-training view (runs, metrics)
-        mlflow.MlflowClient().set_experiment_tag(
-            experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    # the MLflow UI opens the experiment in its model-training view (runs, metrics), and
+    # `mpprop ui-url`'s link on the training runs table
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+            SHARED_VIEW_TAG_PREFIX + TRAINING_RUNS_VIEW: json.dumps(training_runs_view())}
+    for key, value in tags.items():
+        if experiment.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

@@ -17,7 +17,7 @@ SRC = REPO / "src" / "mpprop"
 # the core: structures, graphs, the model, the one batch loop, inference and their files
 CORE = {"settings", "graph_cache", "batches", "model", "training", "losses", "device",
         "kernels", "stats", "bundle", "ood", "intervals", "inference", "graphs", "snapshot",
-        "data", "outputs", "faults", "write_errors"}
+        "data", "outputs", "faults", "write_errors", "predict_inputs", "prediction_csv"}
 FRAMEWORKS = {"click", "mlflow", "optuna", "optuna_integration", "pydantic"}
 
 

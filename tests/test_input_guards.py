@@ -33,12 +33,8 @@ from mpprop.config import ConfigError, PredictSection, load_params
 from mpprop.data import SplitError, Workspace, load_split, split_path
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import StructureLimits
-from mpprop.stages.predict import (
-    OUTPUT_COLUMNS,
-    RegisteredModel,
-    is_prediction_csv,
-    read_structure_file,
-)
+from mpprop.predict_inputs import read_structure_file
+from mpprop.prediction_csv import OUTPUT_COLUMNS, RegisteredModel, is_prediction_csv
 from mpprop.tracking import CGCNNPyfunc
 
 PROP = "band_gap"

@@ -31,7 +31,8 @@ from mpprop.intervals import (
     min_calibration_size,
 )
 from mpprop.model import CrystalGraphClassifier, CrystalGraphConvNet, Normalizer
-from mpprop.stages.predict import OUTPUT_COLUMNS, RegisteredModel, run_prediction
+from mpprop.prediction_csv import OUTPUT_COLUMNS, RegisteredModel
+from mpprop.stages.predict import run_prediction
 from mpprop.tracking import MODEL_ARTIFACT, CGCNNPyfunc
 
 SPEC = PropertySpec("bulk_modulus", "bulk_modulus.vrh", "log10(GPa)", "log10", "higher")

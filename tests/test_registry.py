@@ -32,7 +32,7 @@ from pymatgen.core import Lattice, Structure
 
 from mpprop.cli import main
 from mpprop.config import Params, load_params
-from mpprop.stages.predict import OUTPUT_COLUMNS
+from mpprop.prediction_csv import OUTPUT_COLUMNS
 
 PROP = "bulk_modulus"
 N_RECORDS = 150
@@ -444,7 +444,8 @@ def test_a_structure_whose_graph_fails_is_isolated(monkeypatch):
     from mpprop.bundle import LoadedModel
     from mpprop.config import GraphSettings, Hyperparams, PropertySpec
     from mpprop.model import CrystalGraphConvNet, Normalizer
-    from mpprop.stages.predict import InputRow, RegisteredModel, predict_rows
+    from mpprop.predict_inputs import InputRow
+    from mpprop.prediction_csv import RegisteredModel, predict_rows
 
     real = inference.graphs_from_structures
     poison = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])

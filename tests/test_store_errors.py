@@ -43,7 +43,7 @@ import mpprop.write_errors as write_errors
 from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.faults import HOST_TAG, PID_TAG
-from mpprop.stages.predict import RegisteredModel
+from mpprop.prediction_csv import RegisteredModel
 from mpprop.tracking import CGCNNPyfunc, json_safe
 from mpprop.write_errors import DiskFullError, WriteError, write_error
 

@@ -337,13 +337,8 @@ def predict(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, ove
             alias: str | None, version: int | None, batch_size: int | None,
             fail_on_error: bool) -> None:
     """Predict properties of structures with registered models; one CSV row per structure."""
-    from mpprop.stages.predict import (
-        OutputRefused,
-        PredictError,
-        check_prediction_output,
-        resolve_models,
-        run_prediction,
-    )
+    from mpprop.output_guard import OutputRefused, check_prediction_output
+    from mpprop.stages.predict import PredictError, resolve_models, run_prediction
 
     params = obj.params
     if prop != "all":
@@ -480,13 +475,8 @@ def report(obj: Context, no_mlflow: bool) -> None:
 def embed(obj: Context, prop: str, inputs: tuple[Path, ...], output: Path, overwrite: bool,
           alias: str | None, version: int | None) -> None:
     """Crystal feature vectors (the vector the model's output layer reads) of any input."""
-    from mpprop.stages.predict import (
-        OutputRefused,
-        PredictError,
-        check_embedding_output,
-        resolve_models,
-        run_embedding,
-    )
+    from mpprop.output_guard import OutputRefused, check_embedding_output
+    from mpprop.stages.predict import PredictError, resolve_models, run_embedding
 
     params = obj.params
     check_property(params, prop)

@@ -161,7 +161,7 @@ def test_pretrained_trunk_never_sees_any_property_test_material(project):
 
 def test_shipped_models_register_at_their_alias_and_predict(project, tmp_path):
     from mpprop.shipped import ShippedModelError, add_to_index, shipped_models
-    from mpprop.stages.promote import import_shipped
+    from mpprop.stages.import_models import import_shipped
 
     if not (project / f"models/{PROP}/xie/model.pt").exists():
         cli(project, "train", "--property", PROP, "--epochs", "1")

@@ -295,8 +295,8 @@ def import_pretrained(obj: Context, props: tuple[str, ...]) -> None:
     models under theirs (mlflow.shipped_alias, e.g. mpprop-2026)."""
     from mpprop.model import PRETRAINED_CLASSIFIER_FILES
     from mpprop.shipped import ShippedModelError
-    from mpprop.stages.promote import import_pretrained as do_import
-    from mpprop.stages.promote import import_shipped
+    from mpprop.stages.import_models import import_pretrained as do_import
+    from mpprop.stages.import_models import import_shipped
 
     params = obj.params
     for prop in props:

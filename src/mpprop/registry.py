@@ -8,9 +8,11 @@ reference on its own. Only bundle files are read, with torch.load(weights_only=T
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from mlflow.entities.model_registry import ModelVersion
@@ -89,6 +91,27 @@ def get_version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVe
             return None
         raise
     return None if version is None else client.get_model_version(name, str(version))
+
+
+def model_versions(client: MlflowClient, name: str, extra_filter: str = "") -> list[ModelVersion]:
+    """All versions of a registered model (every page), oldest first."""
+    filt = f"name = '{name}'" + (f" AND {extra_filter}" if extra_filter else "")
+    out: list[ModelVersion] = []
+    token = None
+    while True:
+        page = client.search_model_versions(filt, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            break
+    return sorted(out, key=lambda v: int(v.version))
+
+
+def tag_value(value: Any) -> str:
+    """A registry or run tag's text: dicts and lists as sorted JSON."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
 
 
 @dataclass(frozen=True)

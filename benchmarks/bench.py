@@ -77,13 +77,13 @@ def peak_rss_mb() -> dict[str, float]:
 
 
 def graph_settings() -> Any:
-    from mpprop.config import GraphSettings
+    from mpprop.settings import GraphSettings
 
     return GraphSettings()
 
 
 def hyperparams(preset: str, batch_size: int = 256, epochs: int = 1) -> Any:
-    from mpprop.config import Hyperparams
+    from mpprop.settings import Hyperparams
 
     return Hyperparams(**PRESETS[preset], lr_decay_epoch=10_000, epochs=epochs,
                        batch_size=batch_size)
@@ -427,8 +427,8 @@ def task_predict(tmp: Path, threads: int, single: int) -> dict:
     import torch
 
     from mpprop.bundle import LoadedModel
-    from mpprop.config import PropertySpec
     from mpprop.model import CrystalGraphConvNet, Normalizer
+    from mpprop.settings import PropertySpec
     from mpprop.tracking import CGCNNPyfunc
 
     torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ import torch
 from workspace import DEFAULT_DATA, REPO
 
 from mpprop.bundle import BUNDLE_FILE, gate_metals
-from mpprop.config import Hyperparams, load_params
+from mpprop.config import load_params
 from mpprop.data import open_workspace, property_data
 from mpprop.experiment import (
     CHECKPOINT_FILE,
@@ -51,6 +51,7 @@ from mpprop.model import (
     load_checkpoint,
     pretrained_path,
 )
+from mpprop.settings import Hyperparams
 from mpprop.shipped import SHIPPED_DIR, add_to_index
 from mpprop.stats import bootstrap_resamples
 from mpprop.training import predict

@@ -34,8 +34,9 @@ from quality import RESULTS
 from workspace import DEFAULT_DATA, REPO, build_workspace
 
 from mpprop import experiment_runs as runs
-from mpprop.config import Hyperparams, load_params
+from mpprop.config import load_params
 from mpprop.experiment import compare_models
+from mpprop.settings import Hyperparams
 from mpprop.snapshot import atomic_output
 from mpprop.stats import bootstrap_resamples
 

@@ -25,7 +25,8 @@ import yaml
 from conftest import REPO
 
 from mpprop.cli import main as mpprop_cli
-from mpprop.config import ConfigError, load_params
+from mpprop.config import load_params
+from mpprop.settings import ConfigError
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SLURM_SCRIPT = REPO / "scripts" / "slurm_tune.sh"

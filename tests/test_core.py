@@ -9,7 +9,7 @@ from conftest import nacl, small_structures
 from pymatgen.core import Lattice, Structure
 
 from mpprop import kernels
-from mpprop.config import ConfigError, GraphSettings, Hyperparams, load_params
+from mpprop.config import load_params
 from mpprop.data import make_test_split, train_val_split
 from mpprop.graph_cache import gather_ranges, gaussian_centers
 from mpprop.graphs import (
@@ -27,6 +27,7 @@ from mpprop.model import (
     pretrained_path,
 )
 from mpprop.presets import hyperparams
+from mpprop.settings import ConfigError, GraphSettings, Hyperparams
 from mpprop.snapshot import Snapshot
 from mpprop.stats import screening_precision
 

@@ -28,11 +28,12 @@ DVC_YAML = REPO / "dvc.yaml"
 # goes through them, so a change to either would rerun the whole pipeline.
 # - cli.py: the command line itself (option parsing, printing); what a stage computes is in
 #   the stage modules below it.
-# - config.py: the params loader; the params values that change a stage's outputs are its
-#   `params:` deps, key by key.
+# - config.py, params_schema.py: the params loader and its schema; the params values that
+#   change a stage's outputs are its `params:` deps, key by key.
 EXCLUDED = {
     "src/mpprop/cli.py",
     "src/mpprop/config.py",
+    "src/mpprop/params_schema.py",
     # config.py's fallback params outside a project folder: a DVC project has params.yaml
     "src/mpprop/defaults.yaml",
 }

@@ -8,7 +8,6 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from mpprop.bundle import load_model, save_bundle
-from mpprop.config import GraphSettings, Hyperparams, PropertySpec
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import (
     SHORT_BOND_RATIO,
@@ -23,6 +22,7 @@ from mpprop.inference import (
 )
 from mpprop.model import CrystalGraphConvNet, Normalizer
 from mpprop.ood import OODReference, knn_mean_distance
+from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.training import predict
 
 SPEC = PropertySpec("band_gap", "band_gap", "eV", "none", "higher")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from mpprop import experiment_runs as runs
-from mpprop.config import Hyperparams
 from mpprop.experiment import (
     compare_models,
     compare_recall,
     screening_warning,
     summaries,
 )
+from mpprop.settings import Hyperparams
 from mpprop.stats import bootstrap_resamples, paired_intervals, quality_intervals
 
 Y = np.arange(20, dtype=float)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpprop.config import PropertySpec
 from mpprop.data import PropertyData
 from mpprop.holdout import extrapolation_split
+from mpprop.settings import PropertySpec
 from mpprop.stats import (
     bootstrap_recall,
     bootstrap_recall_diff,

@@ -19,8 +19,8 @@ from conftest import skip_outside_ci
 
 from mpprop import kernels
 from mpprop.batches import Batch
-from mpprop.config import GraphSettings, Hyperparams
 from mpprop.model import CrystalGraphConvNet
+from mpprop.settings import GraphSettings, Hyperparams
 
 SETTINGS = GraphSettings()
 XIE = Hyperparams(n_conv=3, n_h=2, atom_fea_len=32, h_fea_len=16, lr=0.05,

@@ -29,12 +29,14 @@ from pymatgen.core import Lattice, Structure
 
 import mpprop.inference as inference
 from mpprop.cli import main
-from mpprop.config import ConfigError, PredictSection, load_params
+from mpprop.config import load_params
 from mpprop.data import SplitError, Workspace, load_split, split_path
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import StructureLimits
+from mpprop.params_schema import PredictSection
 from mpprop.predict_inputs import read_structure_file
 from mpprop.prediction_csv import OUTPUT_COLUMNS, RegisteredModel, is_prediction_csv
+from mpprop.settings import ConfigError
 from mpprop.tracking import CGCNNPyfunc
 
 PROP = "band_gap"

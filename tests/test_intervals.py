@@ -17,7 +17,6 @@ import torch
 from conftest import small_structures
 
 from mpprop.bundle import BundleError, load_model, save_bundle, with_calibration
-from mpprop.config import GraphSettings, Hyperparams, PropertySpec
 from mpprop.inference import model_intervals, predict_structures
 from mpprop.intervals import (
     METHOD_ABSOLUTE,
@@ -32,6 +31,7 @@ from mpprop.intervals import (
 )
 from mpprop.model import CrystalGraphClassifier, CrystalGraphConvNet, Normalizer
 from mpprop.prediction_csv import OUTPUT_COLUMNS, RegisteredModel
+from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.stages.predict import run_prediction
 from mpprop.tracking import MODEL_ARTIFACT, CGCNNPyfunc
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpprop.config import Hyperparams
 from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, ranking_loss, regression_loss
+from mpprop.settings import Hyperparams
 
 SETTINGS = LossSettings(huber_delta=1.0, rank_top_percent=25, rank_margin=0.5)
 

@@ -12,8 +12,10 @@ import yaml
 from click.testing import CliRunner
 
 from mpprop.cli import main
-from mpprop.config import ConfigError, ParamsSchema, TrainSection, load_params
+from mpprop.config import load_params
+from mpprop.params_schema import ParamsSchema, TrainSection
 from mpprop.presets import hyperparams
+from mpprop.settings import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -442,10 +442,10 @@ def test_a_structure_whose_graph_fails_is_isolated(monkeypatch):
     """One structure that breaks graph building fails its own row, not the batch."""
     import mpprop.inference as inference
     from mpprop.bundle import LoadedModel
-    from mpprop.config import GraphSettings, Hyperparams, PropertySpec
     from mpprop.model import CrystalGraphConvNet, Normalizer
     from mpprop.predict_inputs import InputRow
     from mpprop.prediction_csv import RegisteredModel, predict_rows
+    from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 
     real = inference.graphs_from_structures
     poison = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import nacl, small_structures
 
-from mpprop.config import ConfigError, GraphSettings, Hyperparams
 from mpprop.graphs import graphs_from_structures
 from mpprop.losses import warmup_cosine_factor
 from mpprop.model import CrystalGraphConvNet, TrunkMismatchError, load_trunk, trunk_state
+from mpprop.settings import ConfigError, GraphSettings, Hyperparams
 from mpprop.training import CheckpointMismatchError, EpochStats, FineTuning, fit
 
 SETTINGS = GraphSettings()

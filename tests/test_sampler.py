@@ -6,8 +6,9 @@ import optuna
 import pytest
 from optuna.samplers import GPSampler, TPESampler
 
-from mpprop.config import ConfigError, load_params
+from mpprop.config import load_params
 from mpprop.search import TrialSeededSampler
+from mpprop.settings import ConfigError
 
 
 def _study(kind: str, n: int = 12) -> optuna.Study:

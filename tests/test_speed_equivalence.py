@@ -21,9 +21,9 @@ from conftest import nacl, small_structures
 from pymatgen.core import Lattice, Structure
 
 from mpprop.batches import Batch
-from mpprop.config import GraphSettings, Hyperparams
 from mpprop.graphs import graphs_from_structures, nearest_neighbors
 from mpprop.model import CrystalGraphConvNet
+from mpprop.settings import GraphSettings, Hyperparams
 
 SETTINGS = GraphSettings()
 XIE = Hyperparams(n_conv=4, n_h=1, atom_fea_len=64, h_fea_len=32, lr=0.02,

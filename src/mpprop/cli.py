@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from mpprop.config import ConfigError, Params, load_params
+from mpprop.config import Params, load_params
 from mpprop.outputs import OutputBusyError
-from mpprop.settings import OPTIMIZERS
+from mpprop.settings import OPTIMIZERS, ConfigError
 from mpprop.write_errors import ProjectFileError, writing
 
 

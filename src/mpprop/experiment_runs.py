@@ -32,11 +32,12 @@ import optuna
 import yaml
 
 from mpprop import presets
-from mpprop.config import Hyperparams, Params, load_params
+from mpprop.config import Params, load_params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split, transform_target
 from mpprop.experiment import compare_recall
 from mpprop.holdout import extrapolation_split, rank_candidates
 from mpprop.model import load_checkpoint, pretrained_path
+from mpprop.settings import Hyperparams
 from mpprop.snapshot import atomic_output
 from mpprop.stats import bootstrap_resamples
 from mpprop.training import EpochStats, FitResult, fit_on_pool, predict, set_torch_threads

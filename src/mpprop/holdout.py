@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from mpprop.bundle import LoadedModel
-from mpprop.config import Hyperparams, Params
+from mpprop.config import Params
 from mpprop.data import PropertyData, train_val_split
 from mpprop.device import training_device
 from mpprop.inference import predict_rows
+from mpprop.settings import Hyperparams
 from mpprop.stats import held_out_top
 from mpprop.training import fit_on_pool
 

@@ -14,7 +14,8 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from mpprop.config import Params, PropertySpec
+from mpprop.config import Params
+from mpprop.settings import PropertySpec
 from mpprop.sources import ENERGY_FIELD, Candidate, FetchError, dotted
 
 # search() arguments that fetch sets itself; criteria must not override them

@@ -11,8 +11,9 @@ from typing import Any
 
 import yaml
 
-from mpprop.config import ConfigError, Hyperparams, Params
+from mpprop.config import Params
 from mpprop.paths import trunk_model_path
+from mpprop.settings import ConfigError, Hyperparams
 
 # metrics/<prop>.json keys of the paired differences between presets (evaluate writes them,
 # report reads them)

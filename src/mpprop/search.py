@@ -13,16 +13,10 @@ import optuna
 from optuna.samplers import BaseSampler, GPSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
-from mpprop.config import (
-    FINETUNE_SEARCHABLE,
-    GRAPH_SEARCHABLE,
-    ConfigError,
-    GraphSettings,
-    Hyperparams,
-    Params,
-    SearchRange,
-)
+from mpprop.config import Params
+from mpprop.params_schema import FINETUNE_SEARCHABLE, GRAPH_SEARCHABLE, SearchRange
 from mpprop.presets import tuning_parent
+from mpprop.settings import ConfigError, GraphSettings, Hyperparams
 
 # the hyperparameters a search space must cover (everything but epochs and the train.* ones)
 SEARCHED = ("n_conv", "n_h", "atom_fea_len", "h_fea_len", "lr", "lr_decay_epoch", "optimizer")

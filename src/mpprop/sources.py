@@ -21,7 +21,8 @@ from typing import Any
 
 from pymatgen.core import Structure
 
-from mpprop.config import ConfigError, Params, PropertySpec
+from mpprop.config import Params
+from mpprop.settings import ConfigError, PropertySpec
 from mpprop.snapshot import sha256_file
 
 ENERGY_FIELD = "energy_per_atom"

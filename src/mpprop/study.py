@@ -18,7 +18,8 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
-from mpprop.config import FINETUNE_SEARCHABLE, GRAPH_SEARCHABLE, Params
+from mpprop.config import Params
+from mpprop.params_schema import FINETUNE_SEARCHABLE, GRAPH_SEARCHABLE
 from mpprop.search import (
     SAMPLER_LABELS,
     SEARCHED,

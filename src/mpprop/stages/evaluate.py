@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from mpprop import stats
 from mpprop.bundle import load_model
-from mpprop.config import Params, PropertySpec
+from mpprop.config import Params
 from mpprop.data import open_workspace, property_data
 from mpprop.device import training_device
 from mpprop.inference import predict_rows
@@ -53,6 +53,7 @@ from mpprop.paths import (
     plots_dir,
 )
 from mpprop.presets import PAIRED_PREFIX, default_presets, preset_label
+from mpprop.settings import PropertySpec
 from mpprop.snapshot import atomic_output
 from mpprop.stats import n_top, screening_precision
 from mpprop.tracking import TAG_DESCRIPTION, TEST_MAE_HIGH, TEST_MAE_LOW, setup_mlflow

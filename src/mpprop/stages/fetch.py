@@ -23,9 +23,10 @@ import numpy as np
 from pymatgen.core import Structure
 from tqdm import tqdm
 
-from mpprop.config import Params, PropertySpec
+from mpprop.config import Params
 from mpprop.graph_cache import known_elements
 from mpprop.mp_source import mp_api_candidates
+from mpprop.settings import PropertySpec
 from mpprop.snapshot import Snapshot, save_snapshot, structure_problem
 from mpprop.sources import Candidate, FetchError, Source, file_source, list_source
 

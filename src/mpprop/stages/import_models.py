@@ -17,7 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mpprop.bundle import BUNDLE_FILE, TASK_CLASSIFICATION, TASK_REGRESSION, load_bundle
-from mpprop.config import GraphSettings, Params, PropertySpec
+from mpprop.config import Params
 from mpprop.faults import process_tags
 from mpprop.intervals import interval_tags
 from mpprop.model import (
@@ -38,7 +38,7 @@ from mpprop.registry import (
     registered_name,
     tag_value,
 )
-from mpprop.settings import Hyperparams
+from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.shipped import SHIPPED_DIR, shipped_models
 from mpprop.snapshot import sha256_file
 from mpprop.tracking import (

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mpprop.bundle import ensemble_mean_std
-from mpprop.config import Hyperparams, Params
+from mpprop.config import Params
 from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
 from mpprop.experiment import calibration
@@ -39,6 +39,7 @@ from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
 from mpprop.presets import final_hyperparams, preset_label, tuned_fine_tuning
 from mpprop.registry import resolve_parent
+from mpprop.settings import Hyperparams
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
     KIND_TRAIN,

@@ -39,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration.mlflow import MLflowCallback
 
 from mpprop.bundle import BUNDLE_FILE
-from mpprop.config import ConfigError, GraphSettings, Params
+from mpprop.config import Params
 from mpprop.data import PropertyData, Workspace, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
 from mpprop.faults import process_tags
@@ -58,6 +58,7 @@ from mpprop.search import (
     trial_graph,
     trial_hyperparams,
 )
+from mpprop.settings import ConfigError, GraphSettings
 from mpprop.stats import screening_signal
 from mpprop.study import (
     ATTR_EPOCHS,

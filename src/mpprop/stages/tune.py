@@ -58,7 +58,7 @@ from mpprop.search import (
     trial_graph,
     trial_hyperparams,
 )
-from mpprop.settings import ConfigError, GraphSettings
+from mpprop.settings import ConfigError, GraphSettings, Hyperparams
 from mpprop.stats import screening_signal
 from mpprop.study import (
     ATTR_EPOCHS,
@@ -105,7 +105,7 @@ from mpprop.tracking import (
     save_bundle,
     setup_mlflow,
 )
-from mpprop.training import EpochStats, FineTuning, fit_on_pool, set_torch_threads
+from mpprop.training import EpochStats, FineTuning, FitResult, fit_on_pool, set_torch_threads
 
 _MLFLOW_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _ERROR_CHARS = 500  # an error message kept as a tag / attr is for the eye, not a traceback
@@ -209,23 +209,11 @@ class _Worker:
 
 def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
           storage: str | None, study_name: str | None, prune: bool, echo: Echo) -> dict[str, Any]:
-    # One function (~90 lines) on purpose: checks, the two storage locks, the study and its
-    # parent run are set up in order and torn down in the one `finally` below, which must
-    # see all of them; split up, the locks' lifetimes would be spread over several frames.
+    # The two storage locks, the study and its parent run are set up here in order and torn
+    # down in the one `finally` below, which must see all of them (the locks' lifetimes in
+    # one frame); the checks before and the summary after are steps of their own.
     tune = params.tune
-    n_trials = int(n_trials if n_trials is not None else tune.n_trials)
-    if n_trials < 1:
-        raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
-    space = search_space(params)
-    objective = str(tune.objective)
-    if objective == "pareto" and prune:
-        # Optuna cannot prune multi-objective trials (trial.report is single-objective)
-        echo("note: tune.objective pareto: no pruning (every trial runs all its epochs)")
-        prune = False
-    spec = params.property_spec(prop)
-    if objective != "mae" and spec.better is None:
-        raise ConfigError(f"tune.objective {objective} needs a screening direction; "
-                          f"{prop} has none (property_specs.{prop}.better)")
+    n_trials, space, objective, prune = _checked_options(params, prop, n_trials, prune, echo)
     study_name = study_name or f"mpprop-{prop}"
     url = storage_url(study_storage(params, prop, storage))
     set_torch_threads(params.train.torch_threads)
@@ -254,14 +242,7 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         parent_id = parent_run(study, params, prop, exp_id, tags, url, prune)
     worker = _Worker(params, prop, study_name, space, objective, epochs, prune, ws, tags,
                      device, precision, echo)
-    metric_names = OBJECTIVES[objective][0]
-    mlflc = TrialRunCallback(
-        tracking_uri=params.tracking_uri(),
-        metric_name=metric_names if len(metric_names) > 1 else metric_names[0],
-        create_experiment=False,
-        mlflow_kwargs={"nested": True, "experiment_id": exp_id},
-        tag_trial_user_attrs=True,
-    )
+    mlflc = _trial_run_callback(params, objective, exp_id)
     run_trial = mlflc.track_in_mlflow()(_TrialRunner(worker, data, claim))
 
     def progress(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -288,6 +269,12 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         claim.dispose()
         init_lock.dispose()
         path = write_best_params(params, prop, study)
+    return _worker_summary(study, prop, n_trials, epochs, path, parent_id, t0)
+
+
+def _worker_summary(study: optuna.Study, prop: str, n_trials: int, epochs: int,
+                    path: Path | None, parent_id: str, t0: float) -> dict[str, Any]:
+    """What `mpprop tune` prints and returns: the study's summary and this worker's part."""
     summary = study_summary(study)
     summary.update(
         property=prop,
@@ -298,6 +285,38 @@ def _tune(params: Params, prop: str, n_trials: int | None, epochs: int | None,
         worker_seconds=time.perf_counter() - t0,
     )
     return summary
+
+
+def _checked_options(params: Params, prop: str, n_trials: int | None, prune: bool, echo: Echo
+                     ) -> tuple[int, SearchSpace, str, bool]:
+    """The trial target, search space, objective and pruning of a worker, checked before
+    anything is opened (a pareto study prunes nothing)."""
+    n_trials = int(n_trials if n_trials is not None else params.tune.n_trials)
+    if n_trials < 1:
+        raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
+    space = search_space(params)
+    objective = str(params.tune.objective)
+    if objective == "pareto" and prune:
+        # Optuna cannot prune multi-objective trials (trial.report is single-objective)
+        echo("note: tune.objective pareto: no pruning (every trial runs all its epochs)")
+        prune = False
+    spec = params.property_spec(prop)
+    if objective != "mae" and spec.better is None:
+        raise ConfigError(f"tune.objective {objective} needs a screening direction; "
+                          f"{prop} has none (property_specs.{prop}.better)")
+    return n_trials, space, objective, prune
+
+
+def _trial_run_callback(params: Params, objective: str, exp_id: str) -> TrialRunCallback:
+    """The callback that runs each trial in a nested MLflow run under the study's parent."""
+    metric_names = OBJECTIVES[objective][0]
+    return TrialRunCallback(
+        tracking_uri=params.tracking_uri(),
+        metric_name=metric_names if len(metric_names) > 1 else metric_names[0],
+        create_experiment=False,
+        mlflow_kwargs={"nested": True, "experiment_id": exp_id},
+        tag_trial_user_attrs=True,
+    )
 
 
 def _open_study(params: Params, prop: str, url: str, study_name: str, objective: str,
@@ -385,28 +404,21 @@ class _TrialRunner:
             return None
         return screening_signal(val_y, val_pred, self.percents, better)
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        # One function (~90 lines) on purpose: one trial, read top to bottom (sample, split,
-        # log, fit, keep the model, return the objective); `on_epoch` closes over the
-        # trial's split and validation targets, and the error handling wraps the fit only.
-        # the trial exists now: other workers may decide whether to start theirs
-        self.claim.release()
-        w = self.w
-        values = {**suggest(trial, w.space), **self.trunk_values()}
-        hp = trial_hyperparams(w.params, values, w.epochs)
-        fine_tuning = self.fine_tuning(values)
-        graph = trial_graph(w.params, values)
-        data = self.data_for(graph)
+    def split_seed(self, trial: optuna.Trial) -> int:
+        """The trial's train/validation split seed, recorded on the trial with its epochs."""
         # a re-queued trial carries its original's user attrs: same split as the original
         seed = int(trial.user_attrs.get(
             TRIAL_SPLIT_SEED, derive_seed(self.seed_base, trial.number, SPLIT_STREAM)
         ))
         trial.set_user_attr(TRIAL_SPLIT_SEED, seed)
-        trial.set_user_attr(TRIAL_EPOCHS, w.epochs)
-        tr, va = train_val_split(len(data.pool_rows), float(w.params.split.val_fraction), seed)
-        val_y = data.pool_targets[va]
-        val_scale = float(np.std(val_y)) or 1.0
-        better = data.spec.better
+        trial.set_user_attr(TRIAL_EPOCHS, self.w.epochs)
+        return seed
+
+    def log_trial(self, trial: optuna.Trial, hp: Hyperparams, graph: GraphSettings,
+                  data: PropertyData, seed: int, n_train: int, n_val: int,
+                  fine_tuning: FineTuning | None) -> None:
+        """The trial run's tags and params (and the fine-tuning attrs the tuned file keeps)."""
+        w = self.w
         # the process tags: a trial run of a worker killed with -9 is ended by the next command
         mlflow.set_tags({**w.tags, TAG_KIND: KIND_TRIAL, TAG_TRIAL_NUMBER: str(trial.number),
                          **process_tags()})
@@ -414,7 +426,7 @@ class _TrialRunner:
         mlflow.log_params({
             **hp.as_dict(), **{f"graph_{k}": v for k, v in asdict(graph).items()},
             "split_seed": seed, "property": w.prop, "study_name": w.study_name,
-            "target_transform": data.spec.transform, "n_train": len(tr), "n_val": len(va),
+            "target_transform": data.spec.transform, "n_train": n_train, "n_val": n_val,
             "init_from": fine_tuning.parent if fine_tuning else None,
         })
         if fine_tuning is not None:
@@ -423,6 +435,36 @@ class _TrialRunner:
                 "init_from": tuning_parent(w.params), "n_conv": hp.n_conv,
                 "atom_fea_len": hp.atom_fea_len, "freeze_trunk_epochs": fine_tuning.freeze_epochs,
                 "trunk_lr_scale": fine_tuning.trunk_lr_scale})
+
+    def keep_model(self, trial: optuna.Trial, result: FitResult, data: PropertyData) -> None:
+        """Log the trial's model (its best-validation checkpoint) and name it on the trial."""
+        w = self.w
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = save_bundle(
+                Path(tmp) / BUNDLE_FILE, result.model, result.normalizer, data.spec,
+                extra={"snapshot_sha256": w.ws.snapshot_sha256, "graph_cache_key": data.cache.key,
+                       "study_name": w.study_name, "trial": trial.number},
+            )
+            trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        # one trial, top to bottom: sample, split, log, fit, keep the model, the objective;
+        # `on_epoch` closes over the trial's split and validation targets
+        # the trial exists now: other workers may decide whether to start theirs
+        self.claim.release()
+        w = self.w
+        values = {**suggest(trial, w.space), **self.trunk_values()}
+        hp = trial_hyperparams(w.params, values, w.epochs)
+        fine_tuning = self.fine_tuning(values)
+        graph = trial_graph(w.params, values)
+        data = self.data_for(graph)
+        seed = self.split_seed(trial)
+        tr, va = train_val_split(len(data.pool_rows), float(w.params.split.val_fraction), seed)
+        val_y = data.pool_targets[va]
+        val_scale = float(np.std(val_y)) or 1.0
+        better = data.spec.better
+        self.log_trial(trial, hp, graph, data, seed, len(tr), len(va), fine_tuning)
 
         def on_epoch(s: EpochStats) -> None:
             mlflow.log_metrics(
@@ -448,24 +490,10 @@ class _TrialRunner:
                 hp, graph, data, tr, va, seed, on_epoch, w.params.predict.batch_size,
                 w.params.loss_settings(), w.device, w.precision, fine_tuning,
             )
-        except optuna.TrialPruned:
-            mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
-            raise
         except BaseException as exc:
-            # uncaught errors skip Optuna's callbacks: record the state here too
-            error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
-            mlflow.set_tag(STATE_TAG, TrialState.FAIL.name)
-            mlflow.set_tag(TRIAL_ERROR, error)
-            trial.set_user_attr(TRIAL_ERROR, error)
+            _record_trial_end(trial, exc)
             raise
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
-        with tempfile.TemporaryDirectory() as tmp:
-            bundle = save_bundle(
-                Path(tmp) / BUNDLE_FILE, result.model, result.normalizer, data.spec,
-                extra={"snapshot_sha256": w.ws.snapshot_sha256, "graph_cache_key": data.cache.key,
-                       "study_name": w.study_name, "trial": trial.number},
-            )
-            trial.set_user_attr(TRIAL_MODEL_URI, log_model(bundle))
+        self.keep_model(trial, result, data)
         # the signal of the kept (best-MAE) checkpoint: the model the trial hands on
         signal = self.signal(val_y, result.history[result.best_epoch - 1].val_pred, better)
         trial.set_user_attr(TRIAL_VAL_MAE, result.best_val_mae)
@@ -478,6 +506,18 @@ class _TrialRunner:
         if w.objective == "screening":
             return screening_value(signal, result.best_val_mae, val_scale, self.tie_weight)
         return result.best_val_mae, signal
+
+
+def _record_trial_end(trial: optuna.Trial, exc: BaseException) -> None:
+    """A pruned or failed fit's state on the trial run (and the error on the trial)."""
+    if isinstance(exc, optuna.TrialPruned):
+        mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
+        return
+    # uncaught errors skip Optuna's callbacks: record the state here too
+    error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+    mlflow.set_tag(STATE_TAG, TrialState.FAIL.name)
+    mlflow.set_tag(TRIAL_ERROR, error)
+    trial.set_user_attr(TRIAL_ERROR, error)
 
 
 def _run_until_done(study: optuna.Study, claim: StorageLock, n_trials: int,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mpprop.bundle import ensemble_mean_std
 from mpprop.config import Params
-from mpprop.data import PropertyData, open_workspace, property_data, train_val_split
+from mpprop.data import PropertyData, Workspace, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
 from mpprop.experiment import calibration
 from mpprop.faults import (
@@ -38,7 +38,7 @@ from mpprop.ood import OODReference
 from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
 from mpprop.presets import final_hyperparams, preset_label, tuned_fine_tuning
-from mpprop.registry import resolve_parent
+from mpprop.registry import ParentModel, resolve_parent
 from mpprop.settings import Hyperparams
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
@@ -107,15 +107,7 @@ def train_property(
     k = n_members(params, preset, ensemble)
     keep = params.train.ensemble_keep if k > 1 else "all"
     graph = params.graph_settings()
-    ref = init_from or params.train.init_from
-    freeze, lr_scale = params.train.freeze_trunk_epochs, params.train.trunk_lr_scale
-    if preset == "tuned" and not ref:
-        # a study of fine-tuned trials names its parent and settings in the tuned file
-        tuned_ft = tuned_fine_tuning(params, prop)
-        if tuned_ft:
-            ref = tuned_ft["init_from"]
-            freeze, lr_scale = tuned_ft["freeze_trunk_epochs"], tuned_ft["trunk_lr_scale"]
-    parent = resolve_parent(params, ref) if ref else None
+    parent, freeze, lr_scale = _parent(params, prop, preset, init_from)
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
     seed = int(params.train.seed)
@@ -170,16 +162,7 @@ def train_property(
         mlflow.log_metrics({key: v for key, v in metrics.items()
                             if isinstance(v, float | int) and v is not None and np.isfinite(v)})
         ood = _ood_reference(params, results[0], data, tr, va)
-        with writing(out_dir / MODEL_FILE):  # a full disk names models/<P>/<preset>/model.pt
-            bundle = save_bundle(
-                unit / MODEL_FILE, results[0].model, results[0].normalizer, data.spec,
-                extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
-                       "preset": preset, "ensemble": len(results),
-                       "parent": parent.label if parent else ""},
-                members=[(r.model, r.normalizer) for r in results[1:]], ood=ood,
-                calibration=cal,
-            )
-        model_uri = log_model(bundle, name=f"{prop}-{preset}")
+        model_uri = _save_model(out_dir, unit, prop, preset, results, data, ws, parent, ood, cal)
         metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
         pause_point("train.between_model_and_metrics")
         with writing(out_dir / TRAIN_METRICS_FILE):
@@ -187,6 +170,38 @@ def train_property(
                 json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: nothing to resume
     return metrics
+
+
+def _parent(params: Params, prop: str, preset: str, init_from: str | None
+            ) -> tuple[ParentModel | None, Any, Any]:
+    """The model every member fine-tunes from (None: from scratch), its frozen-trunk epochs
+    and trunk learning-rate scale: --init-from, train.init_from, or the tuned file's."""
+    ref = init_from or params.train.init_from
+    freeze, lr_scale = params.train.freeze_trunk_epochs, params.train.trunk_lr_scale
+    if preset == "tuned" and not ref:
+        # a study of fine-tuned trials names its parent and settings in the tuned file
+        tuned_ft = tuned_fine_tuning(params, prop)
+        if tuned_ft:
+            ref = tuned_ft["init_from"]
+            freeze, lr_scale = tuned_ft["freeze_trunk_epochs"], tuned_ft["trunk_lr_scale"]
+    return (resolve_parent(params, ref) if ref else None), freeze, lr_scale
+
+
+def _save_model(out_dir: Path, unit: Path, prop: str, preset: str, results: list[FitResult],
+                data: PropertyData, ws: Workspace, parent: ParentModel | None,
+                ood: OODReference, cal: Calibration) -> str:
+    """The bundle (the first member, the others as ensemble members) written into the unit
+    and logged to the run; returns the logged model's URI."""
+    with writing(out_dir / MODEL_FILE):  # a full disk names models/<P>/<preset>/model.pt
+        bundle = save_bundle(
+            unit / MODEL_FILE, results[0].model, results[0].normalizer, data.spec,
+            extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
+                   "preset": preset, "ensemble": len(results),
+                   "parent": parent.label if parent else ""},
+            members=[(r.model, r.normalizer) for r in results[1:]], ood=ood,
+            calibration=cal,
+        )
+    return log_model(bundle, name=f"{prop}-{preset}")
 
 
 def _description(prop: str, preset: str, data: PropertyData, metrics: dict[str, Any],

@@ -131,15 +131,23 @@ def published_predictions(params: Any, ws: Any, prop: str) -> tuple[np.ndarray, 
     return gated, "published pair (xie-2018 regressor + metal classifier)"
 
 
-def report(work: Path, results: Path, comparisons: dict) -> dict:
-    """Every property with finished jobs: statistics, paired differences, CPU-hours."""
+def report(work: Path, results: Path, comparisons: dict, partial: bool = False) -> dict:
+    """Every property with finished jobs: statistics, paired differences, CPU-hours.
+
+    partial: also properties whose comparison is not finished, on the seeds finished so far
+    (written beside, as summary-partial.json and table-partial.md)."""
     params = load_params(work / "params.yaml")
     ws = open_workspace(params)
     top = float(params.train.screening_top_percent)
     out: dict[str, Any] = {}
     for prop, rows in comparisons.items():
         records = {k: [_result(results, j) for j in jobs] for k, jobs in rows.items()}
-        if any(r is None for rs in records.values() for r in rs):
+        if partial:
+            records = {k: [r for r in rs if r is not None] for k, rs in records.items()}
+            records = {k: rs for k, rs in records.items() if rs}
+            if "best" not in records:
+                continue
+        elif any(r is None for rs in records.values() for r in rs):
             continue
         data = property_data(params, ws, prop)
         y, better = data.test_targets, data.spec.better
@@ -155,14 +163,15 @@ def report(work: Path, results: Path, comparisons: dict) -> dict:
             "models": {k: model_summary(y, p, resamples, top, better) for k, p in preds.items()},
             "paired": {f"{a}-{b}": paired(y, preds[a], preds[b], resamples, top, better)
                        for a, b in (("best", "xie"), ("best", "published"),
-                                    ("xie", "published"))},
+                                    ("xie", "published")) if a in preds and b in preds},
             "cpu_hours": {k: [r["cpu_hours"] for r in recs] for k, recs in records.items()},
             "jobs": {k: [{x: r[x] for x in ("job", "hyperparams", "parent", "n_train", "n_val",
                                             "best_epoch", "epochs_run")} for r in recs]
                      for k, recs in records.items()},
         }
-    (results / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
-    (results / "table.md").write_text(_table(out))
+    suffix = "-partial" if partial else ""
+    (results / f"summary{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results / f"table{suffix}.md").write_text(_table(out))
     print(_table(out))
     return out
 
@@ -180,8 +189,8 @@ def _interval(d: dict, digits: int = 4, signed: bool = False) -> str:
 
 
 def _table(out: dict) -> str:
-    lines = ["| property | n test | model | test MAE [95%] | top-3% precision [95%] | CPU-h |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| property | n test | model | seeds | test MAE [95%] | seed std | "
+             "top-3% precision [95%] | CPU-h |", "|---|---|---|---|---|---|---|---|"]
     diffs = ["", "| property | best - Xie, MAE | best - published, MAE | "
              "best - published, top-3% (points) |", "|---|---|---|---|"]
     for prop, r in out.items():
@@ -190,12 +199,16 @@ def _table(out: dict) -> str:
             hours = r["cpu_hours"].get(key)
             cpu = f"{sum(hours):.2f}" if hours else "-"
             label = r["published"] if key == "published" else key
-            lines.append(f"| {prop} | {r['n_test']} | {label} | {_interval(m['test_mae'])} "
+            std = m.get("test_mae_seed_std")
+            lines.append(f"| {prop} | {r['n_test']} | {label} | {m['n_seeds']} "
+                         f"| {_interval(m['test_mae'])} | {'-' if std is None else f'{std:.3g}'} "
                          f"| {scr} | {cpu} |")
         pb = r["paired"]["best-published"]
         scr = (_interval(pb["screening_diff"], 1, signed=True) if "screening_diff" in pb
                else "(none)")
-        diffs.append(f"| {prop} | {_interval(r['paired']['best-xie']['mae_diff'], signed=True)} "
+        best_xie = r["paired"].get("best-xie")
+        diffs.append(f"| {prop} | "
+                     f"{_interval(best_xie['mae_diff'], signed=True) if best_xie else '-'} "
                      f"| {_interval(pb['mae_diff'], signed=True)} | {scr} |")
     return "\n".join(lines + diffs) + "\n"
 
@@ -322,6 +335,8 @@ def main() -> None:
     sub.add_parser("park", help="copy unfinished jobs' checkpoints into the results")
     rep = sub.add_parser("report")
     rep.add_argument("--quick", action="store_true", help="the CI jobs' comparison only")
+    rep.add_argument("--partial", action="store_true",
+                     help="also unfinished comparisons, on the seeds finished so far")
     sh = sub.add_parser("ship")
     sh.add_argument("props", nargs="+", choices=sorted(COMPARISONS))
     args = ap.parse_args()
@@ -330,7 +345,8 @@ def main() -> None:
     elif args.command == "run":
         run(args.workdir, args.results, args.jobs)
     elif args.command == "report":
-        report(args.workdir, args.results, QUICK_COMPARISONS if args.quick else COMPARISONS)
+        report(args.workdir, args.results, QUICK_COMPARISONS if args.quick else COMPARISONS,
+               partial=args.partial)
     elif args.command == "park":
         park(args.workdir, args.results)
     elif args.command == "ship":

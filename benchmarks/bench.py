@@ -428,8 +428,8 @@ def task_predict(tmp: Path, threads: int, single: int) -> dict:
 
     from mpprop.bundle import LoadedModel
     from mpprop.model import CrystalGraphConvNet, Normalizer
+    from mpprop.served_model import CGCNNPyfunc
     from mpprop.settings import PropertySpec
-    from mpprop.tracking import CGCNNPyfunc
 
     torch.set_num_threads(threads)
     dicts = json.loads((tmp / "predict_structures.json").read_text())

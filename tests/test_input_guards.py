@@ -36,8 +36,8 @@ from mpprop.inference import StructureLimits
 from mpprop.params_schema import PredictSection
 from mpprop.predict_inputs import read_structure_file
 from mpprop.prediction_csv import OUTPUT_COLUMNS, RegisteredModel, is_prediction_csv
+from mpprop.served_model import CGCNNPyfunc
 from mpprop.settings import ConfigError
-from mpprop.tracking import CGCNNPyfunc
 
 PROP = "band_gap"
 HEADER = ",".join(OUTPUT_COLUMNS)

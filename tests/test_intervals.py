@@ -31,9 +31,9 @@ from mpprop.intervals import (
 )
 from mpprop.model import CrystalGraphClassifier, CrystalGraphConvNet, Normalizer
 from mpprop.prediction_csv import OUTPUT_COLUMNS, RegisteredModel
+from mpprop.served_model import MODEL_ARTIFACT, CGCNNPyfunc
 from mpprop.settings import GraphSettings, Hyperparams, PropertySpec
 from mpprop.stages.predict import run_prediction
-from mpprop.tracking import MODEL_ARTIFACT, CGCNNPyfunc
 
 SPEC = PropertySpec("bulk_modulus", "bulk_modulus.vrh", "log10(GPa)", "log10", "higher")
 HP = Hyperparams(1, 1, 8, 8, 0.01, 10, "SGD", 1)

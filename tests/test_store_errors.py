@@ -44,7 +44,7 @@ from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.faults import HOST_TAG, PID_TAG
 from mpprop.prediction_csv import RegisteredModel
-from mpprop.tracking import CGCNNPyfunc, json_safe
+from mpprop.served_model import CGCNNPyfunc, json_safe
 from mpprop.write_errors import DiskFullError, WriteError, write_error
 
 PROP = "band_gap"
@@ -293,7 +293,7 @@ def served(tmp_path: Path) -> CGCNNPyfunc:
     from types import SimpleNamespace
 
     from mpprop.bundle import save_bundle
-    from mpprop.tracking import MODEL_ARTIFACT
+    from mpprop.served_model import MODEL_ARTIFACT
 
     m = tiny_model().loaded
     path = save_bundle(tmp_path / "model.pt", m.model, m.normalizer, m.spec)

@@ -7,6 +7,6 @@ with `torch.load(weights_only=True)`. Not imported by mpprop itself.
 
 import mlflow
 
-from mpprop.tracking import CGCNNPyfunc
+from mpprop.served_model import CGCNNPyfunc
 
 mlflow.models.set_model(CGCNNPyfunc())

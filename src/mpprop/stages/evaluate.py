@@ -10,8 +10,9 @@ Writes, per property (paths from params `evaluate`):
   plots/<prop>/screening.csv (model, top_percent, precision, n_top): every preset's rows,
   named by `model`, which dvc.yaml's plot templates colour by (DVC plots);
 - plots/<prop>/<preset>.png, a parity + screening figure, logged with that preset's rows of
-  the CSVs as evaluation/evaluation.png, parity.csv and screening.csv in its MLflow
-  training run (the same names in every run, so the UI's Compare lines them up).
+  the CSVs as evaluation.png, parity.csv and screening.csv at the root of its MLflow
+  training run (the same names in every run, so the UI's Compare lines them up: it compares
+  root-level files only).
 
 The predictions are made again from the saved bundle (models/<prop>/<preset>/model.pt), not
 read from the training run, so the numbers belong to the file DVC versions.
@@ -58,7 +59,6 @@ from mpprop.snapshot import atomic_output
 from mpprop.stats import n_top, screening_precision
 from mpprop.tracking import TAG_DESCRIPTION, TEST_MAE_HIGH, TEST_MAE_LOW, setup_mlflow
 
-ARTIFACT_DIR = "evaluation"  # folder of the evaluation files inside a training run
 FIGURE_ARTIFACT = "evaluation.png"  # the figure's name there (parity.csv, screening.csv beside)
 SUMMARY_DIGITS = 4  # significant digits of metrics/<P>.summary.json
 # figure layout (presentation only)
@@ -320,15 +320,15 @@ def log_to_training_run(params: Params, ev: PresetEvaluation, figure: Path,
         print(f"warning: training run {ev.run_id} of the {ev.preset} model is not in "
               f"{mlflow.get_tracking_uri()}; evaluation not logged to MLflow", file=sys.stderr)
         return False
-    # the same names in every training run (not xie.png, tuned.png), so that the UI's
-    # Compare shows the runs' files side by side
+    # the same names in every training run (not xie.png, tuned.png), at the run's root: the
+    # UI's Compare shows files common to the runs side by side, and skips folders
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copyfile(figure, folder / FIGURE_ARTIFACT)
         write_parity_csv(folder / PARITY_CSV, [ev])
         write_screening_csv(folder / SCREENING_CSV, [ev])
         for name in (FIGURE_ARTIFACT, PARITY_CSV, SCREENING_CSV):
-            client.log_artifact(ev.run_id, str(folder / name), artifact_path=ARTIFACT_DIR)
+            client.log_artifact(ev.run_id, str(folder / name))
     for pct, _, precision in ev.curve:
         if precision is not None:
             # one metric with step = N: MLflow draws the curve and compares it across runs

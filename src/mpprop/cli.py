@@ -263,19 +263,8 @@ def promote(obj: Context, props: tuple[str, ...], record: str | None) -> None:
             click.echo(f"{prop}: {exc}", err=True)
             failed.append(prop)
             continue
-        c = p.candidate
-        test = f", test MAE {c.test_mae:.4g}" if c.test_mae is not None else ""
-        what = "new version" if p.created else "existing version"
-        click.echo(
-            f"{prop}: {p.name}@{p.alias} -> v{p.version} ({what}; was "
-            f"{'v' + p.previous_version if p.previous_version else 'unset'}): {c.kind} "
-            f"{c.preset} run {c.run_id}, val MAE {c.val_mae:.4g}{test}; "
-            f"{p.n_candidates} candidates"
-        )
-        promoted[prop] = {
-            "name": p.name, "alias": p.alias, "version": str(p.version), "run_id": c.run_id,
-            "val_mae": c.val_mae, "test_mae": c.test_mae, "preset": c.preset, "kind": c.kind,
-        }
+        click.echo(f"{prop}: {p.summary()}")
+        promoted[prop] = p.record()
     if failed:
         raise click.ClickException(f"no candidate model for: {', '.join(failed)}")
     if record:

@@ -220,6 +220,23 @@ class Promotion:
     candidate: Candidate
     n_candidates: int
 
+    def summary(self) -> str:
+        """One line for the command's output: the alias move and why this model."""
+        c = self.candidate
+        test = f", test MAE {c.test_mae:.4g}" if c.test_mae is not None else ""
+        what = "new version" if self.created else "existing version"
+        was = f"v{self.previous_version}" if self.previous_version else "unset"
+        return (f"{self.name}@{self.alias} -> v{self.version} ({what}; was {was}): {c.kind} "
+                f"{c.preset} run {c.run_id}, val MAE {c.val_mae:.4g}{test}; "
+                f"{self.n_candidates} candidates")
+
+    def record(self) -> dict[str, Any]:
+        """Its entry in `promote --record`'s JSON (reports/promoted.json, read by report)."""
+        c = self.candidate
+        return {"name": self.name, "alias": self.alias, "version": str(self.version),
+                "run_id": c.run_id, "val_mae": c.val_mae, "test_mae": c.test_mae,
+                "preset": c.preset, "kind": c.kind}
+
 
 def _bundle_of(model_uri: str) -> dict[str, Any]:
     """The bundle (hyperparams, graph settings, property) of a logged model, read from its

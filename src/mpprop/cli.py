@@ -495,6 +495,16 @@ def ui_url(obj: Context, base: str) -> None:
     click.echo(runs_table_url(setup_mlflow(obj.params), base.rstrip("/")))
 
 
+def _print_or_write(text: str, out: Path | None, what: str) -> None:
+    """The show-* commands' output: printed, or written to --out with a line saying so."""
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    click.echo(f"{what} -> {out}")
+
+
 @main.command("show-params")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write them to this file instead of printing them.")
@@ -505,12 +515,7 @@ def show_params(obj: Context, out: Path | None) -> None:
     import yaml
 
     text = yaml.safe_dump(obj.params.as_dict(), sort_keys=False, allow_unicode=True)
-    if out is None:
-        click.echo(text, nl=False)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    click.echo(f"params -> {out}")
+    _print_or_write(text, out, "params")
 
 
 @main.command("show-pipeline")
@@ -528,12 +533,7 @@ def show_pipeline(obj: Context, source: Path, out: Path | None) -> None:
         text = pipeline_for(source.read_text(), obj.params.properties)
     except PipelineFileError as exc:
         raise click.ClickException(f"{source}: {exc}") from exc
-    if out is None:
-        click.echo(text, nl=False)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    click.echo(f"pipeline -> {out}")
+    _print_or_write(text, out, "pipeline")
 
 
 def run() -> None:  # pragma: no cover

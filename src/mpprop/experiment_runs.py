@@ -159,6 +159,25 @@ def record_path(root: Path, kind: str, name: str, epochs: int, seed: int) -> Pat
     return root / kind / f"{name}-{seed}-{epochs}.json"
 
 
+def cached_records(root: Path, kind: str, configs: dict[str, tuple[Hyperparams, list[str]]],
+                   seeds: int) -> tuple[dict[tuple[str, int], dict[str, Any]],
+                                        dict[tuple[str, int], tuple[Hyperparams, list[str], Path]]]:
+    """Each (configuration, seed)'s cached record of `kind`, and those still to train with
+    their hyperparameters, overrides and cache file; makes the cache folder."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    todo: dict[tuple[str, int], tuple[Hyperparams, list[str], Path]] = {}
+    for name, (hp, overrides) in configs.items():
+        for seed in range(seeds):
+            out = record_path(root, kind, name, hp.epochs, seed)
+            cached = read_record(out, hp.as_dict())
+            if cached is not None:
+                done[name, seed] = cached
+            else:
+                todo[name, seed] = (hp, overrides, out)
+    (root / kind).mkdir(parents=True, exist_ok=True)
+    return done, todo
+
+
 def read_record(path: Path, hyperparams: dict[str, Any]) -> dict[str, Any] | None:
     """A cached record, if there is one for these hyperparameters (one trained with others,
     e.g. before a tuned preset changed, is trained again)."""
@@ -255,17 +274,9 @@ def final_models(root: Path, prop: str, configs: dict[str, tuple[Hyperparams, li
                  ) -> dict[str, list[dict[str, Any]]]:
     """Each configuration ({name: (hyperparameters, params overrides)}) trained with seeds
     0..seeds-1, each seed's record cached: {name: [record per seed]}."""
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    jobs = []
-    for name, (hp, overrides) in configs.items():
-        for seed in range(seeds):
-            out = record_path(root, FINAL_DIR, name, hp.epochs, seed)
-            cached = read_record(out, hp.as_dict())
-            if cached is not None:
-                done[name, seed] = cached
-            else:
-                jobs.append((str(root), overrides, prop, name, hp.as_dict(), seed, str(out)))
-    (root / FINAL_DIR).mkdir(parents=True, exist_ok=True)
+    done, todo = cached_records(root, FINAL_DIR, configs, seeds)
+    jobs = [(str(root), overrides, prop, name, hp.as_dict(), seed, str(out))
+            for (name, seed), (hp, overrides, out) in todo.items()]
     progress(f"[{prop}] {', '.join(configs)}: {len(jobs)} final models to train "
              f"({len(done)} done before)")
 
@@ -298,16 +309,9 @@ def extrapolation_rankings(root: Path, prop: str, configs: dict[str, tuple[Hyper
                            progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Each configuration's ranking of the candidate pool, one model per seed (cached):
     {name: {"hyperparams", "pred_per_seed", "is_top"}}."""
-    done, todo = {}, {}
-    for name, (hp, overrides) in configs.items():
-        for seed in range(seeds):
-            out = record_path(root, EXTRAPOLATION_DIR, name, hp.epochs, seed)
-            cached = read_record(out, hp.as_dict())
-            if cached is not None:
-                done[name, seed] = cached
-            else:
-                todo[name, seed] = (root, overrides, prop, hp, top_percent, seed, str(out))
-    (root / EXTRAPOLATION_DIR).mkdir(parents=True, exist_ok=True)
+    done, missing = cached_records(root, EXTRAPOLATION_DIR, configs, seeds)
+    todo = {(name, seed): (root, overrides, prop, hp, top_percent, seed, str(out))
+            for (name, seed), (hp, overrides, out) in missing.items()}
     progress(f"[{prop}] extrapolation: {len(todo)} models to train ({len(done)} done before)")
     done.update(zip(todo, run_in_workers(extrapolation_ranking, list(todo.values()), workers),
                     strict=True))

@@ -198,7 +198,12 @@ def test_import_pretrained_registers_eight_usable_models(ws, pretrained):
 
     published = [*PRETRAINED_FILES, *PRETRAINED_CLASSIFIER_FILES]
     client = ws.client()
-    assert pretrained.count("(registered;") == len(published) == 8
+    from mpprop.shipped import shipped_models
+
+    shipped = shipped_models()
+    assert pretrained.count("@xie-2018 -> v1 (registered;") == len(published) == 8
+    assert pretrained.count("@mpprop-2026 -> v") == len(shipped) >= 3
+    assert pretrained.count("(registered;") == len(published) + len(shipped)
     structures = pd.DataFrame({"structure": [json.dumps(r["structure"]) for r in ws.records[:3]]})
     for prop in published:
         mv = client.get_model_version_by_alias(f"mpprop-{prop}", "xie-2018")
@@ -214,7 +219,7 @@ def test_import_pretrained_registers_eight_usable_models(ws, pretrained):
     assert np.abs(pred["prediction"].to_numpy(float) - truth).max() < 0.5
 
     again = ws.cli("import-pretrained")
-    assert again.count("already registered") == len(published)
+    assert again.count("already registered") == len(published) + len(shipped)
     assert len(versions(client, "mpprop-formation_energy_per_atom")) == 1
 
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from workspace import DEFAULT_DATA, REPO
 
-from mpprop.bundle import BUNDLE_FILE, gate_metals
+from mpprop.bundle import BUNDLE_FILE, gate_metals, load_model, with_calibration
 from mpprop.config import load_params
-from mpprop.data import open_workspace, property_data
+from mpprop.data import open_workspace, property_data, train_val_split
 from mpprop.experiment import (
     CHECKPOINT_FILE,
     RESULT_FILE,
@@ -43,7 +43,10 @@ from mpprop.experiment import (
     model_summary,
     paired,
     run_job,
+    usable_rows,
 )
+from mpprop.inference import predict_rows
+from mpprop.intervals import Calibration, calibrate
 from mpprop.model import (
     DOMAIN_NON_METALS,
     METAL_CLASSIFIER,
@@ -52,7 +55,7 @@ from mpprop.model import (
     pretrained_path,
 )
 from mpprop.settings import Hyperparams
-from mpprop.shipped import SHIPPED_DIR, add_to_index
+from mpprop.shipped import SHIPPED_DIR, add_to_index, shipped_models
 from mpprop.stats import bootstrap_resamples
 from mpprop.training import predict
 
@@ -88,6 +91,13 @@ for _key, _prop in (("bg", "band_gap"), ("ef", "efermi")):
     JOBS[f"ft-{_key}"] = Job(f"ft-{_key}", _prop, {**MODERN, "epochs": 60}, parent="trunk-fe",
                              trunk_lr_scale=0.5)
     JOBS[f"xie-{_key}"] = Job(f"xie-{_key}", _prop, {**XIE, "epochs": 60, "lr_decay_epoch": 48})
+# from the 200-epoch trunk: band gap with its own zero floor (predictions under a threshold
+# fitted on the validation split are 0: the model's metal decision, as the published pair's
+# classifier gives), Fermi energy as before
+JOBS["ft2-bg"] = Job("ft2-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk2-fe",
+                     trunk_lr_scale=0.5, zero_floor=True)
+JOBS["ft2-ef"] = Job("ft2-ef", "efermi", {**MODERN, "epochs": 60}, parent="trunk2-fe",
+                     trunk_lr_scale=0.5)
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -110,6 +120,9 @@ for _key, _prop in SMALL.items():
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
                        seed=1, parent="quick-xie", freeze_epochs=1, trunk_lr_scale=0.5)
+# band gap with its zero floor, one epoch (the floor, the calibration, the bundle keys)
+JOBS["quick-bg"] = Job("quick-bg", "band_gap", {**XIE, "epochs": 1, "lr_decay_epoch": 1},
+                       zero_floor=True)
 QUICK_COMPARISONS = {"bulk_modulus": {"best": ["quick-ft"], "xie": ["quick-xie"]}}
 COMPARISONS = {
     "formation_energy_per_atom": {"best": ["trunk-fe"], "xie": ["xie-fe"]},
@@ -222,18 +235,33 @@ def _table(out: dict) -> str:
 def ship(work: Path, results: Path, props: list[str]) -> None:
     """Copy each property's best model (the seed with the lowest validation MAE: the test
     set chooses nothing) into the package's shipped models, with its model card: that seed's
-    own test MAE and paired differences, beside the seeds' summary."""
+    own test MAE and paired differences, beside the seeds' summary. The bundle comes from the
+    job's work folder or, on a checkout without it, from the copy already shipped for that
+    job; one without intervals is calibrated on the job's validation split (recomputed from
+    its seed, and checked against the validation MAE it recorded)."""
     summary = json.loads((results / "summary.json").read_text())
     params = load_params(work / "params.yaml")
     ws = open_workspace(params)
     top = float(params.train.screening_top_percent)
+    excluded = all_test_ids(params, ws)
+    shipped_jobs = {m.prop: (m.facts.get("job"), m.bundle) for m in shipped_models()}
     for prop in props:
         r = summary[prop]
         records = [_result(results, j) for j in COMPARISONS[prop]["best"]]
         best = min(records, key=lambda rec: rec["best_val_mae"])
-        folder = next((work / "jobs").glob(f"{best['job']}-*"))
+        folder = next((work / "jobs").glob(f"{best['job']}-*"), None)
+        if folder is not None and (folder / BUNDLE_FILE).exists():
+            source = folder / BUNDLE_FILE
+        elif shipped_jobs.get(prop, (None,))[0] == best["job"]:
+            source = shipped_jobs[prop][1]
+        else:
+            raise SystemExit(f"{prop}: no bundle of {best['job']} (train it: run {best['job']})")
         data = property_data(params, ws, prop)
         y, better = data.test_targets, data.spec.better
+        staged = work / "ship" / f"{prop}.pt"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        cal, coverage = _calibrated(params, ws, data, JOBS[best["job"]], excluded, best, source,
+                                    staged)
         resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
         shipped = np.array(best["test_pred"])
         own = model_summary(y, shipped, resamples, top, better)
@@ -242,13 +270,40 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         facts = {"test_mae": own["test_mae"]["value"], "test_mae_low": own["test_mae"]["low"],
                  "test_mae_high": own["test_mae"]["high"], "n_test": r["n_test"],
                  "published_minus": vs_published["mae_diff"]["value"], "job": best["job"],
-                 "cpu_hours": round(best["cpu_hours"], 3)}
-        card = _card(prop, params.property_spec(prop), r, best, own, vs_published)
-        add_to_index(SHIPPED_DIR, prop, folder / BUNDLE_FILE, card, facts)
-        print(f"shipped {prop}: {best['job']} ({folder.name})")
+                 "cpu_hours": round(best["cpu_hours"], 3),
+                 "test_interval_coverage_90": coverage}
+        card = _card(prop, params.property_spec(prop), r, best, own, vs_published, cal, coverage)
+        add_to_index(SHIPPED_DIR, prop, staged, card, facts)
+        print(f"shipped {prop}: {best['job']} ({source}); 90% interval half-width "
+              f"{cal.quantile(0.9)[1]:.4g}, test coverage {100 * coverage:.1f}%")
 
 
-def _card(prop: str, spec: Any, r: dict, best: dict, own: dict, vs_published: dict) -> str:
+def _calibrated(params: Any, ws: Any, data: Any, job: Job, excluded: set[str], record: dict,
+                source: Path, target: Path) -> tuple[Calibration, float]:
+    """`source` copied to `target` with a calibration (the one it has, else split conformal on
+    the job's own validation split), and the measured coverage of its 90% intervals on the
+    test materials (the recorded test predictions)."""
+    model = load_model(source, job.name)
+    cal = model.calibration
+    if cal is None:
+        rows, targets = usable_rows(data, ws.cache.material_id, excluded)
+        _, va = train_val_split(len(rows), job.val_fraction, job.seed)
+        val_pred, _ = predict_rows(model, ws.cache, rows[va], params.predict.batch_size)
+        val_mae = float(np.mean(np.abs(val_pred - targets[va])))
+        if abs(val_mae - record["best_val_mae"]) > 1e-4 * max(1.0, record["best_val_mae"]):
+            raise SystemExit(f"{job.name}: validation MAE {val_mae:.6f} on the recomputed split, "
+                             f"{record['best_val_mae']:.6f} recorded: not the same split")
+        cal = calibrate(targets[va], val_pred, source=f"validation split ({len(va)} materials)")
+        with_calibration(source, target, cal)
+    else:
+        shutil.copyfile(source, target)
+    half = cal.quantile(0.9)[1]
+    coverage = float(np.mean(np.abs(np.array(record["test_pred"]) - data.test_targets) <= half))
+    return cal, coverage
+
+
+def _card(prop: str, spec: Any, r: dict, best: dict, own: dict, vs_published: dict,
+          cal: Calibration, coverage: float) -> str:
     m, px = r["models"]["best"], r["paired"]["best-xie"]
     hp = best["hyperparams"]
     mae, pd_ = own["test_mae"], vs_published["mae_diff"]
@@ -275,6 +330,9 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   {m['test_mae']['high']:.4f}], seed std {m['test_mae_seed_std'] or 0:.4f}; minus the Xie preset
   at the same epochs ({n_seeds} seeds): {px['mae_diff']['value']:+.4f}
   [{px['mae_diff']['low']:+.4f}, {px['mae_diff']['high']:+.4f}].
+- Prediction intervals (`lo`..`hi`, `value_lo`..`value_hi` in `mpprop predict`'s CSV): split conformal on its
+  {cal.source}; the 90% interval is the prediction +- {cal.quantile(0.9)[1]:.4f}
+  {spec.unit}, and holds {100 * coverage:.1f}% of the test materials.
 - Not for: structures unlike MP's relaxed inorganic crystals (molecules, surfaces, disordered or
   defect supercells, high pressure); elements outside 1-100; values far outside the training
   range. Check `ood_flag` and `warning` in `mpprop predict`'s CSV.

@@ -213,6 +213,10 @@ def test_import_pretrained_registers_eight_usable_models(ws, pretrained):
         assert len(mv.tags["checkpoint_sha256"]) == 64
         pred = mlflow.pyfunc.load_model(f"models:/mpprop-{prop}@xie-2018").predict(structures)
         assert np.isfinite(pred["prediction"].astype(float)).all(), prop
+    for model in shipped:  # calibrated on their validation split: intervals in the CSV
+        mv = client.get_model_version_by_alias(f"mpprop-{model.prop}", "mpprop-2026")
+        assert mv.tags["interval_method"] == "absolute" and int(mv.tags["interval_n"]) >= 50
+        assert 0.8 < float(mv.tags["test_interval_coverage_90"]) < 1.0
     # bulk modulus: log10(GPa), as the labels of our model; real values are 10-400 GPa
     pred = mlflow.pyfunc.load_model("models:/mpprop-bulk_modulus@xie-2018").predict(structures)
     truth = np.log10([r["bulk_modulus"]["vrh"] for r in ws.records[:3]])

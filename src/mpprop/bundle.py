@@ -14,6 +14,9 @@ no stated domain; it loads as before.
 Optional in any format: calibration (mpprop.intervals.Calibration.state_dict: conformal
 quantiles for prediction intervals); a bundle without it loads and predicts without
 intervals, and a reader that does not know the key ignores it (the format stays 2).
+Optional too: zero_below (a threshold in target units, fitted on the validation split by
+fit_zero_below): predictions below it are reported as exactly 0, the model's own metal /
+non-metal decision for band gap, where half the materials have a gap of exactly 0.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class LoadedModel:
     # conformal quantiles for prediction intervals (None: not calibrated)
     calibration: Calibration | None = None
 
+    @property
+    def zero_below(self) -> float | None:
+        """Predictions below this are reported as 0 (floor_to_zero); None: no floor."""
+        value = self.bundle.get("zero_below")
+        return None if value is None else float(value)
+
     def __post_init__(self) -> None:
         if not self.members:
             self.members = [(self.model, self.normalizer)]
@@ -113,12 +122,14 @@ def save_bundle(
     domain: str = "",
     classes: list[str] | tuple[str, ...] | None = None,
     calibration: Calibration | None = None,
+    zero_below: float | None = None,
 ) -> Path:
     """Write weights, normalizer, hyperparameters, graph settings and target spec; with
     `members`, the other members of an ensemble; with `ood`, the OOD reference; `domain`:
     the materials it was trained on where that is not the property's records; `classes`:
     the class names of a CrystalGraphClassifier (required for one); `calibration`: the
-    conformal quantiles of its prediction intervals (regressions only)."""
+    conformal quantiles of its prediction intervals (regressions only); `zero_below`: the
+    threshold under which predictions are reported as 0 (fit_zero_below; regressions only)."""
     classifier = isinstance(model, CrystalGraphClassifier)
     if classifier and not classes:
         raise ValueError("a classifier's bundle needs its class names")
@@ -146,6 +157,10 @@ def save_bundle(
         if classifier:
             raise ValueError("a classifier's bundle has no prediction intervals")
         data["calibration"] = calibration.state_dict()
+    if zero_below is not None:
+        if classifier:
+            raise ValueError("a classifier's bundle has no zero floor")
+        data["zero_below"] = float(zero_below)
     torch.save(data, path)
     return path
 
@@ -225,6 +240,28 @@ def attach_metal_gate(model: LoadedModel, gate: LoadedModel) -> LoadedModel:
                           f"{gate.graph_settings} vs {model.graph_settings}")
     model.gate = gate
     return model
+
+
+def fit_zero_below(y: np.ndarray, pred: np.ndarray, max_candidates: int = 200) -> float:
+    """The threshold t that minimises the MAE of floor_to_zero(pred, t) on held-out materials
+    (targets `y` >= 0 with exact zeros, as band gaps); 0.0 (no material floored beyond the
+    negative predictions) when no threshold does better. Candidates: 0 and the quantiles of
+    the predictions that lie between 0 and the largest target (at most `max_candidates`)."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    inside = pred[(pred > 0) & (pred < float(np.max(y)))]
+    grid = np.unique(np.concatenate([[0.0], np.quantile(inside, np.linspace(0, 1, max_candidates))
+                                     if len(inside) else []]))
+    errors = [float(np.mean(np.abs(y - np.where(pred < t, 0.0, pred)))) for t in grid]
+    return float(grid[int(np.argmin(errors))])
+
+
+def floor_to_zero(values: np.ndarray, stds: np.ndarray, threshold: float | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Values below `threshold` (and their stds) set to 0; NaN stays NaN; None: unchanged."""
+    if threshold is None:
+        return values, stds
+    below = np.isfinite(values) & (values < threshold)
+    return np.where(below, 0.0, values), np.where(below & np.isfinite(stds), 0.0, stds)
 
 
 def gate_metals(values: np.ndarray, stds: np.ndarray, p_metal: np.ndarray

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from mpprop.bundle import BUNDLE_FILE, load_bundle, save_bundle
+from mpprop.bundle import BUNDLE_FILE, fit_zero_below, floor_to_zero, load_bundle, save_bundle
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
+from mpprop.intervals import calibrate
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
 from mpprop.stats import (
@@ -58,7 +59,8 @@ def all_test_ids(params: Any, ws: Any) -> set[str]:
 @dataclass(frozen=True)
 class Job:
     """One model to train: a property, its hyperparameters (a Hyperparams dict), a seed,
-    the validation share of the usable pool, and optionally a parent job's trunk."""
+    the validation share of the usable pool, optionally a parent job's trunk, and a zero
+    floor (bundle.fit_zero_below on the validation split: band gap's exact zeros)."""
 
     name: str
     prop: str
@@ -68,10 +70,13 @@ class Job:
     parent: str | None = None  # name of the job whose trunk this one starts from
     freeze_epochs: int = 0
     trunk_lr_scale: float = 1.0
+    zero_floor: bool = False
 
     def key(self, excluded: set[str], parent_key: str | None) -> str:
-        payload = json.dumps([self.prop, self.hyperparams, self.seed, self.val_fraction,
-                              parent_key, self.freeze_epochs, self.trunk_lr_scale],
+        fields = [self.prop, self.hyperparams, self.seed, self.val_fraction, parent_key,
+                  self.freeze_epochs, self.trunk_lr_scale]
+        # appended only when set: the keys of jobs without it stay those of earlier results
+        payload = json.dumps(fields + (["zero_floor"] if self.zero_floor else []),
                              sort_keys=True)
         h = hashlib.sha256(payload.encode())
         h.update("\n".join(sorted(excluded)).encode())
@@ -236,17 +241,24 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
                  loss_settings=params.loss_settings(), better=data.spec.better,
                  fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE)
     total = spent()
-    pred = predict(result.model, result.normalizer, ws.cache, data.test_rows,
-                   params.predict.batch_size)
+    bs = params.predict.batch_size
+    val_pred = predict(result.model, result.normalizer, ws.cache, rows[va], bs)
+    pred = predict(result.model, result.normalizer, ws.cache, data.test_rows, bs)
+    zero_below = fit_zero_below(targets[va], val_pred) if job.zero_floor else None
+    val_pred, pred = (floor_to_zero(p, np.zeros_like(p), zero_below)[0] for p in (val_pred, pred))
+    # split conformal on the validation residuals of the model as served (mpprop.intervals)
+    cal = calibrate(targets[va], val_pred, source=f"validation split ({len(va)} materials)")
     save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,
                 extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
-                       "job": job.name, "parent": fine_tuning.parent if fine_tuning else ""})
+                       "job": job.name, "parent": fine_tuning.parent if fine_tuning else ""},
+                calibration=cal, zero_below=zero_below)
     record = {
         "job": job.name, "property": job.prop, "hyperparams": job.hyperparams,
         "seed": job.seed, "parent": fine_tuning.parent if fine_tuning else None,
         "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(data.test_rows)),
         "n_excluded_from_pool": int(len(data.pool_rows) - len(rows)),
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
+        "val_mae": float(np.mean(np.abs(val_pred - targets[va]))), "zero_below": zero_below,
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],
         "cpu_hours": total["cpu_seconds"] / 3600,
         "test_ids": ws.cache.material_id[data.test_rows].tolist(),

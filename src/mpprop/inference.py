@@ -18,7 +18,13 @@ from pymatgen.core.periodic_table import DummySpecies
 from pymatgen.io.cif import CifParser
 
 from mpprop.batches import collect_in_row_order, iterate_batches
-from mpprop.bundle import TASK_REGRESSION, LoadedModel, ensemble_mean_std, gate_metals
+from mpprop.bundle import (
+    TASK_REGRESSION,
+    LoadedModel,
+    ensemble_mean_std,
+    floor_to_zero,
+    gate_metals,
+)
 from mpprop.device import pin_host_memory
 from mpprop.graph_cache import GraphCache, known_elements
 from mpprop.graphs import graphs_from_structures
@@ -334,9 +340,10 @@ def graph_inputs(structures: Sequence[Structure | None], errors: Sequence[str],
 
 def predict_rows(model: LoadedModel, cache: GraphCache, rows: np.ndarray | None = None,
                  batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over the model's members on rows of a graph cache (model units)."""
-    return ensemble_mean_std([predict(net, norm, cache, rows, batch_size)
-                              for net, norm in model.members])
+    """Mean and std over the model's members on rows of a graph cache (model units), with
+    the model's zero floor (bundle zero_below) applied: its prediction as served."""
+    return floor_to_zero(*ensemble_mean_std([predict(net, norm, cache, rows, batch_size)
+                                             for net, norm in model.members]), model.zero_below)
 
 
 def embed(model: CrystalGraphConvNet, cache: GraphCache, rows: np.ndarray | None = None,

@@ -3,9 +3,13 @@ stored in the bundle, applied wherever the model predicts, on hand-made numbers 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import run_cli, shared_record_lines, small_project
 from pymatgen.core import Lattice, Structure
 
 from mpprop.bundle import fit_zero_below, floor_to_zero, load_model, save_bundle
@@ -87,3 +91,15 @@ def test_bundle_keeps_the_threshold_and_every_prediction_path_applies_it(tmp_pat
     plain = load_model(save_bundle(tmp_path / "plain.pt", model, normalizer, SPEC), "plain")
     assert plain.zero_below is None
     np.testing.assert_allclose(predict_rows(plain, cache)[0], raw, atol=1e-6)
+
+
+def test_train_fits_the_floor_of_a_property_that_asks_for_it(tmp_path) -> None:
+    root = small_project(tmp_path, shared_record_lines("band_gap", 120), "band_gap")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["property_specs"]["band_gap"]["zero_floor"] = True
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = run_cli(root, "train", "--property", "band_gap", "--epochs", "1")
+    metrics = json.loads((root / "models/band_gap/xie/metrics.json").read_text())
+    assert metrics["zero_below"] >= 0.0 and "zero_below" in out
+    loaded = load_model(root / "models/band_gap/xie/model.pt", "gap")
+    assert loaded.zero_below == metrics["zero_below"] and loaded.spec.zero_floor

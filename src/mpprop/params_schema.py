@@ -99,6 +99,9 @@ class PropertySpecEntry(Section):
     unit: str
     transform: Literal["none", "log10"]
     better: Literal["lower", "higher", None]
+    # predictions under a threshold fitted on the validation split are reported as exactly 0
+    # (bundle.fit_zero_below): for band gap, the model's own metal decision
+    zero_floor: bool = False
 
 
 # ---------------------------------------------------------------- graph

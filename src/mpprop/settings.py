@@ -36,6 +36,7 @@ class PropertySpec:
     unit: str
     transform: str  # "none" | "log10"
     better: str | None  # "lower" | "higher" | None (no screening)
+    zero_floor: bool = False  # fit a zero floor on validation (bundle.fit_zero_below)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 from tqdm import tqdm
 
-from mpprop.bundle import ensemble_mean_std
+from mpprop.bundle import ensemble_mean_std, fit_zero_below, floor_to_zero
 from mpprop.config import Params
 from mpprop.data import PropertyData, Workspace, open_workspace, property_data, train_val_split
 from mpprop.device import training_device
@@ -157,12 +157,13 @@ def train_property(
         bar.close()
         if keep == "best":
             results = [min(results, key=lambda r: r.best_val_mae)]
-        metrics, cal = _evaluate(params, hp, data, tr, va, results)
+        metrics, cal, zero_below = _evaluate(params, hp, data, tr, va, results)
         mlflow.set_tag(TAG_DESCRIPTION, _description(prop, preset, data, metrics, parent))
         mlflow.log_metrics({key: v for key, v in metrics.items()
                             if isinstance(v, float | int) and v is not None and np.isfinite(v)})
         ood = _ood_reference(params, results[0], data, tr, va)
-        model_uri = _save_model(out_dir, unit, prop, preset, results, data, ws, parent, ood, cal)
+        model_uri = _save_model(out_dir, unit, prop, preset, results, data, ws, parent, ood, cal,
+                                zero_below)
         metrics.update(run_id=run.info.run_id, model_uri=model_uri, property=prop, preset=preset)
         pause_point("train.between_model_and_metrics")
         with writing(out_dir / TRAIN_METRICS_FILE):
@@ -189,7 +190,7 @@ def _parent(params: Params, prop: str, preset: str, init_from: str | None
 
 def _save_model(out_dir: Path, unit: Path, prop: str, preset: str, results: list[FitResult],
                 data: PropertyData, ws: Workspace, parent: ParentModel | None,
-                ood: OODReference, cal: Calibration) -> str:
+                ood: OODReference, cal: Calibration, zero_below: float | None) -> str:
     """The bundle (the first member, the others as ensemble members) written into the unit
     and logged to the run; returns the logged model's URI."""
     with writing(out_dir / MODEL_FILE):  # a full disk names models/<P>/<preset>/model.pt
@@ -199,7 +200,7 @@ def _save_model(out_dir: Path, unit: Path, prop: str, preset: str, results: list
                    "preset": preset, "ensemble": len(results),
                    "parent": parent.label if parent else ""},
             members=[(r.model, r.normalizer) for r in results[1:]], ood=ood,
-            calibration=cal,
+            calibration=cal, zero_below=zero_below,
         )
     return log_model(bundle, name=f"{prop}-{preset}")
 
@@ -252,17 +253,27 @@ def _fit_member(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndar
 
 
 def _evaluate(params: Params, hp: Hyperparams, data: PropertyData, tr: np.ndarray,
-              va: np.ndarray, results: list[FitResult]) -> tuple[dict[str, Any], Calibration]:
-    """The metrics of the kept model(s) and the calibration of their intervals on the
-    validation split (logged as run params; its test coverage joins the metrics)."""
+              va: np.ndarray, results: list[FitResult]
+              ) -> tuple[dict[str, Any], Calibration, float | None]:
+    """The metrics of the kept model(s), the calibration of their intervals on the
+    validation split (logged as run params; its test coverage joins the metrics) and, for a
+    property with a zero floor, its threshold (fitted on the validation split; the metrics
+    and intervals are those of the floored predictions, as the model serves them)."""
     val_pred = _mean_std(params, data, data.pool_rows[va], results)
     test_pred = _mean_std(params, data, data.test_rows, results)
+    zero_below = None
+    if data.spec.zero_floor:
+        zero_below = fit_zero_below(data.pool_targets[va], val_pred[0])
+        val_pred, test_pred = (floor_to_zero(*p, zero_below) for p in (val_pred, test_pred))
     metrics = _metrics(params, hp, data, tr, va, results, val_pred[0], test_pred)
+    if zero_below is not None:
+        metrics.update(zero_below=zero_below, best_val_mae=float(
+            np.mean(np.abs(val_pred[0] - data.pool_targets[va]))))
     cal = _calibration(data, va, val_pred)
     mlflow.log_params(cal.tags())
     for coverage in REPORTED_COVERAGES:  # measured on the test set, in metrics.json
         metrics.update(_coverage_metrics(data, test_pred, cal, coverage))
-    return metrics, cal
+    return metrics, cal, zero_below
 
 
 def _mean_std(params: Params, data: PropertyData, rows: np.ndarray, results: list[FitResult]

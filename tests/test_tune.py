@@ -22,13 +22,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
 from mpprop.cli import main
 from mpprop.config import load_params
 from mpprop.presets import hyperparams
 from mpprop.search import TRIAL_ENQUEUED
-from mpprop.study import ATTR_PARENT_RUN, OBJECTIVE_NAME
+from mpprop.study import ATTR_PARENT_RUN, OBJECTIVE_NAME, TRIAL_MLFLOW_RUN
 from mpprop.study_storage import storage_url, study_storage
 from mpprop.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
@@ -101,6 +102,8 @@ def check_mlflow(tracking_uri: str, study: optuna.Study, prop: str = PROP) -> di
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             continue
         run = children[t.system_attrs[RUN_ID_ATTRIBUTE_KEY]]
+        # optuna-dashboard shows user attrs, not system attrs: the way from a trial to its run
+        assert t.user_attrs[TRIAL_MLFLOW_RUN] == run.info.run_id
         tags = run.data.tags
         assert tags["state"] == t.state.name
         assert tags["mpprop.kind"] == "tune-trial"
@@ -159,7 +162,11 @@ def test_single_worker_prunes_writes_best_params_and_resumes(project):
     assert first.user_attrs.get(TRIAL_ENQUEUED) is True
     assert {k: first.params[k] for k in params.tune.enqueue[0]} == params.tune.enqueue[0]
     assert not any(t.user_attrs.get(TRIAL_ENQUEUED) for t in trials if t.number != first.number)
-    assert study.metric_names == [OBJECTIVE_NAME]
+    assert study.metric_names == [f"{OBJECTIVE_NAME} (log10(GPa))"]
+    note = get_note(study)  # optuna-dashboard's study note: objective, unit, caveats
+    assert f"lowest validation MAE of {PROP} (log10(GPa))" in note
+    assert "after 5 finished trials and 1 warm-up epochs" in note
+    assert "below about 30 trials it is noise" in note
     # progress inside a trial (tune.progress_every epochs), not only when it ends
     assert "epoch 3/3 val_mae" in out
 
@@ -373,14 +380,14 @@ def test_screening_and_pareto_objectives(project):
         assert len(done) == 4
         assert all(0 <= t.user_attrs["val_screening"] <= 100 for t in done)
         if objective == "screening":
-            assert study.metric_names == [SCREENING_NAME]
+            assert study.metric_names == [f"{SCREENING_NAME} (%)"]
             best = max(done, key=lambda t: t.value)
             assert tuned["best_trial"] == best.number
             # the value is the precision signal less a small MAE tie-breaker
             assert best.value <= best.user_attrs["val_screening"]
         else:
             assert "no pruning" in out
-            assert study.metric_names == [OBJECTIVE_NAME, SCREENING_NAME]
+            assert study.metric_names == [f"{OBJECTIVE_NAME} (log10(GPa))", f"{SCREENING_NAME} (%)"]
             front = study.best_trials
             pick = _best_trial(study, params.tune.pareto_mae_tolerance)
             assert tuned["best_trial"] == pick.number and pick in front

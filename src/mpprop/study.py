@@ -46,6 +46,8 @@ TRIAL_EPOCHS = "epochs"
 # a fine-tuned trial: its parent and fine-tuning settings (write_best_params reads it)
 TRIAL_FINE_TUNING = "mpprop.fine_tuning"
 TRIAL_MODEL_URI = "model_uri"
+# the trial's MLflow run (optuna-dashboard shows user attrs: from a trial to its run)
+TRIAL_MLFLOW_RUN = "mlflow_run_id"
 TRIAL_ERROR = "error"
 # what the study optimises (shown by optuna-dashboard and in `study.metric_names`)
 OBJECTIVE_NAME = "best_val_mae"
@@ -56,6 +58,35 @@ OBJECTIVES = {
     "screening": ([SCREENING_NAME], ["maximize"]),
     "pareto": ([OBJECTIVE_NAME, SCREENING_NAME], ["minimize", "maximize"]),
 }
+
+
+def study_metric_names(objective: str, unit: str) -> list[str]:
+    """The study's objective names with their units, as optuna-dashboard labels its axes
+    (e.g. `best_val_mae (eV)`, `val_screening (%)`)."""
+    units = {OBJECTIVE_NAME: unit, SCREENING_NAME: "%"}
+    return [f"{name} ({units[name]})" for name in OBJECTIVES[objective][0]]
+
+
+def study_note(prop: str, unit: str, objective: str, epochs: int, n_trials: int,
+               pruning: str, searched: list[str], fixed: list[str]) -> str:
+    """The study's note on optuna-dashboard's page (markdown): what is optimised, in which
+    unit, and how far to trust its importance and pruning panels."""
+    goal = {"mae": f"lowest validation MAE of {prop} ({unit})",
+            "screening": "highest validation top-N% precision (%, averaged over N)",
+            "pareto": f"the Pareto front of validation MAE ({unit}) and top-N% precision (%)"}
+    lines = [
+        f"## {prop}: mpprop tune",
+        f"- Objective: {goal[objective]}. Each trial trains {epochs} epochs on its own "
+        "train/validation split of the pool; the fixed test set is never used.",
+        f"- Searched: {', '.join(searched) or 'nothing'}."
+        + (f" Fixed (one choice, no importance to read): {', '.join(fixed)}." if fixed else ""),
+        f"- Hyperparameter importance is fitted on the finished trials ({n_trials} asked for): "
+        "below about 30 trials it is noise; read it as a hint, not a ranking.",
+        f"- Pruning: {pruning}.",
+        f"- A trial's MLflow run: its user attribute `{TRIAL_MLFLOW_RUN}` "
+        "(`mpprop ui-url` opens MLflow on the training runs).",
+    ]
+    return "\n".join(lines) + "\n"
 ATTR_OBJECTIVE = "mpprop.objective"
 TRIAL_VAL_MAE = "val_mae"
 TRIAL_VAL_SCREENING = "val_screening"

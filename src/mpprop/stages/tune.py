@@ -36,6 +36,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from optuna_dashboard import save_note
 from optuna_integration.mlflow import MLflowCallback
 
 from mpprop.bundle import BUNDLE_FILE
@@ -73,6 +74,7 @@ from mpprop.study import (
     TRIAL_EPOCHS_RUN,
     TRIAL_ERROR,
     TRIAL_FINE_TUNING,
+    TRIAL_MLFLOW_RUN,
     TRIAL_MODEL_URI,
     TRIAL_SPLIT_SEED,
     TRIAL_VAL_MAE,
@@ -84,6 +86,8 @@ from mpprop.study import (
     name_trial_run,
     parent_run,
     state_counts,
+    study_metric_names,
+    study_note,
     study_summary,
     write_best_params,
 )
@@ -326,7 +330,7 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
     property, objective, snapshot, graphs and epochs. Returns it, its epochs and the MLflow
     experiment id."""
     tune = params.tune
-    metric_names, directions = OBJECTIVES[objective]
+    directions = OBJECTIVES[objective][1]
     storage_obj = open_storage(
         params, url, MarkStaleAndRetry(int(tune.failed_trial_max_retry), echo)
     )
@@ -339,8 +343,14 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
         sampler=TrialSeededSampler(int(tune.sampler_seed), kind=tune.sampler),
         pruner=make_pruner(params, int(epochs or tune.epochs), prune), load_if_exists=True,
     )
+    unit = params.property_spec(prop).unit
     if not study.metric_names:
-        study.set_metric_names(metric_names)
+        study.set_metric_names(study_metric_names(objective, unit))
+    space = search_space(params)
+    fixed = [k for k, v in space.items() if isinstance(v, list) and len(v) == 1]
+    save_note(study, study_note(prop, unit, objective, int(epochs or tune.epochs),
+                                int(tune.n_trials), _pruning_text(params, prune),
+                                [k for k in space if k not in fixed], fixed))
     study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune.pareto_mae_tolerance))
     if ATTR_EPOCHS in study.user_attrs and epochs is None:
         epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
@@ -352,6 +362,19 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
     return study, epochs, exp_id
+
+
+def _pruning_text(params: Params, prune: bool) -> str:
+    """How the study prunes, in words (its note on optuna-dashboard)."""
+    tune = params.tune
+    if not prune:
+        return "off"
+    if tune.pruner == "hyperband":
+        return (f"Hyperband, rungs from epoch {max(1, tune.pruner_warmup_steps)}, reduction "
+                f"factor {tune.hyperband_reduction_factor}")
+    return (f"PercentilePruner ({tune.pruner_percentile:g}th percentile), after "
+            f"{tune.pruner_startup_trials} finished trials and {tune.pruner_warmup_steps} "
+            "warm-up epochs")
 
 
 class _TrialRunner:
@@ -460,6 +483,7 @@ class _TrialRunner:
         graph = trial_graph(w.params, values)
         data = self.data_for(graph)
         seed = self.split_seed(trial)
+        trial.set_user_attr(TRIAL_MLFLOW_RUN, mlflow.active_run().info.run_id)
         tr, va = train_val_split(len(data.pool_rows), float(w.params.split.val_fraction), seed)
         val_y = data.pool_targets[va]
         val_scale = float(np.std(val_y)) or 1.0

@@ -67,8 +67,8 @@ def study_metric_names(objective: str, unit: str) -> list[str]:
     return [f"{name} ({units[name]})" for name in OBJECTIVES[objective][0]]
 
 
-def study_note(prop: str, unit: str, objective: str, epochs: int, n_trials: int,
-               pruning: str, searched: list[str], fixed: list[str]) -> str:
+def study_note(prop: str, unit: str, objective: str, epochs: int, pruning: str,
+               searched: list[str], fixed: list[str]) -> str:
     """The study's note on optuna-dashboard's page (markdown): what is optimised, in which
     unit, and how far to trust its importance and pruning panels."""
     goal = {"mae": f"lowest validation MAE of {prop} ({unit})",
@@ -80,8 +80,8 @@ def study_note(prop: str, unit: str, objective: str, epochs: int, n_trials: int,
         "train/validation split of the pool; the fixed test set is never used.",
         f"- Searched: {', '.join(searched) or 'nothing'}."
         + (f" Fixed (one choice, no importance to read): {', '.join(fixed)}." if fixed else ""),
-        f"- Hyperparameter importance is fitted on the finished trials ({n_trials} asked for): "
-        "below about 30 trials it is noise; read it as a hint, not a ranking.",
+        "- Hyperparameter importance is fitted on the finished trials: below about 30 trials "
+        "it is noise; read it as a hint, not a ranking.",
         f"- Pruning: {pruning}.",
         f"- A trial's MLflow run: its user attribute `{TRIAL_MLFLOW_RUN}` "
         "(`mpprop ui-url` opens MLflow on the training runs).",

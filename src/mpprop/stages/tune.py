@@ -346,11 +346,6 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
     unit = params.property_spec(prop).unit
     if not study.metric_names:
         study.set_metric_names(study_metric_names(objective, unit))
-    space = search_space(params)
-    fixed = [k for k, v in space.items() if isinstance(v, list) and len(v) == 1]
-    save_note(study, study_note(prop, unit, objective, int(epochs or tune.epochs),
-                                int(tune.n_trials), _pruning_text(params, prune),
-                                [k for k in space if k not in fixed], fixed))
     study.set_user_attr("mpprop.pareto_mae_tolerance", float(tune.pareto_mae_tolerance))
     if ATTR_EPOCHS in study.user_attrs and epochs is None:
         epochs = int(study.user_attrs[ATTR_EPOCHS])  # resuming: keep the study's epochs
@@ -361,6 +356,10 @@ def _open_study(params: Params, prop: str, url: str, study_name: str, objective:
     for key, value in expect.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
+    space = search_space(params)
+    fixed = [k for k, v in space.items() if isinstance(v, list) and len(v) == 1]
+    save_note(study, study_note(prop, unit, objective, epochs, _pruning_text(params, prune),
+                                [k for k in space if k not in fixed], fixed))
     return study, epochs, exp_id
 
 

@@ -226,13 +226,40 @@ def to_markdown(
     rows: list[Row], presets: list[str], top_percent: float, test_fraction: float,
     snapshot: dict[str, Any],
 ) -> str:
+    """Table 2 as markdown: how to read it, one row per property, its warnings, and the
+    paper's own Table 2 for reference."""
+    lines = _introduction(top_percent, test_fraction, snapshot)
+    pairs = sorted({k for r in rows for k in r.paired})
+    extrapolated = any(r.extrapolation for r in rows)
+    header = ["property", "unit", "n_test"] + [f"budget {p}" for p in presets]
+    header += [f"MAE {p}" for p in presets] + [f"MAE {k}" for k in pairs]
+    header += ["n_top"] + [f"screening {p} (%)" for p in presets]
+    header += [f"screening {k} (points)" for k in pairs]
+    if extrapolated:
+        header += [f"extrapolation recall {p}" for p in presets]
+    header += ["champion"]
+    lines += _md_table(header, [_row_cells(r, presets, pairs, extrapolated) for r in rows])
+    if extrapolated:
+        lines += ["", "Extrapolation recall (`mpprop evaluate --extrapolation`): the property's "
+                  "top materials are held out of training; the share of them a model puts in "
+                  "its own top of a pool of them plus the test set (random picking: the "
+                  "`random_recall` of metrics/<property>.extrapolation.json)."]
+    notes = [f"- {r.prop}: {w}" for r in rows for w in row_warnings(r, presets, top_percent)]
+    if notes:
+        lines += ["", "Warnings:", "", *notes]
+    return "\n".join(lines + _paper_reference(rows)) + "\n"
+
+
+def _introduction(top_percent: float, test_fraction: float, snapshot: dict[str, Any]
+                  ) -> list[str]:
+    """The title and how to read the table: data, test set, screening, intervals, marks."""
     where = (
         f"Data: {data_vintage(snapshot)}; snapshot read {snapshot.get('snapshot_date', '?')} "
         f"(sha256 {str(snapshot.get('sha256', '?'))[:12]}, {snapshot.get('n_records', '?')} "
         f"records, source {snapshot.get('source', '?')})"
         if snapshot else "MP snapshot: unknown"
     )
-    lines = [
+    return [
         "# Table 2: test MAE and screening precision, by preset",
         "",
         f"{where}. Test set: the fixed {100 * test_fraction:g}% of each property's labelled "
@@ -247,52 +274,40 @@ def to_markdown(
         "direction.",
         "",
     ]
-    pairs = sorted({k for r in rows for k in r.paired})
-    header = ["property", "unit", "n_test"] + [f"budget {p}" for p in presets]
-    header += [f"MAE {p}" for p in presets] + [f"MAE {k}" for k in pairs]
-    header += ["n_top"] + [f"screening {p} (%)" for p in presets]
-    header += [f"screening {k} (points)" for k in pairs]
-    extrapolated = any(r.extrapolation for r in rows)
+
+
+def _row_cells(r: Row, presets: list[str], pairs: list[str], extrapolated: bool) -> list[str]:
+    """One property's cells, in the header's order."""
+    cells = [r.prop, _unit_text(r.unit), str(r.n_test)]
+    cells += [_budget_text(r.by_preset[p]) for p in presets]
+    cells += [_interval(r.by_preset[p], "test_mae", "test_mae_low", "test_mae_high",
+                        MAE_DECIMALS) for p in presets]
+    for k in pairs:
+        d = r.paired.get(k)
+        cells.append(MISSING if d is None else (
+            f"{d['mae_diff']:+.{MAE_DECIMALS}f} [{d['mae_diff_low']:+.{MAE_DECIMALS}f}, "
+            f"{d['mae_diff_high']:+.{MAE_DECIMALS}f}]" + (" *" if d["mae_diff_excludes_zero"] else "")))
+    screened = any(r.by_preset[p].get("test_screening_precision") is not None
+                   for p in presets)
+    n_top = next((r.by_preset[p].get("n_top") for p in presets
+                  if r.by_preset[p].get("n_top")), None)
+    cells.append(str(n_top) if screened and n_top else NOT_SCREENED if not screened
+                 else MISSING)
+    cells += [_interval(r.by_preset[p], "test_screening_precision", "test_screening_low",
+                        "test_screening_high", SCREENING_DECIMALS - 1)
+              if screened else NOT_SCREENED for p in presets]
+    cells += [_paired_screening_text(r.paired.get(k)) if screened else NOT_SCREENED
+              for k in pairs]
     if extrapolated:
-        header += [f"extrapolation recall {p}" for p in presets]
-    header += ["champion"]
-    body, notes = [], []
-    for r in rows:
-        cells = [r.prop, _unit_text(r.unit), str(r.n_test)]
-        cells += [_budget_text(r.by_preset[p]) for p in presets]
-        cells += [_interval(r.by_preset[p], "test_mae", "test_mae_low", "test_mae_high",
-                            MAE_DECIMALS) for p in presets]
-        for k in pairs:
-            d = r.paired.get(k)
-            cells.append(MISSING if d is None else (
-                f"{d['mae_diff']:+.{MAE_DECIMALS}f} [{d['mae_diff_low']:+.{MAE_DECIMALS}f}, "
-                f"{d['mae_diff_high']:+.{MAE_DECIMALS}f}]" + (" *" if d["mae_diff_excludes_zero"] else "")))
-        screened = any(r.by_preset[p].get("test_screening_precision") is not None
-                       for p in presets)
-        n_top = next((r.by_preset[p].get("n_top") for p in presets
-                      if r.by_preset[p].get("n_top")), None)
-        cells.append(str(n_top) if screened and n_top else NOT_SCREENED if not screened
-                     else MISSING)
-        cells += [_interval(r.by_preset[p], "test_screening_precision", "test_screening_low",
-                            "test_screening_high", SCREENING_DECIMALS - 1)
-                  if screened else NOT_SCREENED for p in presets]
-        cells += [_paired_screening_text(r.paired.get(k)) if screened else NOT_SCREENED
-                  for k in pairs]
-        if extrapolated:
-            cells += [_interval(r.extrapolation.get(p) or {}, "recall", "recall_low",
-                                "recall_high", 2) for p in presets]
-        cells.append(_champion_text(r.champion))
-        body.append(cells)
-        notes += [f"- {r.prop}: {w}" for w in row_warnings(r, presets, top_percent)]
-    lines += _md_table(header, body)
-    if extrapolated:
-        lines += ["", "Extrapolation recall (`mpprop evaluate --extrapolation`): the property's "
-                  "top materials are held out of training; the share of them a model puts in "
-                  "its own top of a pool of them plus the test set (random picking: the "
-                  "`random_recall` of metrics/<property>.extrapolation.json)."]
-    if notes:
-        lines += ["", "Warnings:", "", *notes]
-    lines += [
+        cells += [_interval(r.extrapolation.get(p) or {}, "recall", "recall_low",
+                            "recall_high", 2) for p in presets]
+    cells.append(_champion_text(r.champion))
+    return cells
+
+
+def _paper_reference(rows: list[Row]) -> list[str]:
+    """The paper's Table 2 for the properties of `rows` (its numbers, as published)."""
+    lines = [
         "",
         "## Reference: the paper's Table 2",
         "",
@@ -314,8 +329,7 @@ def to_markdown(
             + [NOT_SCREENED if ref[f"screening_{p}"] is None
                else _fmt(ref[f"screening_{p}"], SCREENING_DECIMALS) for p in PAPER_PRESETS]
         )
-    lines += _md_table(header, body)
-    return "\n".join(lines) + "\n"
+    return lines + _md_table(header, body)
 
 
 def _snapshot_meta(params: Params) -> dict[str, Any]:

@@ -177,8 +177,11 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
             records = {k: rs for k, rs in records.items() if rs}
             if not records:
                 continue
-        elif any(r is None for rs in records.values() for r in rs):
-            continue
+        else:  # a finished comparison: best and xie complete, other rows where complete
+            records = {k: rs for k, rs in records.items()
+                       if k in MAIN_ROWS or all(r is not None for r in rs)}
+            if any(r is None for rs in records.values() for r in rs):
+                continue
         data = property_data(params, ws, prop)
         y, better = data.test_targets, data.spec.better
         ids = ws.cache.material_id[data.test_rows].tolist()
@@ -190,7 +193,9 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
         resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
         out[prop] = {
             "n_test": len(y), "published": published_label,
-            "models": {k: model_summary(y, p, resamples, top, better) for k, p in preds.items()},
+            # the predictions stay in the jobs' result files
+            "models": {k: _without_predictions(model_summary(y, p, resamples, top, better))
+                       for k, p in preds.items()},
             "paired": {f"{a}-{b}": paired(y, preds[a], preds[b], resamples, top, better)
                        for a, b in (("best", "xie"), ("best", "published"), ("xie", "published"),
                                     *((k, "published") for k in preds if k not in MAIN_ROWS))
@@ -205,6 +210,11 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
     (results / f"table{suffix}.md").write_text(_table(out))
     print(_table(out))
     return out
+
+
+def _without_predictions(summary: dict) -> dict:
+    summary.pop("test_pred_per_seed", None)
+    return summary
 
 
 def _result(results: Path, job: str) -> dict | None:

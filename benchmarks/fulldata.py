@@ -34,16 +34,17 @@ from workspace import DEFAULT_DATA, REPO
 
 from mpprop.bundle import BUNDLE_FILE, gate_metals, load_model, with_calibration
 from mpprop.config import load_params
-from mpprop.data import open_workspace, property_data, train_val_split
+from mpprop.data import open_workspace, property_data
 from mpprop.experiment import (
     CHECKPOINT_FILE,
     RESULT_FILE,
     Job,
     all_test_ids,
+    job_split,
     model_summary,
     paired,
+    run_ensemble,
     run_job,
-    usable_rows,
 )
 from mpprop.inference import predict_rows
 from mpprop.intervals import Calibration, calibrate
@@ -86,6 +87,13 @@ JOBS = {
     # the paper's 0.039 took 1,000 epochs): formation energy's model and the second trunk
     "trunk2-fe": Job("trunk2-fe", "formation_energy_per_atom", {**MODERN, "epochs": 200}),
 }
+# formation energy's second member: the 200-epoch trunk trained on, with a new head and a
+# fresh warm-up and cosine cycle (its validation MAE was flat for the last 67 epochs while
+# the training MAE fell: variance, which an average of two models reduces)
+JOBS["restart-fe"] = Job("restart-fe", "formation_energy_per_atom", {**MODERN, "epochs": 40},
+                         parent="trunk2-fe")
+# ensembles of finished jobs (the same validation split): their mean, one bundle
+ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"]}
 # the large properties: fine-tuned from the trunk (its architecture), 60 epochs; Xie at 60
 for _key, _prop in (("bg", "band_gap"), ("ef", "efermi")):
     JOBS[f"ft-{_key}"] = Job(f"ft-{_key}", _prop, {**MODERN, "epochs": 60}, parent="trunk-fe",
@@ -123,6 +131,10 @@ for _key, _prop in SMALL.items():
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
                        seed=1, parent="quick-xie", freeze_epochs=1, trunk_lr_scale=0.5)
+# a second child on the same split (quick-ft's seed), and the two as an ensemble
+JOBS["quick-ft2"] = Job("quick-ft2", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
+                        seed=1, parent="quick-xie")
+ENSEMBLES["quick-ens"] = ["quick-ft", "quick-ft2"]
 # band gap with its zero floor, one epoch (the floor, the calibration, the bundle keys)
 JOBS["quick-bg"] = Job("quick-bg", "band_gap", {**XIE, "epochs": 1, "lr_decay_epoch": 1},
                        zero_floor=True)
@@ -132,8 +144,9 @@ QUICK_COMPARISONS = {"bulk_modulus": {"best": ["quick-ft"], "xie": ["quick-xie"]
 # sets keep the first trunk's fine-tunes as "best" and show the second's beside them: which
 # one ships is chosen on validation MAE, not on these test sets
 COMPARISONS = {
-    "formation_energy_per_atom": {"best": ["trunk2-fe"], "xie": ["xie-fe"],
-                                  "first trunk": ["trunk-fe"]},
+    # the ensemble is best where its validation MAE is below its members'
+    "formation_energy_per_atom": {"best": ["ens-fe"], "xie": ["xie-fe"],
+                                  "single model": ["trunk2-fe"], "first trunk": ["trunk-fe"]},
     "band_gap": {"best": ["ft2-bg"], "xie": ["xie-bg"], "first trunk": ["ft-bg"]},
     "efermi": {"best": ["ft2-ef"], "xie": ["xie-ef"]},
     **{prop: {"best": [f"ft-{key}-s{i}" for i in range(3)],
@@ -201,8 +214,9 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
                                     *((k, "published") for k in preds if k not in MAIN_ROWS))
                        if a in preds and b in preds},
             "cpu_hours": {k: [r["cpu_hours"] for r in recs] for k, recs in records.items()},
-            "jobs": {k: [{x: r[x] for x in ("job", "hyperparams", "parent", "n_train", "n_val",
-                                            "best_epoch", "epochs_run")} for r in recs]
+            "jobs": {k: [{x: r.get(x) for x in ("job", "hyperparams", "parent", "n_train",
+                                                "n_val", "best_epoch", "epochs_run",
+                                                "members")} for r in recs]
                      for k, recs in records.items()},
         }
     suffix = "-partial" if partial else ""
@@ -288,8 +302,8 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         y, better = data.test_targets, data.spec.better
         staged = work / "ship" / f"{prop}.pt"
         staged.parent.mkdir(parents=True, exist_ok=True)
-        cal, coverage = _calibrated(params, ws, data, JOBS[best["job"]], excluded, best, source,
-                                    staged)
+        cal, coverage = _calibrated(params, ws, data, JOBS.get(best["job"]), excluded, best,
+                                    source, staged)
         resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
         shipped = np.array(best["test_pred"])
         own = model_summary(y, shipped, resamples, top, better)
@@ -306,22 +320,26 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
               f"{cal.quantile(0.9)[1]:.4g}, test coverage {100 * coverage:.1f}%")
 
 
-def _calibrated(params: Any, ws: Any, data: Any, job: Job, excluded: set[str], record: dict,
-                source: Path, target: Path) -> tuple[Calibration, float]:
+def _calibrated(params: Any, ws: Any, data: Any, job: Job | None, excluded: set[str],
+                record: dict, source: Path, target: Path) -> tuple[Calibration, float]:
     """`source` copied to `target` with a calibration (the one it has, else split conformal on
     the job's own validation split), and the measured coverage of its 90% intervals on the
-    test materials (the recorded test predictions)."""
-    model = load_model(source, job.name)
+    test materials (the recorded test predictions). An ensemble (job None) has its own."""
+    model = load_model(source, record["job"])
     cal = model.calibration
     if cal is None:
-        rows, targets = usable_rows(data, ws.cache.material_id, excluded)
-        _, va = train_val_split(len(rows), job.val_fraction, job.seed)
-        val_pred, _ = predict_rows(model, ws.cache, rows[va], params.predict.batch_size)
-        val_mae = float(np.mean(np.abs(val_pred - targets[va])))
+        if job is None:
+            raise SystemExit(f"{record['job']}: a bundle without calibration")
+        split = job_split(params, ws, job, excluded)
+        val_targets = split.targets[split.val]
+        val_pred, _ = predict_rows(model, ws.cache, split.rows[split.val],
+                                   params.predict.batch_size)
+        val_mae = float(np.mean(np.abs(val_pred - val_targets)))
         if abs(val_mae - record["best_val_mae"]) > 1e-4 * max(1.0, record["best_val_mae"]):
             raise SystemExit(f"{job.name}: validation MAE {val_mae:.6f} on the recomputed split, "
                              f"{record['best_val_mae']:.6f} recorded: not the same split")
-        cal = calibrate(targets[va], val_pred, source=f"validation split ({len(va)} materials)")
+        cal = calibrate(val_targets, val_pred,
+                        source=f"validation split ({len(split.val)} materials)")
         with_calibration(source, target, cal)
     else:
         shutil.copyfile(source, target)
@@ -336,6 +354,14 @@ def _card(prop: str, spec: Any, r: dict, best: dict, own: dict, vs_published: di
     hp = best["hyperparams"]
     mae, pd_ = own["test_mae"], vs_published["mae_diff"]
     n_seeds = m["n_seeds"]
+    members = best.get("members")
+    origin = ('(fine-tuned from ' + best['parent'] + ')' if best.get('parent')
+              else '(from scratch)')
+    if members:
+        origin += (f"; an ensemble of {len(members)} ({', '.join(members)}: the mean of their "
+                   f"predictions, validation MAE {best['best_val_mae']:.4f} against theirs "
+                   f"{', '.join(f'{v:.4f}' for v in best['member_val_mae'])})")
+    budget = "all members, the trunk included" if members else "its trunk not included"
     return f"""# mpprop-{prop} (alias mpprop-2026)
 
 Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
@@ -346,10 +372,10 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   sets of all seven properties (split seed 20201224, 20%).
 - Model: CGCNN, {hp['n_conv']} convolutions, {hp['atom_fea_len']}/{hp['h_fea_len']} features,
   {hp['optimizer']}, {hp.get('loss', 'mse')} loss, {hp['epochs']} epochs
-  {'(fine-tuned from ' + best['parent'] + ')' if best.get('parent') else '(from scratch)'};
+  {origin};
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {best['job']}: of
   {n_seeds} seeds, the one with the lowest validation MAE (the test set chose nothing).
-- Budget: {best['cpu_hours']:.2f} CPU-hours on one core (its trunk not included).
+- Budget: {best['cpu_hours']:.2f} CPU-hours on one core ({budget}).
 - Test MAE on {r['n_test']} materials: {mae['value']:.4f} [{mae['low']:.4f}, {mae['high']:.4f}]
   (95% bootstrap); minus the published 2018 checkpoint, paired: {pd_['value']:+.4f}
   [{pd_['low']:+.4f}, {pd_['high']:+.4f}] (that checkpoint saw many of these test materials
@@ -380,7 +406,9 @@ def park(work: Path, results: Path) -> None:
             if (folder / name).exists():
                 shutil.copyfile(folder / name, target / name)
         print(f"parked {folder.name}")
+    # parents, and ensembles' members: a fresh checkout starts children and builds ensembles
     parents = {job.parent for job in JOBS.values() if job.parent}
+    parents.update(m for members in ENSEMBLES.values() for m in members)
     for folder in sorted((work / "jobs").glob("*-*")):
         if folder.name.rsplit("-", 1)[0] in parents and (folder / RESULT_FILE).exists():
             target = results / PARENTS / folder.name
@@ -427,6 +455,13 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
     results.mkdir(parents=True, exist_ok=True)
     unpark(work, results)
     for name in names:
+        if name in ENSEMBLES:
+            record = _ensemble(params, ws, work, excluded, name)
+            (results / f"{name}.json").write_text(json.dumps(record) + "\n")
+            print(f"{name}: validation MAE {record['best_val_mae']:.4f} (members "
+                  f"{', '.join(f'{v:.4f}' for v in record['member_val_mae'])}), test MAE "
+                  f"{record['test_mae']:.4f}", flush=True)
+            continue
         job = JOBS[name]
         parent_dir = None
         if job.parent is not None:
@@ -444,6 +479,17 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
               flush=True)
 
 
+def _ensemble(params: Any, ws: Any, work: Path, excluded: set[str], name: str) -> dict:
+    members = []
+    for member in ENSEMBLES[name]:
+        folder = next((f for f in (work / "jobs").glob(f"{member}-*")
+                       if (f / RESULT_FILE).exists()), None)
+        if folder is None:
+            raise SystemExit(f"{name} needs its member {member} trained first")
+        members.append((JOBS[member], folder))
+    return run_ensemble(params, ws, name, members, work / "jobs", excluded)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=WORK)
@@ -451,7 +497,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("build")
     r = sub.add_parser("run")
-    r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
+    r.add_argument("jobs", nargs="+", choices=sorted([*JOBS, *ENSEMBLES]),
+                   help="jobs, or ensembles of finished jobs")
     r.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: one job per core)")
     sub.add_parser("list")

@@ -20,8 +20,17 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from mpprop.bundle import BUNDLE_FILE, fit_zero_below, floor_to_zero, load_bundle, save_bundle
+from mpprop.bundle import (
+    BUNDLE_FILE,
+    fit_zero_below,
+    floor_to_zero,
+    load_bundle,
+    load_model,
+    save_bundle,
+    with_calibration,
+)
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
+from mpprop.inference import predict_rows
 from mpprop.intervals import calibrate
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
@@ -88,6 +97,26 @@ def usable_rows(data: PropertyData, cache_ids: np.ndarray, excluded: set[str]
     """The property's pool rows (and targets) whose materials are in no test set."""
     keep = np.array([cache_ids[r] not in excluded for r in data.pool_rows], dtype=bool)
     return data.pool_rows[keep], data.pool_targets[keep]
+
+
+@dataclass(frozen=True)
+class JobSplit:
+    """A job's data: its property, usable pool (rows of the graph cache, targets) and the
+    positions in that pool of its training and validation materials."""
+
+    data: PropertyData
+    rows: np.ndarray
+    targets: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+
+
+def job_split(params: Any, ws: Any, job: Job, excluded: set[str]) -> JobSplit:
+    """The split `job` trains on: its property's pool less `excluded`, divided by its seed."""
+    data = property_data(params, ws, job.prop)
+    rows, targets = usable_rows(data, ws.cache.material_id, excluded)
+    tr, va = train_val_split(len(rows), job.val_fraction, job.seed)
+    return JobSplit(data, rows, targets, tr, va)
 
 
 def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_percent: float,
@@ -210,9 +239,8 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
     if result_path.exists():
         return json.loads(result_path.read_text())
     hp = hp_type(**job.hyperparams)
-    data = property_data(params, ws, job.prop)
-    rows, targets = usable_rows(data, ws.cache.material_id, excluded)
-    tr, va = train_val_split(len(rows), job.val_fraction, job.seed)
+    split = job_split(params, ws, job, excluded)
+    data, rows, targets, tr, va = split.data, split.rows, split.targets, split.train, split.val
     fine_tuning = None
     if parent_dir is not None:
         parent, _, _, _ = load_bundle(parent_dir / BUNDLE_FILE)
@@ -264,6 +292,60 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
         "test_ids": ws.cache.material_id[data.test_rows].tolist(),
         "test_pred": np.round(pred, PRED_DECIMALS).tolist(),
         "test_mae": float(np.mean(np.abs(pred - data.test_targets))),
+    }
+    with atomic_output(result_path) as tmp:
+        Path(tmp).write_text(json.dumps(record) + "\n")
+    return record
+
+
+def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]],
+                 work: Path, excluded: set[str]) -> dict[str, Any]:
+    """Finished jobs (job, folder) as one ensemble in work/<name>-<key>/: their bundles in one,
+    predicting the members' mean, calibrated on the validation split they share; result.json
+    as run_job's, its CPU-hours the members' sum."""
+    jobs = [job for job, _ in members]
+    if len({(j.prop, j.seed, j.val_fraction) for j in jobs}) != 1:
+        raise ValueError(f"{name}: members need the same property and validation split")
+    if any(j.zero_floor for j in jobs):
+        raise ValueError(f"{name}: members with a zero floor cannot be averaged")
+    key = hashlib.sha256("\n".join(f.name for _, f in members).encode()).hexdigest()[:16]
+    folder = work / f"{name}-{key}"
+    result_path = folder / RESULT_FILE
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    records = [json.loads((f / RESULT_FILE).read_text()) for _, f in members]
+    loaded = [load_model(f / BUNDLE_FILE, j.name) for j, f in members]
+    nets = [m for model in loaded for m in model.members]
+    first = loaded[0]
+    staged = save_bundle(folder / "members.pt", first.model, first.normalizer, first.spec,
+                         extra={**first.bundle.get("extra", {}), "job": name,
+                                "members": [f.name for _, f in members]},
+                         members=nets[1:])
+    ensemble = load_model(staged, name)
+    split = job_split(params, ws, jobs[0], excluded)
+    bs = params.predict.batch_size
+    val_pred, _ = predict_rows(ensemble, ws.cache, split.rows[split.val], bs)
+    pred, _ = predict_rows(ensemble, ws.cache, split.data.test_rows, bs)
+    val_targets = split.targets[split.val]
+    cal = calibrate(val_targets, val_pred,
+                    source=f"validation split ({len(split.val)} materials)")
+    with_calibration(staged, folder / BUNDLE_FILE, cal)
+    staged.unlink()
+    val_mae = float(np.mean(np.abs(val_pred - val_targets)))
+    record = {
+        "job": name, "property": jobs[0].prop, "hyperparams": records[0]["hyperparams"],
+        "seed": jobs[0].seed, "parent": records[0]["parent"],
+        "members": [r["job"] for r in records],
+        "member_val_mae": [r["best_val_mae"] for r in records],
+        "n_train": int(len(split.train)), "n_val": int(len(split.val)),
+        "n_test": int(len(split.data.test_rows)),
+        "n_excluded_from_pool": records[0]["n_excluded_from_pool"],
+        "best_epoch": None, "best_val_mae": val_mae, "val_mae": val_mae, "zero_below": None,
+        "epochs_run": None, "wall_seconds": sum(r["wall_seconds"] for r in records),
+        "cpu_hours": sum(r["cpu_hours"] for r in records),
+        "test_ids": ws.cache.material_id[split.data.test_rows].tolist(),
+        "test_pred": np.round(pred, PRED_DECIMALS).tolist(),
+        "test_mae": float(np.mean(np.abs(pred - split.data.test_targets))),
     }
     with atomic_output(result_path) as tmp:
         Path(tmp).write_text(json.dumps(record) + "\n")

@@ -255,13 +255,20 @@ def fit_zero_below(y: np.ndarray, pred: np.ndarray, max_candidates: int = 200) -
     return float(grid[int(np.argmin(errors))])
 
 
+def floored(values: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Values below `threshold` set to 0; NaN stays NaN; None: unchanged."""
+    if threshold is None:
+        return values
+    return np.where(np.isfinite(values) & (values < threshold), 0.0, values)
+
+
 def floor_to_zero(values: np.ndarray, stds: np.ndarray, threshold: float | None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Values below `threshold` (and their stds) set to 0; NaN stays NaN; None: unchanged."""
+    """floored(values), and the stds of the floored values set to 0 too."""
     if threshold is None:
         return values, stds
     below = np.isfinite(values) & (values < threshold)
-    return np.where(below, 0.0, values), np.where(below & np.isfinite(stds), 0.0, stds)
+    return floored(values, threshold), np.where(below & np.isfinite(stds), 0.0, stds)
 
 
 def gate_metals(values: np.ndarray, stds: np.ndarray, p_metal: np.ndarray

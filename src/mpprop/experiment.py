@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 from mpprop.bundle import (
     BUNDLE_FILE,
     fit_zero_below,
-    floor_to_zero,
+    floored,
     load_bundle,
     load_model,
     save_bundle,
@@ -273,7 +273,7 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
     val_pred = predict(result.model, result.normalizer, ws.cache, rows[va], bs)
     pred = predict(result.model, result.normalizer, ws.cache, data.test_rows, bs)
     zero_below = fit_zero_below(targets[va], val_pred) if job.zero_floor else None
-    val_pred, pred = (floor_to_zero(p, np.zeros_like(p), zero_below)[0] for p in (val_pred, pred))
+    val_pred, pred = floored(val_pred, zero_below), floored(pred, zero_below)
     # split conformal on the validation residuals of the model as served (mpprop.intervals)
     cal = calibrate(targets[va], val_pred, source=f"validation split ({len(va)} materials)")
     save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,

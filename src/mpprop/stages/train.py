@@ -39,7 +39,7 @@ from mpprop.outputs import output_dir
 from mpprop.paths import MODEL_FILE, TRAIN_METRICS_FILE, checkpoint_dir, model_dir
 from mpprop.presets import final_hyperparams, preset_label, tuned_fine_tuning
 from mpprop.registry import ParentModel, resolve_parent
-from mpprop.settings import Hyperparams
+from mpprop.settings import GraphSettings, Hyperparams
 from mpprop.stats import screening_precision, screening_signal
 from mpprop.tracking import (
     KIND_TRAIN,
@@ -106,7 +106,6 @@ def train_property(
     hp = final_hyperparams(params, prop, preset, overrides)
     k = n_members(params, preset, ensemble)
     keep = params.train.ensemble_keep if k > 1 else "all"
-    graph = params.graph_settings()
     parent, freeze, lr_scale = _parent(params, prop, preset, init_from)
     ws = open_workspace(params)
     data = property_data(params, ws, prop)
@@ -141,13 +140,7 @@ def train_property(
             "ensemble_keep": keep, "ensemble_bootstrap": params.train.ensemble_bootstrap,
             "device": str(device), "precision": precision,
             "n_train": len(tr), "n_val": len(va), "n_test": len(data.test_rows),
-            "snapshot_sha256": ws.snapshot_sha256,
-            "snapshot_date": ws.snapshot_meta.get("snapshot_date"),
-            "graph_cache_key": ws.cache.key,
-            **{f"graph_{key}": v for key, v in asdict(graph).items()},
-            "init_from": parent.label if parent else None,
-            "freeze_trunk_epochs": freeze if parent else None,
-            "trunk_lr_scale": lr_scale if parent else None,
+            **_provenance_params(ws, params.graph_settings(), parent, freeze, lr_scale),
         })
         fine_tuning = (FineTuning(parent.trunk, int(freeze), float(lr_scale), parent.label)
                        if parent else None)
@@ -171,6 +164,20 @@ def train_property(
                 json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: nothing to resume
     return metrics
+
+
+def _provenance_params(ws: Workspace, graph: GraphSettings, parent: ParentModel | None,
+                       freeze: Any, lr_scale: Any) -> dict[str, Any]:
+    """The run's data, graph and parent-model parameters (fine-tuning ones None without)."""
+    return {
+        "snapshot_sha256": ws.snapshot_sha256,
+        "snapshot_date": ws.snapshot_meta.get("snapshot_date"),
+        "graph_cache_key": ws.cache.key,
+        **{f"graph_{key}": v for key, v in asdict(graph).items()},
+        "init_from": parent.label if parent else None,
+        "freeze_trunk_epochs": freeze if parent else None,
+        "trunk_lr_scale": lr_scale if parent else None,
+    }
 
 
 def _parent(params: Params, prop: str, preset: str, init_from: str | None

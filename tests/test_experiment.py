@@ -10,8 +10,10 @@ import pytest
 
 from mpprop import experiment_runs as runs
 from mpprop.experiment import (
+    Job,
     compare_models,
     compare_recall,
+    run_ensemble,
     screening_warning,
     summaries,
 )
@@ -132,3 +134,15 @@ def test_run_in_workers_returns_records_in_job_order() -> None:
     out = runs.run_in_workers(dict, [([("i", 0)],), ([("i", 1)],)], 1,
                               lambda rec, n: seen.append(n))
     assert out == [{"i": 0}, {"i": 1}] and seen == [1, 2]
+
+
+def test_an_ensemble_needs_members_of_one_validation_split(tmp_path) -> None:
+    # averaging models validated on different materials would leave no honest validation MAE
+    a = Job("a", "band_gap", {}, seed=0)
+    with pytest.raises(ValueError, match="validation split"):
+        run_ensemble(None, None, "e", [(a, tmp_path), (Job("b", "band_gap", {}, seed=1),
+                                                      tmp_path)], tmp_path, set())
+    with pytest.raises(ValueError, match="zero floor"):
+        run_ensemble(None, None, "e", [(a, tmp_path), (Job("c", "band_gap", {},
+                                                          zero_floor=True), tmp_path)],
+                     tmp_path, set())

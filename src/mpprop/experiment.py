@@ -22,15 +22,14 @@ from scipy.stats import spearmanr
 
 from mpprop.bundle import (
     BUNDLE_FILE,
+    ensemble_mean_std,
     fit_zero_below,
     floored,
     load_bundle,
     load_model,
     save_bundle,
-    with_calibration,
 )
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
-from mpprop.inference import predict_rows
 from mpprop.intervals import calibrate
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
@@ -301,13 +300,13 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
 def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]],
                  work: Path, excluded: set[str]) -> dict[str, Any]:
     """Finished jobs (job, folder) as one ensemble in work/<name>-<key>/: their bundles in one,
-    predicting the members' mean, calibrated on the validation split they share; result.json
-    as run_job's, its CPU-hours the members' sum."""
+    predicting the members' mean (with a zero floor fitted on that mean where the members
+    have one), calibrated on the validation split they share; result.json as run_job's, its
+    CPU-hours the members' sum."""
     jobs = [job for job, _ in members]
-    if len({(j.prop, j.seed, j.val_fraction) for j in jobs}) != 1:
-        raise ValueError(f"{name}: members need the same property and validation split")
-    if any(j.zero_floor for j in jobs):
-        raise ValueError(f"{name}: members with a zero floor cannot be averaged")
+    if len({(j.prop, j.seed, j.val_fraction, j.zero_floor) for j in jobs}) != 1:
+        raise ValueError(f"{name}: members need the same property, validation split and "
+                         "zero floor")
     key = hashlib.sha256("\n".join(f.name for _, f in members).encode()).hexdigest()[:16]
     folder = work / f"{name}-{key}"
     result_path = folder / RESULT_FILE
@@ -316,32 +315,37 @@ def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]
     records = [json.loads((f / RESULT_FILE).read_text()) for _, f in members]
     loaded = [load_model(f / BUNDLE_FILE, j.name) for j, f in members]
     nets = [m for model in loaded for m in model.members]
-    first = loaded[0]
-    staged = save_bundle(folder / "members.pt", first.model, first.normalizer, first.spec,
-                         extra={**first.bundle.get("extra", {}), "job": name,
-                                "members": [f.name for _, f in members]},
-                         members=nets[1:])
-    ensemble = load_model(staged, name)
     split = job_split(params, ws, jobs[0], excluded)
     bs = params.predict.batch_size
-    val_pred, _ = predict_rows(ensemble, ws.cache, split.rows[split.val], bs)
-    pred, _ = predict_rows(ensemble, ws.cache, split.data.test_rows, bs)
+
+    def mean_prediction(rows: np.ndarray) -> np.ndarray:  # the members' own floors not applied
+        return ensemble_mean_std([predict(net, norm, ws.cache, rows, bs) for net, norm in nets])[0]
+
     val_targets = split.targets[split.val]
+    val_pred = mean_prediction(split.rows[split.val])
+    pred = mean_prediction(split.data.test_rows)
+    zero_below = fit_zero_below(val_targets, val_pred) if jobs[0].zero_floor else None
+    val_pred, pred = floored(val_pred, zero_below), floored(pred, zero_below)
     cal = calibrate(val_targets, val_pred,
                     source=f"validation split ({len(split.val)} materials)")
-    with_calibration(staged, folder / BUNDLE_FILE, cal)
-    staged.unlink()
+    first = loaded[0]
+    save_bundle(folder / BUNDLE_FILE, first.model, first.normalizer, first.spec,
+                extra={**first.bundle.get("extra", {}), "job": name,
+                       "members": [f.name for _, f in members]},
+                members=nets[1:], calibration=cal, zero_below=zero_below)
     val_mae = float(np.mean(np.abs(val_pred - val_targets)))
     record = {
         "job": name, "property": jobs[0].prop, "hyperparams": records[0]["hyperparams"],
         "seed": jobs[0].seed, "parent": records[0]["parent"],
         "members": [r["job"] for r in records],
-        "member_val_mae": [r["best_val_mae"] for r in records],
+        # each member's as served (its floor applied; older results: the best epoch's)
+        "member_val_mae": [r.get("val_mae", r["best_val_mae"]) for r in records],
         "n_train": int(len(split.train)), "n_val": int(len(split.val)),
         "n_test": int(len(split.data.test_rows)),
         "n_excluded_from_pool": records[0]["n_excluded_from_pool"],
-        "best_epoch": None, "best_val_mae": val_mae, "val_mae": val_mae, "zero_below": None,
-        "epochs_run": None, "wall_seconds": sum(r["wall_seconds"] for r in records),
+        "best_epoch": None, "best_val_mae": val_mae, "val_mae": val_mae,
+        "zero_below": zero_below, "epochs_run": None,
+        "wall_seconds": sum(r["wall_seconds"] for r in records),
         "cpu_hours": sum(r["cpu_hours"] for r in records),
         "test_ids": ws.cache.material_id[split.data.test_rows].tolist(),
         "test_pred": np.round(pred, PRED_DECIMALS).tolist(),

@@ -149,17 +149,19 @@ JOBS["quick-bg2"] = Job("quick-bg2", "band_gap",
                         {**XIE, "epochs": 1, "lr_decay_epoch": 1, "lr": 0.01}, zero_floor=True)
 ENSEMBLES["quick-bg-ens"] = ["quick-bg", "quick-bg2"]
 QUICK_COMPARISONS = {"bulk_modulus": {"best": ["quick-ft"], "xie": ["quick-xie"]}}
-# the large properties: "best" is an ensemble of two models from the second trunk (200
-# epochs; band gap with its zero floor), chosen over its first member ("single model") by
-# validation MAE; the first trunk's models stay in the table as their own row. The small sets
-# keep the first trunk's fine-tunes as "best" and show the second's beside them: which one
-# ships is chosen on validation MAE, not on these test sets
+# the large properties: "best" is the candidate from the second trunk (200 epochs; band gap
+# with its zero floor) with the lowest validation MAE, an ensemble of two or one model; the
+# first trunk's models stay in the table as their own row. The small sets keep the first
+# trunk's fine-tunes as "best" and show the second's beside them: which one ships is chosen
+# on validation MAE, not on these test sets
 COMPARISONS = {
     "formation_energy_per_atom": {"best": ["ens-fe"], "xie": ["xie-fe"],
                                   "single model": ["trunk2-fe"], "first trunk": ["trunk-fe"]},
     "band_gap": {"best": ["ens-bg"], "xie": ["xie-bg"], "single model": ["ft2-bg"],
                  "first trunk": ["ft-bg"]},
-    "efermi": {"best": ["ens-ef"], "xie": ["xie-ef"], "single model": ["ft2-ef"]},
+    # validation MAE: ft2b-ef 0.2998, the ensemble 0.3016, ft2-ef 0.3165
+    "efermi": {"best": ["ft2b-ef"], "xie": ["xie-ef"], "ensemble": ["ens-ef"],
+               "half trunk learning rate": ["ft2-ef"]},
     **{prop: {"best": [f"ft-{key}-s{i}" for i in range(3)],
               "xie": [f"xie-{key}-s{i}" for i in range(3)],
               "second trunk": [f"ft2-{key}-s{i}" for i in range(3)]}

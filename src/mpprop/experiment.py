@@ -30,7 +30,7 @@ from mpprop.bundle import (
     save_bundle,
 )
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
-from mpprop.intervals import calibrate
+from mpprop.intervals import Calibration, calibrate
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
 from mpprop.stats import (
@@ -271,30 +271,19 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
     bs = params.predict.batch_size
     val_pred = predict(result.model, result.normalizer, ws.cache, rows[va], bs)
     pred = predict(result.model, result.normalizer, ws.cache, data.test_rows, bs)
-    zero_below = fit_zero_below(targets[va], val_pred) if job.zero_floor else None
-    val_pred, pred = floored(val_pred, zero_below), floored(pred, zero_below)
-    # split conformal on the validation residuals of the model as served (mpprop.intervals)
-    cal = calibrate(targets[va], val_pred, source=f"validation split ({len(va)} materials)")
+    served = _as_served(ws, split, val_pred, pred, job.zero_floor)
     save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,
                 extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
                        "job": job.name, "parent": fine_tuning.parent if fine_tuning else ""},
-                calibration=cal, zero_below=zero_below)
+                calibration=served.calibration, zero_below=served.record["zero_below"])
     record = {
         "job": job.name, "property": job.prop, "hyperparams": job.hyperparams,
         "seed": job.seed, "parent": fine_tuning.parent if fine_tuning else None,
-        "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(data.test_rows)),
-        "n_excluded_from_pool": int(len(data.pool_rows) - len(rows)),
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
-        "val_mae": float(np.mean(np.abs(val_pred - targets[va]))), "zero_below": zero_below,
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],
-        "cpu_hours": total["cpu_seconds"] / 3600,
-        "test_ids": ws.cache.material_id[data.test_rows].tolist(),
-        "test_pred": np.round(pred, PRED_DECIMALS).tolist(),
-        "test_mae": float(np.mean(np.abs(pred - data.test_targets))),
+        "cpu_hours": total["cpu_seconds"] / 3600, **served.record,
     }
-    with atomic_output(result_path) as tmp:
-        Path(tmp).write_text(json.dumps(record) + "\n")
-    return record
+    return _write_result(result_path, record)
 
 
 def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]],
@@ -321,37 +310,59 @@ def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]
     def mean_prediction(rows: np.ndarray) -> np.ndarray:  # the members' own floors not applied
         return ensemble_mean_std([predict(net, norm, ws.cache, rows, bs) for net, norm in nets])[0]
 
-    val_targets = split.targets[split.val]
-    val_pred = mean_prediction(split.rows[split.val])
-    pred = mean_prediction(split.data.test_rows)
-    zero_below = fit_zero_below(val_targets, val_pred) if jobs[0].zero_floor else None
-    val_pred, pred = floored(val_pred, zero_below), floored(pred, zero_below)
-    cal = calibrate(val_targets, val_pred,
-                    source=f"validation split ({len(split.val)} materials)")
+    served = _as_served(ws, split, mean_prediction(split.rows[split.val]),
+                        mean_prediction(split.data.test_rows), jobs[0].zero_floor)
     first = loaded[0]
     save_bundle(folder / BUNDLE_FILE, first.model, first.normalizer, first.spec,
                 extra={**first.bundle.get("extra", {}), "job": name,
                        "members": [f.name for _, f in members]},
-                members=nets[1:], calibration=cal, zero_below=zero_below)
-    val_mae = float(np.mean(np.abs(val_pred - val_targets)))
+                members=nets[1:], calibration=served.calibration,
+                zero_below=served.record["zero_below"])
     record = {
         "job": name, "property": jobs[0].prop, "hyperparams": records[0]["hyperparams"],
         "seed": jobs[0].seed, "parent": records[0]["parent"],
         "members": [r["job"] for r in records],
         # each member's as served (its floor applied; older results: the best epoch's)
         "member_val_mae": [r.get("val_mae", r["best_val_mae"]) for r in records],
-        "n_train": int(len(split.train)), "n_val": int(len(split.val)),
-        "n_test": int(len(split.data.test_rows)),
-        "n_excluded_from_pool": records[0]["n_excluded_from_pool"],
-        "best_epoch": None, "best_val_mae": val_mae, "val_mae": val_mae,
-        "zero_below": zero_below, "epochs_run": None,
+        "best_epoch": None, "best_val_mae": served.record["val_mae"], "epochs_run": None,
         "wall_seconds": sum(r["wall_seconds"] for r in records),
-        "cpu_hours": sum(r["cpu_hours"] for r in records),
-        "test_ids": ws.cache.material_id[split.data.test_rows].tolist(),
-        "test_pred": np.round(pred, PRED_DECIMALS).tolist(),
-        "test_mae": float(np.mean(np.abs(pred - split.data.test_targets))),
+        "cpu_hours": sum(r["cpu_hours"] for r in records), **served.record,
     }
-    with atomic_output(result_path) as tmp:
+    return _write_result(result_path, record)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A trained model's predictions as its bundle serves them: its calibration, and the
+    result fields they give (split sizes, validation MAE, zero floor, test predictions)."""
+
+    calibration: Calibration
+    record: dict[str, Any]
+
+
+def _as_served(ws: Any, split: JobSplit, val_pred: np.ndarray, test_pred: np.ndarray,
+               zero_floor: bool) -> Served:
+    """Raw validation and test predictions with the zero floor (fitted on the validation
+    split, where asked) applied, and split conformal on the validation residuals of the
+    model as served (mpprop.intervals)."""
+    val_targets = split.targets[split.val]
+    zero_below = fit_zero_below(val_targets, val_pred) if zero_floor else None
+    val_pred, test_pred = floored(val_pred, zero_below), floored(test_pred, zero_below)
+    cal = calibrate(val_targets, val_pred, source=f"validation split ({len(split.val)} materials)")
+    data = split.data
+    return Served(cal, {
+        "n_train": int(len(split.train)), "n_val": int(len(split.val)),
+        "n_test": int(len(data.test_rows)),
+        "n_excluded_from_pool": int(len(data.pool_rows) - len(split.rows)),
+        "val_mae": float(np.mean(np.abs(val_pred - val_targets))), "zero_below": zero_below,
+        "test_ids": ws.cache.material_id[data.test_rows].tolist(),
+        "test_pred": np.round(test_pred, PRED_DECIMALS).tolist(),
+        "test_mae": float(np.mean(np.abs(test_pred - data.test_targets))),
+    })
+
+
+def _write_result(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    with atomic_output(path) as tmp:
         Path(tmp).write_text(json.dumps(record) + "\n")
     return record
 

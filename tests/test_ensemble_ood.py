@@ -7,7 +7,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from mpprop.bundle import load_model, save_bundle
+from mpprop.bundle import load_model, save_bundle, with_half_weights
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import (
     SHORT_BOND_RATIO,
@@ -70,6 +70,28 @@ def test_ensemble_bundle_round_trip_mean_std_and_ood(tmp_path) -> None:
     np.testing.assert_allclose(out.stds[0], each.std(0), rtol=1e-6)
     assert np.all(out.stds[0] > 0)  # the members differ
     assert np.all(np.isfinite(out.ood_scores[0]))
+
+
+def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_path) -> None:
+    members = [(net(s), Normalizer(1.0 + s, 2.0)) for s in range(2)]
+    full = save_bundle(tmp_path / "model.pt", *members[0], SPEC, members=members[1:],
+                       zero_below=0.1)
+    half = with_half_weights(full, tmp_path / "half.pt")
+    stored = torch.load(half, weights_only=True)
+    for state in (stored["state_dict"], stored["members"][0]["state_dict"]):
+        assert {v.dtype for v in state.values()} == {torch.float16, torch.int64}
+    assert half.stat().st_size < 0.65 * full.stat().st_size  # keys and settings stay
+    a, b = load_model(full, "full"), load_model(half, "half")
+    assert b.n_members == 2 and b.zero_below == 0.1
+    for (net_a, _), (net_b, _) in zip(a.members, b.members, strict=True):
+        for (name, wa), wb in zip(net_a.state_dict().items(), net_b.state_dict().values(),
+                                  strict=True):
+            assert wb.dtype == wa.dtype, name  # loaded back as float32 networks
+            np.testing.assert_allclose(wb.float(), wa.float(), rtol=1e-3, atol=1e-4)
+    structures = rocksalts()
+    pa, pb = (predict_structures([m], structures).values[0] for m in (a, b))
+    np.testing.assert_allclose(pb, pa, rtol=1e-2, atol=1e-3)
+    assert not np.array_equal(pa, pb)  # rounded: the copy's own predictions are measured
 
 
 def test_odd_structures_score_higher_than_ordinary_ones() -> None:

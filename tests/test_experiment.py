@@ -146,3 +146,15 @@ def test_an_ensemble_needs_members_of_one_validation_split(tmp_path) -> None:
         run_ensemble(None, None, "e", [(a, tmp_path), (Job("c", "band_gap", {},
                                                           zero_floor=True), tmp_path)],
                      tmp_path, set())
+
+
+def test_an_init_seed_makes_another_job_on_the_same_split_and_keeps_earlier_keys() -> None:
+    # the keys of jobs without an init seed are those their finished results are stored under
+    job = Job("a", "band_gap", {"lr": 0.1}, seed=2)
+    floored = Job("a", "band_gap", {"lr": 0.1}, seed=2, zero_floor=True)
+    assert job.key({"mp-1"}, "p") == "b6c161595566aba5"
+    assert floored.key({"mp-1"}, "p") == "214422cde46f8a96"
+    other = Job("a", "band_gap", {"lr": 0.1}, seed=2, init_seed=7)
+    keys = {other.key({"mp-1"}, "p"), Job("a", "band_gap", {"lr": 0.1}, seed=2,
+                                          init_seed=8).key({"mp-1"}, "p")}
+    assert job.key({"mp-1"}, "p") not in keys and len(keys) == 2

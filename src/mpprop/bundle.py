@@ -17,6 +17,8 @@ intervals, and a reader that does not know the key ignores it (the format stays 
 Optional too: zero_below (a threshold in target units, fitted on the validation split by
 fit_zero_below): predictions below it are reported as exactly 0, the model's own metal /
 non-metal decision for band gap, where half the materials have a gap of exactly 0.
+Weights may be stored as float16 (with_half_weights: an ensemble of two fits the shipped
+models' size limit); they load into float32 networks as any bundle does.
 """
 
 from __future__ import annotations
@@ -172,6 +174,25 @@ def with_calibration(src: str | Path, dst: str | Path, calibration: Calibration)
     if data.get("task", TASK_REGRESSION) != TASK_REGRESSION:
         raise BundleError(f"{src} is a classifier: it has no prediction intervals")
     data = {**data, "calibration": calibration.state_dict()}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, dst)
+    return dst
+
+
+def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # BatchNorm's batch counter stays an integer
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def with_half_weights(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the bundle `src` at `dst` with every member's floating-point weights stored
+    as float16 (half the size); every other key is kept as it is. Its predictions differ
+    from the original's by the rounding: measure them on the copy."""
+    _, _, _, data = load_bundle(src)
+    data = {**data, "state_dict": _half(data["state_dict"])}
+    if data.get("members"):
+        data["members"] = [{**m, "state_dict": _half(m["state_dict"])} for m in data["members"]]
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, dst)

@@ -79,13 +79,17 @@ class Job:
     freeze_epochs: int = 0
     trunk_lr_scale: float = 1.0
     zero_floor: bool = False
+    # the seed of the new weights and the batch order, where it differs from the split's: a
+    # second model on the same split (an ensemble member)
+    init_seed: int | None = None
 
     def key(self, excluded: set[str], parent_key: str | None) -> str:
         fields = [self.prop, self.hyperparams, self.seed, self.val_fraction, parent_key,
                   self.freeze_epochs, self.trunk_lr_scale]
         # appended only when set: the keys of jobs without it stay those of earlier results
-        payload = json.dumps(fields + (["zero_floor"] if self.zero_floor else []),
-                             sort_keys=True)
+        fields += ["zero_floor"] if self.zero_floor else []
+        fields += [["init_seed", self.init_seed]] if self.init_seed is not None else []
+        payload = json.dumps(fields, sort_keys=True)
         h = hashlib.sha256(payload.encode())
         h.update("\n".join(sorted(excluded)).encode())
         return h.hexdigest()[:16]
@@ -263,7 +267,8 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
                  f"{now['cpu_seconds'] / 3600:.2f} CPU-h)")
 
     result = fit(hp, params.graph_settings(), ws.cache, rows[tr], targets[tr], rows[va],
-                 targets[va], seed=job.seed, on_epoch=on_epoch,
+                 targets[va], seed=job.seed if job.init_seed is None else job.init_seed,
+                 on_epoch=on_epoch,
                  eval_batch_size=params.predict.batch_size,
                  loss_settings=params.loss_settings(), better=data.spec.better,
                  fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE)
@@ -278,7 +283,8 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
                 calibration=served.calibration, zero_below=served.record["zero_below"])
     record = {
         "job": job.name, "property": job.prop, "hyperparams": job.hyperparams,
-        "seed": job.seed, "parent": fine_tuning.parent if fine_tuning else None,
+        "seed": job.seed, "init_seed": job.init_seed,
+        "parent": fine_tuning.parent if fine_tuning else None,
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],
         "cpu_hours": total["cpu_seconds"] / 3600, **served.record,

@@ -441,6 +441,12 @@ def _card(prop: str, spec: Any, r: dict, best: dict, own: dict, vs_published: di
                    f"{', '.join(f'{v:.4f}' for v in best['member_val_mae'])})")
     budget = ("the sum of its members" if members else "one model") + (
         ", its trunk not included" if best.get("parent") else "")
+    pick = "" if n_seeds == 1 else f",\n  of its {n_seeds} seeds the one with the lowest"
+    seeds = ("" if n_seeds == 1 else
+             f"- All {n_seeds} seeds: test MAE {m['test_mae']['value']:.4f} "
+             f"[{m['test_mae']['low']:.4f}, {m['test_mae']['high']:.4f}], seed std "
+             f"{m['test_mae_seed_std'] or 0:.4f}.\n")
+    xie_seeds = " (all seeds)" if seeds else ""
     return f"""# mpprop-{prop} (alias mpprop-2026)
 
 Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
@@ -453,16 +459,14 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   {hp['optimizer']}, {hp.get('loss', 'mse')} loss, {hp['epochs']} epochs
   {origin};
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {best['job']}: of
-  {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({r['best_is']}), of
-  its {n_seeds} seeds the one with the lowest validation MAE (the test set chose nothing).
+  {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({r['best_is']}){pick}
+  (the test set chose nothing).
 - Budget: {best['cpu_hours']:.2f} CPU-hours on one core ({budget}).
 - Test MAE on {r['n_test']} materials: {mae['value']:.4f} [{mae['low']:.4f}, {mae['high']:.4f}]
   (95% bootstrap); minus the published 2018 checkpoint, paired: {pd_['value']:+.4f}
   [{pd_['low']:+.4f}, {pd_['high']:+.4f}] (that checkpoint saw many of these test materials
   in training).
-- All {n_seeds} seeds: test MAE {m['test_mae']['value']:.4f} [{m['test_mae']['low']:.4f},
-  {m['test_mae']['high']:.4f}], seed std {m['test_mae_seed_std'] or 0:.4f}; minus the Xie preset
-  at the same epochs ({n_seeds} seeds): {px['mae_diff']['value']:+.4f}
+{seeds}- Minus the Xie preset at the same epochs{xie_seeds}: {px['mae_diff']['value']:+.4f}
   [{px['mae_diff']['low']:+.4f}, {px['mae_diff']['high']:+.4f}].
 - Prediction intervals (`lo`..`hi`, `value_lo`..`value_hi` in `mpprop predict`'s CSV): split conformal on its
   {cal.source}; the 90% interval is the prediction +- {cal.quantile(0.9)[1]:.4f}

@@ -218,6 +218,13 @@ def test_import_pretrained_registers_eight_usable_models(ws, pretrained):
         mv = client.get_model_version_by_alias(f"mpprop-{model.prop}", "mpprop-2026")
         assert mv.tags["interval_method"] == "absolute" and int(mv.tags["interval_n"]) >= 50
         assert 0.8 < float(mv.tags["test_interval_coverage_90"]) < 1.0
+        served = mlflow.pyfunc.load_model(f"models:/mpprop-{model.prop}@mpprop-2026")
+        out = served.predict(structures)
+        pred = out["prediction"].to_numpy(float)
+        assert np.isfinite(pred).all(), model.prop
+        assert (out["lo"].to_numpy(float) <= pred).all() and (pred <= out["hi"]).all()
+        if model.prop == "band_gap":  # its zero floor: no negative gaps
+            assert (pred >= 0).all()
     # bulk modulus: log10(GPa), as the labels of our model; real values are 10-400 GPa
     pred = mlflow.pyfunc.load_model("models:/mpprop-bulk_modulus@xie-2018").predict(structures)
     truth = np.log10([r["bulk_modulus"]["vrh"] for r in ws.records[:3]])

@@ -8,7 +8,11 @@ published checkpoints.
     python benchmarks/fulldata.py park                   # unfinished jobs' checkpoints -> git
     python benchmarks/fulldata.py report                 # statistics of the finished jobs
     python benchmarks/fulldata.py ship PROP [PROP ...]   # into src/mpprop/shipped/
-    (--workdir, --results: other folders; CI runs quick-xie and quick-ft, then report --quick)
+    (--workdir, --results: other folders; CI runs the quick-* jobs, then report --quick)
+
+`report` makes each property's "best" the finished candidate (COMPARISONS) with the lowest
+validation MAE; `ship` copies that candidate's bundle (its best seed's) with a model card whose
+numbers are measured on the file shipped.
 
 Runs one torch thread per process (start several processes for several jobs). The fixed
 test sets are `mpprop split`'s for the whole snapshot (6,247 formation energy and band gap,

@@ -12,6 +12,7 @@ kernels.py compiles) count when a module of the closure names them in a string.
 from __future__ import annotations
 
 import ast
+import re
 import shlex
 from functools import cache
 from pathlib import Path
@@ -124,7 +125,9 @@ def loaded_data_files(modules: set[Path]) -> set[Path]:
         node.value for module in modules for node in ast.walk(parse(module))
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
     }
-    return {f for f in package_data_files() if any(f.name in s for s in strings)}
+    # the whole name: "efermi.pth.tar" (a published checkpoint) does not name efermi.pt
+    return {f for f in package_data_files()
+            if any(re.search(rf"(?<![\w.-]){re.escape(f.name)}(?![\w.-])", s) for s in strings)}
 
 
 def _is_group_command(decorator: ast.expr) -> bool:

@@ -43,6 +43,7 @@ from mpprop.model import (
     read_checkpoint,
 )
 from mpprop.settings import GraphSettings, PropertySpec
+from mpprop.shipped import shipped_models
 
 GRAPH = GraphSettings()
 BAND_GAP = PropertySpec("band_gap", "band_gap", "eV", "none", "higher")
@@ -281,15 +282,19 @@ def test_missing_classifier_is_a_clear_error_and_reimport_upgrades(in_registry):
     assert "mpprop import-pretrained" in out and "xie_band_gap_metal_gate: false" in out
     _predict("predict.xie_band_gap_metal_gate=false")  # the option off needs no classifier
     # a version registered by an older import (no import format): re-import registers anew
-    client.delete_model_version_tag("mpprop-band_gap", "1", "import_format")
-    client.delete_model_version_tag("mpprop-band_gap", "1", "mpprop.domain")
+    old = client.get_model_version_by_alias("mpprop-band_gap", "xie-2018").version
+    client.delete_model_version_tag("mpprop-band_gap", old, "import_format")
+    client.delete_model_version_tag("mpprop-band_gap", old, "mpprop.domain")
+    latest = max(int(v.version) for v in client.search_model_versions("name='mpprop-band_gap'"))
     result = CliRunner().invoke(main, ["import-pretrained", "--property", "band_gap"])
     assert result.exit_code == 0, result.output
     assert "mpprop-is_metal@xie-2018 -> v1 (alias moved to existing version" in result.output
-    assert "mpprop-band_gap@xie-2018 -> v2 (registered" in result.output
+    assert f"mpprop-band_gap@xie-2018 -> v{latest + 1} (registered" in result.output
     _predict()
     rows = _read_csv(in_registry / "out.csv")
-    assert rows["Cu"]["model"] == "mpprop-band_gap@xie-2018 v2+metal-classifier v1"
+    assert rows["Cu"]["model"] == f"mpprop-band_gap@xie-2018 v{latest + 1}+metal-classifier v1"
     assert float(rows["Cu"]["value"]) == 0.0
     again = CliRunner().invoke(main, ["import-pretrained", "--property", "band_gap"]).output
-    assert again.count("already registered") == 2
+    # the published pair, and mpprop's own band-gap model where one is shipped
+    shipped = sum(m.prop == "band_gap" for m in shipped_models())
+    assert again.count("already registered") == 2 + shipped

@@ -128,6 +128,10 @@ JOBS["ft2c-ef"] = Job("ft2c-ef", "efermi", {**MODERN, "epochs": 60}, parent="tru
                       init_seed=1)
 JOBS["restart2-fe"] = Job("restart2-fe", "formation_energy_per_atom",
                           {**MODERN, "epochs": 40}, parent="trunk2-fe", init_seed=1)
+# an independent second 200-epoch trunk (same split, other new weights and batch order): the
+# ensembles above gain little because their members share one trunk
+JOBS["trunk3-fe"] = Job("trunk3-fe", "formation_energy_per_atom", {**MODERN, "epochs": 200},
+                        init_seed=1)
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],

@@ -137,7 +137,8 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
              "ens-ef": ["ft2-ef", "ft2b-ef"],
              "ens3-fe": ["trunk2-fe", "restart-fe", "restart2-fe"],
              "ens3-bg": ["ft2-bg", "ft2b-bg", "ft2c-bg"], "ens2-ef": ["ft2b-ef", "ft2c-ef"],
-             "ens3-ef": ["ft2-ef", "ft2b-ef", "ft2c-ef"]}
+             "ens3-ef": ["ft2-ef", "ft2b-ef", "ft2c-ef"],
+             "ens-trunks-fe": ["trunk2-fe", "restart-fe", "trunk3-fe"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -191,7 +192,8 @@ COMPARISONS = {
     "formation_energy_per_atom": {
         "candidates": {"first trunk": ["trunk-fe"], "second trunk": ["trunk2-fe"],
                        "restart": ["restart-fe"], "ensemble of 2": ["ens-fe"],
-                       "ensemble of 3": ["ens3-fe"]},
+                       "ensemble of 3": ["ens3-fe"], "independent trunk": ["trunk3-fe"],
+                       "ensemble of 3, two trunks": ["ens-trunks-fe"]},
         "xie": ["xie-fe"]},
     "band_gap": {
         "candidates": {"first trunk": ["ft-bg"], "half trunk learning rate": ["ft2-bg"],

@@ -173,7 +173,10 @@ def with_calibration(src: str | Path, dst: str | Path, calibration: Calibration)
     _, _, _, data = load_bundle(src)
     if data.get("task", TASK_REGRESSION) != TASK_REGRESSION:
         raise BundleError(f"{src} is a classifier: it has no prediction intervals")
-    data = {**data, "calibration": calibration.state_dict()}
+    return _save_copy({**data, "calibration": calibration.state_dict()}, dst)
+
+
+def _save_copy(data: dict[str, Any], dst: str | Path) -> Path:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, dst)
@@ -193,10 +196,7 @@ def with_half_weights(src: str | Path, dst: str | Path) -> Path:
     data = {**data, "state_dict": _half(data["state_dict"])}
     if data.get("members"):
         data["members"] = [{**m, "state_dict": _half(m["state_dict"])} for m in data["members"]]
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, dst)
-    return dst
+    return _save_copy(data, dst)
 
 
 def _network(data: dict[str, Any], state: dict[str, Any]) -> CrystalGraphConvNet:

@@ -132,13 +132,18 @@ JOBS["restart2-fe"] = Job("restart2-fe", "formation_energy_per_atom",
 # ensembles above gain little because their members share one trunk
 JOBS["trunk3-fe"] = Job("trunk3-fe", "formation_energy_per_atom", {**MODERN, "epochs": 200},
                         init_seed=1)
+# the independent trunk trained on with a new head and a fresh cycle, as restart-fe
+JOBS["trunk3-restart-fe"] = Job("trunk3-restart-fe", "formation_energy_per_atom",
+                                {**MODERN, "epochs": 40}, parent="trunk3-fe")
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],
              "ens3-fe": ["trunk2-fe", "restart-fe", "restart2-fe"],
              "ens3-bg": ["ft2-bg", "ft2b-bg", "ft2c-bg"], "ens2-ef": ["ft2b-ef", "ft2c-ef"],
              "ens3-ef": ["ft2-ef", "ft2b-ef", "ft2c-ef"],
-             "ens-trunks-fe": ["trunk2-fe", "restart-fe", "trunk3-fe"]}
+             "ens-trunks-fe": ["trunk2-fe", "restart-fe", "trunk3-fe"],
+             "ens-2trunks-fe": ["trunk2-fe", "trunk3-fe"],
+             "ens4-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -160,6 +165,12 @@ for _key, _prop in SMALL.items():
             f"ft2c-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
             parent="trunk2-fe", freeze_epochs=10, trunk_lr_scale=0.3, init_seed=100 + _seed)
         ENSEMBLES[f"ens2-{_key}-s{_seed}"] = [f"ft2-{_key}-s{_seed}", f"ft2c-{_key}-s{_seed}"]
+        # fine-tuned from the independent trunk, and the three as one: members of two trunks
+        JOBS[f"ft3-{_key}-s{_seed}"] = Job(
+            f"ft3-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
+            parent="trunk3-fe", freeze_epochs=10, trunk_lr_scale=0.3)
+        ENSEMBLES[f"ens3-{_key}-s{_seed}"] = [f"ft2-{_key}-s{_seed}", f"ft2c-{_key}-s{_seed}",
+                                              f"ft3-{_key}-s{_seed}"]
 
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
@@ -193,7 +204,9 @@ COMPARISONS = {
         "candidates": {"first trunk": ["trunk-fe"], "second trunk": ["trunk2-fe"],
                        "restart": ["restart-fe"], "ensemble of 2": ["ens-fe"],
                        "ensemble of 3": ["ens3-fe"], "independent trunk": ["trunk3-fe"],
-                       "ensemble of 3, two trunks": ["ens-trunks-fe"]},
+                       "ensemble of 3, two trunks": ["ens-trunks-fe"],
+                       "ensemble of the two trunks": ["ens-2trunks-fe"],
+                       "ensemble of 4, two trunks and their restarts": ["ens4-fe"]},
         "xie": ["xie-fe"]},
     "band_gap": {
         "candidates": {"first trunk": ["ft-bg"], "half trunk learning rate": ["ft2-bg"],
@@ -209,7 +222,8 @@ COMPARISONS = {
     **{prop: {"candidates": {"first trunk": [f"ft-{key}-s{i}" for i in range(3)],
                              "second trunk": [f"ft2-{key}-s{i}" for i in range(3)],
                              "second trunk, ensemble of 2": [f"ens2-{key}-s{i}"
-                                                             for i in range(3)]},
+                                                             for i in range(3)],
+                             "two trunks, ensemble of 3": [f"ens3-{key}-s{i}" for i in range(3)]},
               "xie": [f"xie-{key}-s{i}" for i in range(3)]}
        for key, prop in SMALL.items()},
 }

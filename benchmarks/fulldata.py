@@ -401,7 +401,8 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         staged = work / "ship" / f"{prop}.pt"
         staged.parent.mkdir(parents=True, exist_ok=True)
         cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, staged)
-        if staged.stat().st_size > MAX_BUNDLE_BYTES:  # an ensemble: float16 weights
+        half = staged.stat().st_size > MAX_BUNDLE_BYTES
+        if half:  # an ensemble: float16 weights
             with_half_weights(staged, staged)
         # every number of the card is measured on the file shipped (half weights round)
         shipped, _ = predict_rows(load_model(staged, best["job"]), ws.cache, data.test_rows,
@@ -417,7 +418,8 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
                  "published_minus": vs_published["mae_diff"]["value"], "job": best["job"],
                  "cpu_hours": round(best["cpu_hours"], 3),
                  "test_interval_coverage_90": coverage}
-        card = _card(prop, params.property_spec(prop), r, best, own, vs_published, cal, coverage)
+        card = _card(prop, params.property_spec(prop), r, best, own, vs_published, cal, coverage,
+                     drift if half else None)
         add_to_index(SHIPPED_DIR, prop, staged, card, facts)
         print(f"shipped {prop}: {best['job']} ({source}, {staged.stat().st_size} bytes, "
               f"test predictions within {drift:.2g} of the job's); test MAE "
@@ -451,18 +453,21 @@ def _calibrated(params: Any, ws: Any, job: Job | None, excluded: set[str], recor
 
 
 def _card(prop: str, spec: Any, r: dict, best: dict, own: dict, vs_published: dict,
-          cal: Calibration, coverage: float) -> str:
+          cal: Calibration, coverage: float, half_drift: float | None) -> str:
     m, px = r["models"]["best"], r["paired"]["best-xie"]
     hp = best["hyperparams"]
     mae, pd_ = own["test_mae"], vs_published["mae_diff"]
     n_seeds = m["n_seeds"]
     members = best.get("members")
-    origin = ('(fine-tuned from ' + best['parent'] + ')' if best.get('parent')
-              else '(from scratch)')
-    if members:
-        origin += (f"; an ensemble of {len(members)} ({', '.join(members)}: the mean of their "
-                   f"predictions, validation MAE {best['best_val_mae']:.4f} against theirs "
-                   f"{', '.join(f'{v:.4f}' for v in best['member_val_mae'])})")
+    origin = f"{hp['epochs']} epochs " + ('(fine-tuned from ' + best['parent'] + ')'
+                                          if best.get('parent') else '(from scratch)')
+    if members:  # members may differ in epochs and parent: each job's record has its own
+        origin = (f"an ensemble of {len(members)} ({', '.join(members)}: the mean of their "
+                  f"predictions, validation MAE {best['best_val_mae']:.4f} against theirs "
+                  f"{', '.join(f'{v:.4f}' for v in best['member_val_mae'])})")
+    if half_drift is not None:
+        origin += (f";\n  weights stored as float16 to fit {MAX_BUNDLE_BYTES // 2**20} MiB "
+                   f"(test predictions within {half_drift:.2g} of the float32 model's)")
     budget = ("the sum of its members" if members else "one model") + (
         ", its trunk not included" if best.get("parent") else "")
     pick = "" if n_seeds == 1 else f",\n  of its {n_seeds} seeds the one with the lowest"
@@ -480,7 +485,7 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   {best['n_val']} validation materials: every record of the property outside the fixed test
   sets of all seven properties (split seed 20201224, 20%).
 - Model: CGCNN, {hp['n_conv']} convolutions, {hp['atom_fea_len']}/{hp['h_fea_len']} features,
-  {hp['optimizer']}, {hp.get('loss', 'mse')} loss, {hp['epochs']} epochs
+  {hp['optimizer']}, {hp.get('loss', 'mse')} loss,
   {origin};
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {best['job']}: of
   {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({r['best_is']}){pick}

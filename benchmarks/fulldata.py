@@ -148,30 +148,31 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
          "epa": "energy_per_atom"}
+
+
+def _small_finetune(name: str, prop: str, seed: int, parent: str,
+                    init_seed: int | None = None) -> Job:
+    """A small set's fine-tune: 150 epochs, the trunk frozen for the first 10 and then at 0.3
+    of the learning rate (energy per atom with per-element references)."""
+    extra = {"element_offsets": True} if prop == "energy_per_atom" else {}
+    return Job(name, prop, {**MODERN, "epochs": 150, **extra}, seed=seed, parent=parent,
+               freeze_epochs=10, trunk_lr_scale=0.3, init_seed=init_seed)
+
+
 for _key, _prop in SMALL.items():
-    _extra = {"element_offsets": True} if _prop == "energy_per_atom" else {}
     for _seed in range(3):
-        JOBS[f"ft-{_key}-s{_seed}"] = Job(
-            f"ft-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
-            parent="trunk-fe", freeze_epochs=10, trunk_lr_scale=0.3)
+        _ft, _ft2, _ft2c, _ft3 = (f"{kind}-{_key}-s{_seed}" for kind in ("ft", "ft2", "ft2c", "ft3"))
+        JOBS[_ft] = _small_finetune(_ft, _prop, _seed, "trunk-fe")
         JOBS[f"xie-{_key}-s{_seed}"] = Job(
             f"xie-{_key}-s{_seed}", _prop, {**XIE, "epochs": 150, "lr_decay_epoch": 120},
             seed=_seed)
-        JOBS[f"ft2-{_key}-s{_seed}"] = Job(
-            f"ft2-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
-            parent="trunk2-fe", freeze_epochs=10, trunk_lr_scale=0.3)
+        JOBS[_ft2] = _small_finetune(_ft2, _prop, _seed, "trunk2-fe")
         # a second model on the same split from other new weights, and the two as one
-        JOBS[f"ft2c-{_key}-s{_seed}"] = Job(
-            f"ft2c-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
-            parent="trunk2-fe", freeze_epochs=10, trunk_lr_scale=0.3, init_seed=100 + _seed)
-        ENSEMBLES[f"ens2-{_key}-s{_seed}"] = [f"ft2-{_key}-s{_seed}", f"ft2c-{_key}-s{_seed}"]
+        JOBS[_ft2c] = _small_finetune(_ft2c, _prop, _seed, "trunk2-fe", init_seed=100 + _seed)
+        ENSEMBLES[f"ens2-{_key}-s{_seed}"] = [_ft2, _ft2c]
         # fine-tuned from the independent trunk, and the three as one: members of two trunks
-        JOBS[f"ft3-{_key}-s{_seed}"] = Job(
-            f"ft3-{_key}-s{_seed}", _prop, {**MODERN, "epochs": 150, **_extra}, seed=_seed,
-            parent="trunk3-fe", freeze_epochs=10, trunk_lr_scale=0.3)
-        ENSEMBLES[f"ens3-{_key}-s{_seed}"] = [f"ft2-{_key}-s{_seed}", f"ft2c-{_key}-s{_seed}",
-                                              f"ft3-{_key}-s{_seed}"]
-
+        JOBS[_ft3] = _small_finetune(_ft3, _prop, _seed, "trunk3-fe")
+        ENSEMBLES[f"ens3-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft3]
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
@@ -459,12 +460,13 @@ def _card(prop: str, spec: Any, r: dict, best: dict, own: dict, vs_published: di
     mae, pd_ = own["test_mae"], vs_published["mae_diff"]
     n_seeds = m["n_seeds"]
     members = best.get("members")
-    origin = f"{hp['epochs']} epochs " + ('(fine-tuned from ' + best['parent'] + ')'
-                                          if best.get('parent') else '(from scratch)')
     if members:  # members may differ in epochs and parent: each job's record has its own
         origin = (f"an ensemble of {len(members)} ({', '.join(members)}: the mean of their "
                   f"predictions, validation MAE {best['best_val_mae']:.4f} against theirs "
                   f"{', '.join(f'{v:.4f}' for v in best['member_val_mae'])})")
+    else:
+        origin = f"{hp['epochs']} epochs " + (f"(fine-tuned from {best['parent']})"
+                                              if best.get("parent") else "(from scratch)")
     if half_drift is not None:
         origin += (f";\n  weights stored as float16 to fit {MAX_BUNDLE_BYTES // 2**20} MiB "
                    f"(test predictions within {half_drift:.2g} of the float32 model's)")

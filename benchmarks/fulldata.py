@@ -135,6 +135,15 @@ JOBS["trunk3-fe"] = Job("trunk3-fe", "formation_energy_per_atom", {**MODERN, "ep
 # the independent trunk trained on with a new head and a fresh cycle, as restart-fe
 JOBS["trunk3-restart-fe"] = Job("trunk3-restart-fe", "formation_energy_per_atom",
                                 {**MODERN, "epochs": 40}, parent="trunk3-fe")
+# a third independent trunk (other new weights and batch order): the second trunk took the
+# formation-energy ensemble from validation 0.0540 to 0.0520
+JOBS["trunk4-fe"] = Job("trunk4-fe", "formation_energy_per_atom", {**MODERN, "epochs": 200},
+                        init_seed=2)
+# band gap and Fermi energy fine-tuned from the independent trunk (the full-rate fine-tune,
+# the better member of each first pair), for ensembles across trunks
+JOBS["ft3-bg"] = Job("ft3-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk3-fe",
+                     zero_floor=True)
+JOBS["ft3-ef"] = Job("ft3-ef", "efermi", {**MODERN, "epochs": 60}, parent="trunk3-fe")
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],
@@ -143,7 +152,9 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
              "ens3-ef": ["ft2-ef", "ft2b-ef", "ft2c-ef"],
              "ens-trunks-fe": ["trunk2-fe", "restart-fe", "trunk3-fe"],
              "ens-2trunks-fe": ["trunk2-fe", "trunk3-fe"],
-             "ens4-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe"]}
+             "ens4-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe"],
+             "ens-2trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg"],
+             "ens-2trunks-ef": ["ft2b-ef", "ft2c-ef", "ft3-ef"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -173,6 +184,16 @@ for _key, _prop in SMALL.items():
         # fine-tuned from the independent trunk, and the three as one: members of two trunks
         JOBS[_ft3] = _small_finetune(_ft3, _prop, _seed, "trunk3-fe")
         ENSEMBLES[f"ens3-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft3]
+        # a second model from the independent trunk: two members from each trunk
+        _ft3c = f"ft3c-{_key}-s{_seed}"
+        JOBS[_ft3c] = _small_finetune(_ft3c, _prop, _seed, "trunk3-fe", init_seed=200 + _seed)
+        ENSEMBLES[f"ens4-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft3, _ft3c]
+        # fine-tuned from each trunk's restart (the same trunk trained on with another head:
+        # other weights again), and the six as one
+        _ft2r, _ft3r = f"ft2r-{_key}-s{_seed}", f"ft3r-{_key}-s{_seed}"
+        JOBS[_ft2r] = _small_finetune(_ft2r, _prop, _seed, "restart-fe")
+        JOBS[_ft3r] = _small_finetune(_ft3r, _prop, _seed, "trunk3-restart-fe")
+        ENSEMBLES[f"ens6-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft2r, _ft3, _ft3c, _ft3r]
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
@@ -212,19 +233,24 @@ COMPARISONS = {
     "band_gap": {
         "candidates": {"first trunk": ["ft-bg"], "half trunk learning rate": ["ft2-bg"],
                        "full trunk learning rate": ["ft2b-bg"], "ensemble of 2": ["ens-bg"],
-                       "ensemble of 3": ["ens3-bg"]},
+                       "ensemble of 3": ["ens3-bg"],
+                       "ensemble of 3, two trunks": ["ens-2trunks-bg"]},
         "xie": ["xie-bg"]},
     "efermi": {
         "candidates": {"half trunk learning rate": ["ft2-ef"],
                        "full trunk learning rate": ["ft2b-ef"],
                        "ensemble of 2 (half and full rate)": ["ens-ef"],
-                       "ensemble of 2 (full rate)": ["ens2-ef"], "ensemble of 3": ["ens3-ef"]},
+                       "ensemble of 2 (full rate)": ["ens2-ef"], "ensemble of 3": ["ens3-ef"],
+                       "ensemble of 3, two trunks": ["ens-2trunks-ef"]},
         "xie": ["xie-ef"]},
     **{prop: {"candidates": {"first trunk": [f"ft-{key}-s{i}" for i in range(3)],
                              "second trunk": [f"ft2-{key}-s{i}" for i in range(3)],
                              "second trunk, ensemble of 2": [f"ens2-{key}-s{i}"
                                                              for i in range(3)],
-                             "two trunks, ensemble of 3": [f"ens3-{key}-s{i}" for i in range(3)]},
+                             "two trunks, ensemble of 3": [f"ens3-{key}-s{i}" for i in range(3)],
+                             "two trunks, ensemble of 4": [f"ens4-{key}-s{i}" for i in range(3)],
+                             "two trunks and their restarts, ensemble of 6": [
+                                 f"ens6-{key}-s{i}" for i in range(3)]},
               "xie": [f"xie-{key}-s{i}" for i in range(3)]}
        for key, prop in SMALL.items()},
 }

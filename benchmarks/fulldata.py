@@ -520,8 +520,8 @@ def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best:
              f"[{m['test_mae']['low']:.4f}, {m['test_mae']['high']:.4f}], seed std "
              f"{m['test_mae_seed_std'] or 0:.4f}.\n")
     xie_seeds = " (all seeds)" if seeds else ""
-    fits = (f" that fits {MAX_BUNDLE_BYTES // 2**20} MiB (not: {', '.join(too_large)})"
-            if too_large else "")
+    fits = (f"\n  that fits {MAX_BUNDLE_BYTES // 2**20} MiB (better on validation but larger, "
+            f"with float16 weights: {', '.join(too_large)})" if too_large else "")
     return f"""# mpprop-{prop} (alias mpprop-2026)
 
 Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
@@ -534,7 +534,7 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   {hp['optimizer']}, {hp.get('loss', 'mse')} loss,
   {origin};
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {best['job']}: of
-  {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE{fits} ({label}){pick}
+  {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({label}){fits}{pick}
   (the test set chose nothing).
 - Budget: {best['cpu_hours']:.2f} CPU-hours on one core ({budget}).
 - Test MAE on {r['n_test']} materials: {mae['value']:.4f} [{mae['low']:.4f}, {mae['high']:.4f}]

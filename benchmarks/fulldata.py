@@ -42,6 +42,7 @@ from mpprop.bundle import (
     load_model,
     with_calibration,
     with_half_weights,
+    with_int8_weights,
 )
 from mpprop.config import load_params
 from mpprop.data import open_workspace, property_data
@@ -144,6 +145,12 @@ JOBS["trunk4-fe"] = Job("trunk4-fe", "formation_energy_per_atom", {**MODERN, "ep
 JOBS["ft3-bg"] = Job("ft3-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk3-fe",
                      zero_floor=True)
 JOBS["ft3-ef"] = Job("ft3-ef", "efermi", {**MODERN, "epochs": 60}, parent="trunk3-fe")
+# the third trunk's restart and band-gap fine-tune, as the second trunk's: members of a third
+# independent trunk (more members of the first two stopped helping Poisson's ratio)
+JOBS["trunk4-restart-fe"] = Job("trunk4-restart-fe", "formation_energy_per_atom",
+                                {**MODERN, "epochs": 40}, parent="trunk4-fe")
+JOBS["ft4-bg"] = Job("ft4-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk4-fe",
+                     zero_floor=True)
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],
@@ -154,7 +161,16 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
              "ens-2trunks-fe": ["trunk2-fe", "trunk3-fe"],
              "ens4-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe"],
              "ens-2trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg"],
-             "ens-2trunks-ef": ["ft2b-ef", "ft2c-ef", "ft3-ef"]}
+             "ens-2trunks-ef": ["ft2b-ef", "ft2c-ef", "ft3-ef"],
+             # three trunks (a shipped bundle of 3 MiB holds up to 4 members with float16
+             # weights, up to 7 with int8)
+             "ens-3trunks-fe": ["trunk2-fe", "trunk3-fe", "trunk4-fe"],
+             "ens-3restarts-fe": ["restart-fe", "trunk3-restart-fe", "trunk4-restart-fe"],
+             "ens6-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
+                         "trunk4-fe", "trunk4-restart-fe"],
+             "ens-3trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg"],
+             "ens4-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg", "ft4-bg"],
+             "ens5-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft2c-bg", "ft3-bg", "ft4-bg"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -194,6 +210,15 @@ for _key, _prop in SMALL.items():
         JOBS[_ft2r] = _small_finetune(_ft2r, _prop, _seed, "restart-fe")
         JOBS[_ft3r] = _small_finetune(_ft3r, _prop, _seed, "trunk3-restart-fe")
         ENSEMBLES[f"ens6-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft2r, _ft3, _ft3c, _ft3r]
+        # fine-tuned from the third independent trunk and from its restart: one member per
+        # trunk, one per trunk and per restart, and those with the other two trunks' second
+        # members (7: the most a shipped bundle holds, with int8 weights)
+        _ft4, _ft4r = f"ft4-{_key}-s{_seed}", f"ft4r-{_key}-s{_seed}"
+        JOBS[_ft4] = _small_finetune(_ft4, _prop, _seed, "trunk4-fe")
+        JOBS[_ft4r] = _small_finetune(_ft4r, _prop, _seed, "trunk4-restart-fe")
+        ENSEMBLES[f"ens3t-{_key}-s{_seed}"] = [_ft2, _ft3, _ft4]
+        ENSEMBLES[f"ens6t-{_key}-s{_seed}"] = [_ft2, _ft2r, _ft3, _ft3r, _ft4, _ft4r]
+        ENSEMBLES[f"ens7t-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft2r, _ft3, _ft3c, _ft4, _ft4r]
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
@@ -228,13 +253,20 @@ COMPARISONS = {
                        "ensemble of 3": ["ens3-fe"], "independent trunk": ["trunk3-fe"],
                        "ensemble of 3, two trunks": ["ens-trunks-fe"],
                        "ensemble of the two trunks": ["ens-2trunks-fe"],
-                       "ensemble of 4, two trunks and their restarts": ["ens4-fe"]},
+                       "ensemble of 4, two trunks and their restarts": ["ens4-fe"],
+                       "third trunk": ["trunk4-fe"],
+                       "ensemble of the three trunks": ["ens-3trunks-fe"],
+                       "ensemble of the three restarts": ["ens-3restarts-fe"],
+                       "ensemble of 6, three trunks and their restarts": ["ens6-fe"]},
         "xie": ["xie-fe"]},
     "band_gap": {
         "candidates": {"first trunk": ["ft-bg"], "half trunk learning rate": ["ft2-bg"],
                        "full trunk learning rate": ["ft2b-bg"], "ensemble of 2": ["ens-bg"],
                        "ensemble of 3": ["ens3-bg"],
-                       "ensemble of 3, two trunks": ["ens-2trunks-bg"]},
+                       "ensemble of 3, two trunks": ["ens-2trunks-bg"],
+                       "ensemble of 3, three trunks": ["ens-3trunks-bg"],
+                       "ensemble of 4, three trunks": ["ens4-3trunks-bg"],
+                       "ensemble of 5, three trunks": ["ens5-3trunks-bg"]},
         "xie": ["xie-bg"]},
     "efermi": {
         "candidates": {"half trunk learning rate": ["ft2-ef"],
@@ -250,7 +282,13 @@ COMPARISONS = {
                              "two trunks, ensemble of 3": [f"ens3-{key}-s{i}" for i in range(3)],
                              "two trunks, ensemble of 4": [f"ens4-{key}-s{i}" for i in range(3)],
                              "two trunks and their restarts, ensemble of 6": [
-                                 f"ens6-{key}-s{i}" for i in range(3)]},
+                                 f"ens6-{key}-s{i}" for i in range(3)],
+                             "three trunks, ensemble of 3": [f"ens3t-{key}-s{i}"
+                                                             for i in range(3)],
+                             "three trunks and their restarts, ensemble of 6": [
+                                 f"ens6t-{key}-s{i}" for i in range(3)],
+                             "three trunks and their restarts, ensemble of 7": [
+                                 f"ens7t-{key}-s{i}" for i in range(3)]},
               "xie": [f"xie-{key}-s{i}" for i in range(3)]}
        for key, prop in SMALL.items()},
 }
@@ -419,7 +457,9 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         y, better = data.test_targets, data.spec.better
         staged = work / "ship" / f"{prop}.pt"
         staged.parent.mkdir(parents=True, exist_ok=True)
-        # the best candidate whose bundle fits the package, with float16 weights if need be
+        # the best candidate whose bundle fits the package, with float16 or else int8 weights
+        # if need be (from the float32 copy)
+        full = staged.with_suffix(".float32.pt")
         too_large = []
         for label in sorted(r["candidates_val_mae"], key=r["candidates_val_mae"].get):
             records = [_result(results, j) for j in COMPARISONS[prop]["candidates"][label]]
@@ -432,21 +472,37 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
             else:
                 raise SystemExit(f"{prop}: no bundle of {best['job']} (train it: run "
                                  f"{best['job']})")
-            cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, staged)
-            half = staged.stat().st_size > MAX_BUNDLE_BYTES
-            if half:  # an ensemble: float16 weights
-                with_half_weights(staged, staged)
+            cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, full)
+            shutil.copyfile(full, staged)
+            stored_as = "float32"
+            for precision, convert in (("float16", with_half_weights),
+                                       ("int8", with_int8_weights)):
+                if staged.stat().st_size <= MAX_BUNDLE_BYTES:
+                    break
+                convert(full, staged)
+                stored_as = precision
             if staged.stat().st_size <= MAX_BUNDLE_BYTES:
                 break
             too_large.append(f"{label} ({staged.stat().st_size / 1e6:.1f} MB)")
-            print(f"{prop}: {label} is {staged.stat().st_size} bytes with float16 weights, over "
+            print(f"{prop}: {label} is {staged.stat().st_size} bytes with int8 weights, over "
                   f"{MAX_BUNDLE_BYTES}: the next candidate by validation MAE")
         else:
             raise SystemExit(f"{prop}: no candidate fits {MAX_BUNDLE_BYTES} bytes")
-        # every number of the card is measured on the file shipped (half weights round)
-        shipped, _ = predict_rows(load_model(staged, best["job"]), ws.cache, data.test_rows,
+        full.unlink()
+        # every number of the card is measured on the file shipped (rounded weights change
+        # predictions): its validation MAE too, against the float32 model's that chose it
+        shipped_model = load_model(staged, best["job"])
+        shipped, _ = predict_rows(shipped_model, ws.cache, data.test_rows,
                                   params.predict.batch_size)
         drift = float(np.abs(shipped - np.array(best["test_pred"])).max())
+        rounded = None
+        if stored_as != "float32":
+            split = job_split(params, ws, JOBS[(best.get("members") or [best["job"]])[0]],
+                              excluded)
+            val_pred, _ = predict_rows(shipped_model, ws.cache, split.rows[split.val],
+                                       params.predict.batch_size)
+            rounded = {"as": stored_as, "drift": drift, "val_mae": float(
+                np.mean(np.abs(val_pred - split.targets[split.val])))}
         coverage = float(np.mean(np.abs(shipped - y) <= cal.quantile(0.9)[1]))
         resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
         own = model_summary(y, shipped, resamples, top, better)
@@ -456,9 +512,11 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
                  "test_mae_high": own["test_mae"]["high"], "n_test": r["n_test"],
                  "published_minus": vs_published["mae_diff"]["value"], "job": best["job"],
                  "cpu_hours": round(best["cpu_hours"], 3),
-                 "test_interval_coverage_90": coverage}
+                 "test_interval_coverage_90": coverage, "weights": stored_as}
+        if rounded:
+            facts["val_mae_as_stored"] = rounded["val_mae"]
         card = _card(prop, params.property_spec(prop), r, label, too_large, best, own,
-                     vs_published, cal, coverage, drift if half else None)
+                     vs_published, cal, coverage, rounded)
         add_to_index(SHIPPED_DIR, prop, staged, card, facts)
         print(f"shipped {prop}: {best['job']} ({source}, {staged.stat().st_size} bytes, "
               f"test predictions within {drift:.2g} of the job's); test MAE "
@@ -493,9 +551,10 @@ def _calibrated(params: Any, ws: Any, job: Job | None, excluded: set[str], recor
 
 def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best: dict,
           own: dict, vs_published: dict, cal: Calibration, coverage: float,
-          half_drift: float | None) -> str:
+          rounded: dict | None) -> str:
     """The model card of `best`, a seed of the candidate `label` (the report's best unless
-    the candidates before it, `too_large`, do not fit the package)."""
+    the candidates before it, `too_large`, do not fit the package); `rounded`: how its
+    weights are stored where not as float32 (as, drift, val_mae)."""
     row = "best" if label == r["best_is"] else label
     m, px = r["models"][row], r["paired"][f"{row}-xie"]
     hp = best["hyperparams"]
@@ -509,9 +568,11 @@ def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best:
     else:
         origin = f"{hp['epochs']} epochs " + (f"(fine-tuned from {best['parent']})"
                                               if best.get("parent") else "(from scratch)")
-    if half_drift is not None:
-        origin += (f";\n  weights stored as float16 to fit {MAX_BUNDLE_BYTES // 2**20} MiB "
-                   f"(test predictions within {half_drift:.2g} of the float32 model's)")
+    if rounded is not None:
+        origin += (f";\n  weights stored as {rounded['as']} to fit {MAX_BUNDLE_BYTES // 2**20} "
+                   f"MiB (test predictions within {rounded['drift']:.2g} of the float32 model's;"
+                   f"\n  validation MAE {rounded['val_mae']:.4f} as stored, "
+                   f"{best['best_val_mae']:.4f} in float32)")
     budget = ("the sum of its members" if members else "one model") + (
         ", its trunk not included" if best.get("parent") else "")
     pick = "" if n_seeds == 1 else f",\n  of its {n_seeds} seeds the one with the lowest"
@@ -521,7 +582,7 @@ def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best:
              f"{m['test_mae_seed_std'] or 0:.4f}.\n")
     xie_seeds = " (all seeds)" if seeds else ""
     fits = (f"\n  that fits {MAX_BUNDLE_BYTES // 2**20} MiB (better on validation but larger, "
-            f"with float16 weights: {', '.join(too_large)})" if too_large else "")
+            f"even with int8 weights: {', '.join(too_large)})" if too_large else "")
     return f"""# mpprop-{prop} (alias mpprop-2026)
 
 Predicts {prop} in {spec.unit} (target transform: {spec.transform}).

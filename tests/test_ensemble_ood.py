@@ -7,7 +7,13 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from mpprop.bundle import load_model, save_bundle, with_half_weights
+from mpprop.bundle import (
+    BundleError,
+    load_model,
+    save_bundle,
+    with_half_weights,
+    with_int8_weights,
+)
 from mpprop.graphs import graphs_from_structures
 from mpprop.inference import (
     SHORT_BOND_RATIO,
@@ -92,6 +98,47 @@ def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_pa
     pa, pb = (predict_structures([m], structures).values[0] for m in (a, b))
     np.testing.assert_allclose(pb, pa, rtol=1e-2, atol=1e-3)
     assert not np.array_equal(pa, pb)  # rounded: the copy's own predictions are measured
+
+
+def test_int8_weights_quarter_the_matrices_and_load_within_half_a_step(tmp_path) -> None:
+    members = [(net(s), Normalizer(1.0 + s, 2.0)) for s in range(3)]
+    full = save_bundle(tmp_path / "model.pt", *members[0], SPEC, members=members[1:],
+                       zero_below=0.1)
+    small = with_int8_weights(full, tmp_path / "int8.pt")
+    stored = torch.load(small, weights_only=True)
+    assert stored["format"] == 3 and torch.load(full, weights_only=True)["format"] == 2
+    for part in (stored, *stored["members"]):
+        matrices = {k for k, v in part["state_dict"].items() if v.dim() >= 2}
+        assert matrices and set(part["int8_scales"]) == matrices
+        assert {part["state_dict"][k].dtype for k in matrices} == {torch.int8}
+    a, b = load_model(full, "full"), load_model(small, "int8")
+    assert b.n_members == 3 and b.zero_below == 0.1
+    for (net_a, _), (net_b, _), part in zip(a.members, b.members, (stored, *stored["members"]),
+                                            strict=True):
+        for name, wa in net_a.state_dict().items():
+            wb = net_b.state_dict()[name]
+            assert wb.dtype == wa.dtype, name  # loaded back as float32 networks
+            if name in part["int8_scales"]:  # rounded to the nearest of 255 steps per row
+                step = part["int8_scales"][name].view(-1, *[1] * (wa.dim() - 1))
+                assert torch.all((wb - wa).abs() <= step / 2 + 1e-7), name
+                # the largest weight of each row is exactly representable
+                assert torch.allclose(wb.abs().flatten(1).amax(1), wa.abs().flatten(1).amax(1))
+    structures = rocksalts()
+    pa, pb = (predict_structures([m], structures).values[0] for m in (a, b))
+    np.testing.assert_allclose(pb, pa, rtol=3e-2, atol=3e-3)
+    assert not np.array_equal(pa, pb)
+    # the file is smaller than the float16 copy (the keys and settings stay the same)
+    assert small.stat().st_size < with_half_weights(full, tmp_path / "half.pt").stat().st_size
+    # int8 integers must never load as weights: not without their scales, not as format 2
+    part = {k: v for k, v in stored.items() if k != "int8_scales"}
+    torch.save(part, tmp_path / "no_scales.pt")
+    with pytest.raises(BundleError, match="int8 weights without their scales"):
+        load_model(tmp_path / "no_scales.pt", "x")
+    torch.save({**stored, "format": 2}, tmp_path / "old.pt")
+    with pytest.raises(BundleError, match="int8 weights in a bundle of format 2"):
+        load_model(tmp_path / "old.pt", "x")
+    with pytest.raises(BundleError, match="already holds int8 weights"):
+        with_int8_weights(small, tmp_path / "again.pt")
 
 
 def test_odd_structures_score_higher_than_ordinary_ones() -> None:

@@ -25,6 +25,7 @@ from pymatgen.core import Lattice, Structure
 
 from mpprop.bundle import (
     BUNDLE_FORMAT,
+    PLAIN_FORMAT,
     TASK_CLASSIFICATION,
     BundleError,
     attach_metal_gate,
@@ -126,7 +127,7 @@ def _p_metal(bundle: Path) -> dict[str, float]:
 def test_classifier_says_metal_for_metals_and_not_for_semiconductors(bundles):
     loaded = load_model(bundles[METAL_CLASSIFIER], "clf")
     assert loaded.task == TASK_CLASSIFICATION and loaded.classes == ["non-metal", "metal"]
-    assert loaded.bundle["format"] == BUNDLE_FORMAT
+    assert loaded.bundle["format"] == PLAIN_FORMAT
     p = _p_metal(bundles[METAL_CLASSIFIER])
     assert all(0.0 <= v <= 1.0 for v in p.values()), p
     for name in METALS:

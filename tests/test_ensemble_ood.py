@@ -78,10 +78,15 @@ def test_ensemble_bundle_round_trip_mean_std_and_ood(tmp_path) -> None:
     assert np.all(np.isfinite(out.ood_scores[0]))
 
 
-def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_path) -> None:
-    members = [(net(s), Normalizer(1.0 + s, 2.0)) for s in range(2)]
-    full = save_bundle(tmp_path / "model.pt", *members[0], SPEC, members=members[1:],
+def floored_ensemble(folder, n_members: int):
+    """A float32 bundle of `n_members` different nets, with a zero floor (a key to keep)."""
+    members = [(net(s), Normalizer(1.0 + s, 2.0)) for s in range(n_members)]
+    return save_bundle(folder / "model.pt", *members[0], SPEC, members=members[1:],
                        zero_below=0.1)
+
+
+def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_path) -> None:
+    full = floored_ensemble(tmp_path, 2)
     half = with_half_weights(full, tmp_path / "half.pt")
     stored = torch.load(half, weights_only=True)
     for state in (stored["state_dict"], stored["members"][0]["state_dict"]):
@@ -101,9 +106,7 @@ def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_pa
 
 
 def test_int8_weights_quarter_the_matrices_and_load_within_half_a_step(tmp_path) -> None:
-    members = [(net(s), Normalizer(1.0 + s, 2.0)) for s in range(3)]
-    full = save_bundle(tmp_path / "model.pt", *members[0], SPEC, members=members[1:],
-                       zero_below=0.1)
+    full = floored_ensemble(tmp_path, 3)
     small = with_int8_weights(full, tmp_path / "int8.pt")
     stored = torch.load(small, weights_only=True)
     assert stored["format"] == 3 and torch.load(full, weights_only=True)["format"] == 2

@@ -169,8 +169,7 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
              "ens6-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
                          "trunk4-fe", "trunk4-restart-fe"],
              "ens-3trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg"],
-             "ens4-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg", "ft4-bg"],
-             "ens5-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft2c-bg", "ft3-bg", "ft4-bg"]}
+             "ens4-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg", "ft4-bg"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -265,8 +264,7 @@ COMPARISONS = {
                        "ensemble of 3": ["ens3-bg"],
                        "ensemble of 3, two trunks": ["ens-2trunks-bg"],
                        "ensemble of 3, three trunks": ["ens-3trunks-bg"],
-                       "ensemble of 4, three trunks": ["ens4-3trunks-bg"],
-                       "ensemble of 5, three trunks": ["ens5-3trunks-bg"]},
+                       "ensemble of 4, three trunks": ["ens4-3trunks-bg"]},
         "xie": ["xie-bg"]},
     "efermi": {
         "candidates": {"half trunk learning rate": ["ft2-ef"],

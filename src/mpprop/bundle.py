@@ -201,10 +201,16 @@ def with_half_weights(src: str | Path, dst: str | Path) -> Path:
     as float16 (half the size); every other key is kept as it is. Its predictions differ
     from the original's by the rounding: measure them on the copy."""
     _, _, _, data = load_bundle(src)
-    data = {**data, "state_dict": _half(data["state_dict"])}
+    return _save_copy(_each_state(data, lambda state: {"state_dict": _half(state)}), dst)
+
+
+def _each_state(data: dict[str, Any], convert: Any) -> dict[str, Any]:
+    """`data` with convert(state_dict)'s keys merged into the top level and into each
+    ensemble member (every member's weights stored alike)."""
+    data = {**data, **convert(data["state_dict"])}
     if data.get("members"):
-        data["members"] = [{**m, "state_dict": _half(m["state_dict"])} for m in data["members"]]
-    return _save_copy(data, dst)
+        data["members"] = [{**m, **convert(m["state_dict"])} for m in data["members"]]
+    return data
 
 
 def _int8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
@@ -232,13 +238,9 @@ def with_int8_weights(src: str | Path, dst: str | Path) -> Path:
     _, _, _, data = load_bundle(src)
     if data.get(INT8_SCALES):
         raise BundleError(f"{src} already holds int8 weights")
-    state, scales = _int8(data["state_dict"])
-    data = {**data, "state_dict": state, INT8_SCALES: scales, "format": BUNDLE_FORMAT}
-    if data.get("members"):
-        data["members"] = [{**m, **dict(zip(("state_dict", INT8_SCALES),
-                                            _int8(m["state_dict"]), strict=True))}
-                           for m in data["members"]]
-    return _save_copy(data, dst)
+    data = _each_state(data, lambda state: dict(zip(("state_dict", INT8_SCALES), _int8(state),
+                                                    strict=True)))
+    return _save_copy({**data, "format": BUNDLE_FORMAT}, dst)
 
 
 def _dequantized(state: dict[str, torch.Tensor],

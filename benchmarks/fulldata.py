@@ -499,12 +499,11 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         drift = float(np.abs(shipped - np.array(best["test_pred"])).max())
         rounded = None
         if stored_as != "float32":
-            split = job_split(params, ws, JOBS[(best.get("members") or [best["job"]])[0]],
-                              excluded)
-            val_pred, _ = predict_rows(shipped_model, ws.cache, split.rows[split.val],
-                                       params.predict.batch_size)
-            rounded = {"as": stored_as, "drift": drift, "val_mae": float(
-                np.mean(np.abs(val_pred - split.targets[split.val])))}
+            val_pred, val_targets = _val_predictions(
+                params, ws, JOBS[(best.get("members") or [best["job"]])[0]], excluded,
+                shipped_model)
+            rounded = {"as": stored_as, "drift": drift,
+                       "val_mae": float(np.mean(np.abs(val_pred - val_targets)))}
         coverage = float(np.mean(np.abs(shipped - y) <= cal.quantile(0.9)[1]))
         resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
         own = model_summary(y, shipped, resamples, top, better)
@@ -535,20 +534,26 @@ def _calibrated(params: Any, ws: Any, job: Job | None, excluded: set[str], recor
     if cal is None:
         if job is None:
             raise SystemExit(f"{record['job']}: a bundle without calibration")
-        split = job_split(params, ws, job, excluded)
-        val_targets = split.targets[split.val]
-        val_pred, _ = predict_rows(model, ws.cache, split.rows[split.val],
-                                   params.predict.batch_size)
+        val_pred, val_targets = _val_predictions(params, ws, job, excluded, model)
         val_mae = float(np.mean(np.abs(val_pred - val_targets)))
         if abs(val_mae - record["best_val_mae"]) > 1e-4 * max(1.0, record["best_val_mae"]):
             raise SystemExit(f"{job.name}: validation MAE {val_mae:.6f} on the recomputed split, "
                              f"{record['best_val_mae']:.6f} recorded: not the same split")
         cal = calibrate(val_targets, val_pred,
-                        source=f"validation split ({len(split.val)} materials)")
+                        source=f"validation split ({len(val_targets)} materials)")
         with_calibration(source, target, cal)
     else:
         shutil.copyfile(source, target)
     return cal
+
+
+def _val_predictions(params: Any, ws: Any, job: Job, excluded: set[str],
+                     model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`model`'s predictions on `job`'s validation split (rebuilt from its seed), and the
+    targets: an ensemble's members share their split, so the first member's job gives it."""
+    split = job_split(params, ws, job, excluded)
+    val_pred, _ = predict_rows(model, ws.cache, split.rows[split.val], params.predict.batch_size)
+    return val_pred, split.targets[split.val]
 
 
 def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best: dict,

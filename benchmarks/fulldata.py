@@ -155,6 +155,11 @@ JOBS["trunk4-restart-fe"] = Job("trunk4-restart-fe", "formation_energy_per_atom"
                                 {**MODERN, "epochs": 40}, parent="trunk4-fe")
 JOBS["ft4-bg"] = Job("ft4-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk4-fe",
                      zero_floor=True)
+# the fourth trunk's restart and band-gap fine-tune, as the third's
+JOBS["trunk5-restart-fe"] = Job("trunk5-restart-fe", "formation_energy_per_atom",
+                                {**MODERN, "epochs": 40}, parent="trunk5-fe")
+JOBS["ft5-bg"] = Job("ft5-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk5-fe",
+                     zero_floor=True)
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],
@@ -173,7 +178,15 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
              "ens6-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
                          "trunk4-fe", "trunk4-restart-fe"],
              "ens-3trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg"],
-             "ens4-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg", "ft4-bg"]}
+             "ens4-3trunks-bg": ["ft2-bg", "ft2b-bg", "ft3-bg", "ft4-bg"],
+             # four trunks (8 members with int8 weights are about 3.1 MB: `ship` takes the
+             # next candidate by validation MAE if they do not fit)
+             "ens-4trunks-fe": ["trunk2-fe", "trunk3-fe", "trunk4-fe", "trunk5-fe"],
+             "ens7-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
+                         "trunk4-fe", "trunk4-restart-fe", "trunk5-fe"],
+             "ens8-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
+                         "trunk4-fe", "trunk4-restart-fe", "trunk5-fe", "trunk5-restart-fe"],
+             "ens-4trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft5-bg"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -222,6 +235,14 @@ for _key, _prop in SMALL.items():
         ENSEMBLES[f"ens3t-{_key}-s{_seed}"] = [_ft2, _ft3, _ft4]
         ENSEMBLES[f"ens6t-{_key}-s{_seed}"] = [_ft2, _ft2r, _ft3, _ft3r, _ft4, _ft4r]
         ENSEMBLES[f"ens7t-{_key}-s{_seed}"] = [_ft2, _ft2c, _ft2r, _ft3, _ft3c, _ft4, _ft4r]
+        # and from the fourth trunk and its restart: one member per trunk, and one per trunk
+        # and per restart (8)
+        _ft5, _ft5r = f"ft5-{_key}-s{_seed}", f"ft5r-{_key}-s{_seed}"
+        JOBS[_ft5] = _small_finetune(_ft5, _prop, _seed, "trunk5-fe")
+        JOBS[_ft5r] = _small_finetune(_ft5r, _prop, _seed, "trunk5-restart-fe")
+        ENSEMBLES[f"ens4t-{_key}-s{_seed}"] = [_ft2, _ft3, _ft4, _ft5]
+        ENSEMBLES[f"ens8t-{_key}-s{_seed}"] = [_ft2, _ft2r, _ft3, _ft3r, _ft4, _ft4r, _ft5,
+                                               _ft5r]
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
@@ -260,7 +281,11 @@ COMPARISONS = {
                        "third trunk": ["trunk4-fe"],
                        "ensemble of the three trunks": ["ens-3trunks-fe"],
                        "ensemble of the three restarts": ["ens-3restarts-fe"],
-                       "ensemble of 6, three trunks and their restarts": ["ens6-fe"]},
+                       "ensemble of 6, three trunks and their restarts": ["ens6-fe"],
+                       "fourth trunk": ["trunk5-fe"],
+                       "ensemble of the four trunks": ["ens-4trunks-fe"],
+                       "ensemble of 7, four trunks and three restarts": ["ens7-fe"],
+                       "ensemble of 8, four trunks and their restarts": ["ens8-fe"]},
         "xie": ["xie-fe"]},
     "band_gap": {
         "candidates": {"first trunk": ["ft-bg"], "half trunk learning rate": ["ft2-bg"],
@@ -268,7 +293,8 @@ COMPARISONS = {
                        "ensemble of 3": ["ens3-bg"],
                        "ensemble of 3, two trunks": ["ens-2trunks-bg"],
                        "ensemble of 3, three trunks": ["ens-3trunks-bg"],
-                       "ensemble of 4, three trunks": ["ens4-3trunks-bg"]},
+                       "ensemble of 4, three trunks": ["ens4-3trunks-bg"],
+                       "ensemble of 4, four trunks": ["ens-4trunks-bg"]},
         "xie": ["xie-bg"]},
     "efermi": {
         "candidates": {"half trunk learning rate": ["ft2-ef"],
@@ -290,7 +316,11 @@ COMPARISONS = {
                              "three trunks and their restarts, ensemble of 6": [
                                  f"ens6t-{key}-s{i}" for i in range(3)],
                              "three trunks and their restarts, ensemble of 7": [
-                                 f"ens7t-{key}-s{i}" for i in range(3)]},
+                                 f"ens7t-{key}-s{i}" for i in range(3)],
+                             "four trunks, ensemble of 4": [f"ens4t-{key}-s{i}"
+                                                            for i in range(3)],
+                             "four trunks and their restarts, ensemble of 8": [
+                                 f"ens8t-{key}-s{i}" for i in range(3)]},
               "xie": [f"xie-{key}-s{i}" for i in range(3)]}
        for key, prop in SMALL.items()},
 }

@@ -529,6 +529,7 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         drift = float(np.abs(shipped - np.array(best["test_pred"])).max())
         rounded = None
         if stored_as != "float32":
+            # an ensemble's members share their split: the first member's job gives it
             val_pred, val_targets = _val_predictions(
                 params, ws, JOBS[(best.get("members") or [best["job"]])[0]], excluded,
                 shipped_model)
@@ -580,7 +581,7 @@ def _calibrated(params: Any, ws: Any, job: Job | None, excluded: set[str], recor
 def _val_predictions(params: Any, ws: Any, job: Job, excluded: set[str],
                      model: Any) -> tuple[np.ndarray, np.ndarray]:
     """`model`'s predictions on `job`'s validation split (rebuilt from its seed), and the
-    targets: an ensemble's members share their split, so the first member's job gives it."""
+    targets."""
     split = job_split(params, ws, job, excluded)
     val_pred, _ = predict_rows(model, ws.cache, split.rows[split.val], params.predict.batch_size)
     return val_pred, split.targets[split.val]

@@ -28,6 +28,7 @@ loading the integers as weights. Bundles without int8 weights are still written 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,9 @@ def with_half_weights(src: str | Path, dst: str | Path) -> Path:
     return _save_copy(_each_state(data, lambda state: {"state_dict": _half(state)}), dst)
 
 
-def _each_state(data: dict[str, Any], convert: Any) -> dict[str, Any]:
+def _each_state(data: dict[str, Any],
+                convert: Callable[[dict[str, torch.Tensor]], dict[str, Any]]
+                ) -> dict[str, Any]:
     """`data` with convert(state_dict)'s keys merged into the top level and into each
     ensemble member (every member's weights stored alike)."""
     data = {**data, **convert(data["state_dict"])}

@@ -50,6 +50,7 @@ from mpprop.experiment import (
     CHECKPOINT_FILE,
     RESULT_FILE,
     Job,
+    JobBusy,
     all_test_ids,
     job_split,
     model_summary,
@@ -160,6 +161,13 @@ JOBS["trunk5-restart-fe"] = Job("trunk5-restart-fe", "formation_energy_per_atom"
                                 {**MODERN, "epochs": 40}, parent="trunk5-fe")
 JOBS["ft5-bg"] = Job("ft5-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk5-fe",
                      zero_floor=True)
+# band gap fine-tuned from the restarts of the third and second independent trunks (more
+# members for band gap's ensemble: its int8 bundle holds up to 8; Poisson's ratio's ensembles
+# gained from restart members)
+JOBS["ft4r-bg"] = Job("ft4r-bg", "band_gap", {**MODERN, "epochs": 60},
+                      parent="trunk4-restart-fe", zero_floor=True)
+JOBS["ft3r-bg"] = Job("ft3r-bg", "band_gap", {**MODERN, "epochs": 60},
+                      parent="trunk3-restart-fe", zero_floor=True)
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],
@@ -186,7 +194,9 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
                          "trunk4-fe", "trunk4-restart-fe", "trunk5-fe"],
              "ens8-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
                          "trunk4-fe", "trunk4-restart-fe", "trunk5-fe", "trunk5-restart-fe"],
-             "ens-4trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft5-bg"]}
+             "ens-4trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft5-bg"],
+             "ens5-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft4r-bg", "ft5-bg"],
+             "ens6-bg": ["ft2b-bg", "ft3-bg", "ft3r-bg", "ft4-bg", "ft4r-bg", "ft5-bg"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -294,7 +304,9 @@ COMPARISONS = {
                        "ensemble of 3, two trunks": ["ens-2trunks-bg"],
                        "ensemble of 3, three trunks": ["ens-3trunks-bg"],
                        "ensemble of 4, three trunks": ["ens4-3trunks-bg"],
-                       "ensemble of 4, four trunks": ["ens-4trunks-bg"]},
+                       "ensemble of 4, four trunks": ["ens-4trunks-bg"],
+                       "ensemble of 5, four trunks and a restart": ["ens5-bg"],
+                       "ensemble of 6, four trunks and two restarts": ["ens6-bg"]},
         "xie": ["xie-bg"]},
     "efermi": {
         "candidates": {"half trunk learning rate": ["ft2-ef"],
@@ -727,8 +739,11 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
             parent_dir = next((work / "jobs").glob(f"{parent.name}-*"), None)
             if parent_dir is None or not (parent_dir / BUNDLE_FILE).exists():
                 raise SystemExit(f"{name} needs its parent {parent.name} trained first")
-        record = run_job(params, ws, job, Hyperparams, work / "jobs", excluded, parent_dir,
-                         progress=lambda line: print(line, flush=True))
+        try:
+            record = run_job(params, ws, job, Hyperparams, work / "jobs", excluded, parent_dir,
+                             progress=lambda line: print(line, flush=True))
+        except JobBusy as exc:
+            raise SystemExit(str(exc)) from None
         (results / f"{name}.json").write_text(json.dumps(record) + "\n")
         # finished: its parked checkpoint (if any) is not needed any more
         for parked in (results / PARKED).glob(f"{job.name}-*"):

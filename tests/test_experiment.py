@@ -7,13 +7,20 @@ import json
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from mpprop import experiment_runs as runs
 from mpprop.experiment import (
+    CHECKPOINT_FILE,
+    LOCK_FILE,
+    RESULT_FILE,
     Job,
+    JobBusy,
     compare_models,
     compare_recall,
+    job_folder,
     run_ensemble,
+    run_job,
     screening_warning,
     summaries,
 )
@@ -158,3 +165,18 @@ def test_an_init_seed_makes_another_job_on_the_same_split_and_keeps_earlier_keys
     keys = {other.key({"mp-1"}, "p"), Job("a", "band_gap", {"lr": 0.1}, seed=2,
                                           init_seed=8).key({"mp-1"}, "p")}
     assert job.key({"mp-1"}, "p") not in keys and len(keys) == 2
+
+
+def test_a_job_another_process_trains_is_refused_and_its_folder_left_alone(tmp_path) -> None:
+    # two processes resuming one checkpoint would interleave their epochs
+    job = Job("a", "band_gap", {"epochs": 3}, seed=0)
+    folder = job_folder(tmp_path, job, {"mp-1"}, None)
+    folder.mkdir()
+    (folder / CHECKPOINT_FILE).write_bytes(b"epoch 2")
+    with FileLock(folder / LOCK_FILE):
+        with pytest.raises(JobBusy, match="a is being trained by another process"):
+            run_job(None, None, job, Hyperparams, tmp_path, {"mp-1"})
+    assert (folder / CHECKPOINT_FILE).read_bytes() == b"epoch 2"
+    # once free, a finished result is read (not trained again)
+    (folder / RESULT_FILE).write_text(json.dumps({"job": "a", "test_mae": 0.5}))
+    assert run_job(None, None, job, Hyperparams, tmp_path, {"mp-1"})["test_mae"] == 0.5

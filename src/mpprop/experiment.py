@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 from scipy.stats import spearmanr
 
 from mpprop.bundle import (
@@ -52,6 +53,7 @@ from mpprop.training import EpochStats, FineTuning, fit, predict
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
+LOCK_FILE = "train.lock"  # held by the process training the job in its folder
 PRED_DECIMALS = 6  # test predictions stored in results (target units)
 
 
@@ -62,6 +64,10 @@ def all_test_ids(params: Any, ws: Any) -> set[str]:
     for prop in params.properties:
         ids.update(load_split(params, ws, prop)["test"])
     return ids
+
+
+class JobBusy(RuntimeError):
+    """Another process is training the job (it holds the job folder's lock)."""
 
 
 @dataclass(frozen=True)
@@ -236,11 +242,36 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
 
     Writes the model bundle and result.json (test predictions, validation MAE, seconds and
     CPU-hours at one thread) there; returns the result."""
-    parent_key = parent_dir.name.rsplit("-", 1)[-1] if parent_dir is not None else None
-    folder = work / f"{job.name}-{job.key(excluded, parent_key)}"
+    folder = job_folder(work, job, excluded, parent_dir)
     result_path = folder / RESULT_FILE
     if result_path.exists():
         return json.loads(result_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    # two processes on one job would interleave their checkpoints: the second one stops
+    lock = FileLock(folder / LOCK_FILE, blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise JobBusy(f"{job.name} is being trained by another process (it holds "
+                      f"{folder / LOCK_FILE})") from None
+    try:
+        if result_path.exists():  # finished by the process that held the lock before
+            return json.loads(result_path.read_text())
+        return _train_job(params, ws, job, hp_type, folder, excluded, parent_dir, progress)
+    finally:
+        lock.release()
+
+
+def job_folder(work: Path, job: Job, excluded: set[str], parent_dir: Path | None) -> Path:
+    """Where `job` (fine-tuned from the job in `parent_dir`, if any) trains: work/<name>-<key>."""
+    parent_key = parent_dir.name.rsplit("-", 1)[-1] if parent_dir is not None else None
+    return work / f"{job.name}-{job.key(excluded, parent_key)}"
+
+
+def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], folder: Path,
+               excluded: set[str], parent_dir: Path | None,
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """run_job's training, resumed from folder's checkpoint if there is one."""
     hp = hp_type(**job.hyperparams)
     split = job_split(params, ws, job, excluded)
     data, rows, targets, tr, va = split.data, split.rows, split.targets, split.train, split.val
@@ -249,7 +280,6 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
         parent, _, _, _ = load_bundle(parent_dir / BUNDLE_FILE)
         fine_tuning = FineTuning(trunk_state(parent.state_dict()), job.freeze_epochs,
                                  job.trunk_lr_scale, parent=parent_dir.name)
-    folder.mkdir(parents=True, exist_ok=True)
     # CPU time of this process (one torch thread: the core-hours it used, whatever else ran
     # on the machine) and wall time, both summed over the sittings of a resumed job
     before = _previous_seconds(folder)
@@ -289,7 +319,7 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],
         "cpu_hours": total["cpu_seconds"] / 3600, **served.record,
     }
-    return _write_result(result_path, record)
+    return _write_result(folder / RESULT_FILE, record)
 
 
 def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]],

@@ -29,6 +29,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -483,12 +484,14 @@ def _table(out: dict) -> str:
 
 
 def ship(work: Path, results: Path, props: list[str]) -> None:
-    """Copy each property's best model (the seed with the lowest validation MAE: the test
-    set chooses nothing) into the package's shipped models, with its model card: that seed's
-    own test MAE and paired differences, beside the seeds' summary. The bundle comes from the
-    job's work folder or, on a checkout without it, from the copy already shipped for that
-    job; one without intervals is calibrated on the job's validation split (recomputed from
-    its seed, and checked against the validation MAE it recorded)."""
+    """Copy each property's best model into the package's shipped models, with its model
+    card: that seed's own test MAE and paired differences, beside the seeds' summary. The best
+    model is the candidate (of several seeds, the seed) with the lowest validation MAE as it
+    is stored, in float32 or, where it needs them to fit the package, with float16 or int8
+    weights (the test set chooses nothing). The bundle comes from the job's work folder or,
+    on a checkout without it, from the copy already shipped for that job; one without
+    intervals is calibrated on the job's validation split (recomputed from its seed, and
+    checked against the validation MAE it recorded)."""
     summary = json.loads((results / "summary.json").read_text())
     params = load_params(work / "params.yaml")
     ws = open_workspace(params)
@@ -499,15 +502,17 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         r = summary[prop]
         data = property_data(params, ws, prop)
         y, better = data.test_targets, data.spec.better
-        staged = work / "ship" / f"{prop}.pt"
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        # the best candidate whose bundle fits the package, with float16 or else int8 weights
-        # if need be (from the float32 copy)
-        full = staged.with_suffix(".float32.pt")
-        too_large = []
-        for label in sorted(r["candidates_val_mae"], key=r["candidates_val_mae"].get):
+        (work / "ship").mkdir(parents=True, exist_ok=True)
+        # the candidates in order of validation MAE: each that fits the package (with float16
+        # or else int8 weights if need be) is measured on validation as stored, and the one
+        # that measures lowest ships (rounded weights can cost a better candidate its lead)
+        chosen: _Staged | None = None
+        passed_over = []
+        for i, label in enumerate(sorted(r["candidates_val_mae"], key=r["candidates_val_mae"].get)):
             records = [_result(results, j) for j in COMPARISONS[prop]["candidates"][label]]
             best = min(records, key=lambda rec: rec["best_val_mae"])
+            if chosen is not None and best["best_val_mae"] >= chosen.val_mae:
+                continue  # even unrounded it cannot measure better than the one chosen
             folder = next((work / "jobs").glob(f"{best['job']}-*"), None)
             if folder is not None and (folder / BUNDLE_FILE).exists():
                 source = folder / BUNDLE_FILE
@@ -516,37 +521,34 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
             else:
                 raise SystemExit(f"{prop}: no bundle of {best['job']} (train it: run "
                                  f"{best['job']})")
-            cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, full)
-            shutil.copyfile(full, staged)
-            stored_as = "float32"
-            for precision, convert in (("float16", with_half_weights),
-                                       ("int8", with_int8_weights)):
-                if staged.stat().st_size <= MAX_BUNDLE_BYTES:
-                    break
-                convert(full, staged)
-                stored_as = precision
-            if staged.stat().st_size <= MAX_BUNDLE_BYTES:
-                break
-            too_large.append(f"{label} ({staged.stat().st_size / 1e6:.1f} MB)")
-            print(f"{prop}: {label} is {staged.stat().st_size} bytes with int8 weights, over "
-                  f"{MAX_BUNDLE_BYTES}: the next candidate by validation MAE")
-        else:
+            candidate = _stage(params, ws, excluded, label, best, source,
+                               work / "ship" / f"{prop}-{i}.pt")
+            if candidate is None:
+                passed_over.append(f"{label}: over {MAX_BUNDLE_BYTES // 2**20} MiB even with "
+                                   "int8 weights")
+                print(f"{prop}: {label} is over {MAX_BUNDLE_BYTES} bytes with int8 weights")
+                continue
+            if chosen is None or candidate.val_mae < chosen.val_mae:
+                if chosen is not None:
+                    passed_over.append(chosen.passed_over_because(candidate))
+                    chosen.path.unlink()
+                chosen = candidate
+            else:
+                passed_over.append(candidate.passed_over_because(chosen))
+                candidate.path.unlink()
+        if chosen is None:
             raise SystemExit(f"{prop}: no candidate fits {MAX_BUNDLE_BYTES} bytes")
-        full.unlink()
+        label, best, source, cal, stored_as = (chosen.label, chosen.record, chosen.source,
+                                               chosen.calibration, chosen.stored_as)
+        staged = chosen.path.replace(work / "ship" / f"{prop}.pt")
         # every number of the card is measured on the file shipped (rounded weights change
-        # predictions): its validation MAE too, against the float32 model's that chose it
+        # predictions)
         shipped_model = load_model(staged, best["job"])
         shipped, _ = predict_rows(shipped_model, ws.cache, data.test_rows,
                                   params.predict.batch_size)
         drift = float(np.abs(shipped - np.array(best["test_pred"])).max())
-        rounded = None
-        if stored_as != "float32":
-            # an ensemble's members share their split: the first member's job gives it
-            val_pred, val_targets = _val_predictions(
-                params, ws, JOBS[(best.get("members") or [best["job"]])[0]], excluded,
-                shipped_model)
-            rounded = {"as": stored_as, "drift": drift,
-                       "val_mae": float(np.mean(np.abs(val_pred - val_targets)))}
+        rounded = (None if stored_as == "float32" else
+                   {"as": stored_as, "drift": drift, "val_mae": chosen.val_mae})
         coverage = float(np.mean(np.abs(shipped - y) <= cal.quantile(0.9)[1]))
         resamples = bootstrap_resamples(len(y), BOOTSTRAP, 0)
         own = model_summary(y, shipped, resamples, top, better)
@@ -559,13 +561,59 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
                  "test_interval_coverage_90": coverage, "weights": stored_as}
         if rounded:
             facts["val_mae_as_stored"] = rounded["val_mae"]
-        card = _card(prop, params.property_spec(prop), r, label, too_large, best, own,
+        card = _card(prop, params.property_spec(prop), r, label, passed_over, best, own,
                      vs_published, cal, coverage, rounded)
         add_to_index(SHIPPED_DIR, prop, staged, card, facts)
         print(f"shipped {prop}: {best['job']} ({source}, {staged.stat().st_size} bytes, "
               f"test predictions within {drift:.2g} of the job's); test MAE "
               f"{own['test_mae']['value']:.4f}, 90% interval half-width "
               f"{cal.quantile(0.9)[1]:.4g}, test coverage {100 * coverage:.1f}%")
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A candidate's bundle as it would ship (`path`, weights `stored_as`), and its validation
+    MAE as stored."""
+
+    label: str
+    record: dict
+    source: Path
+    path: Path
+    calibration: Calibration
+    stored_as: str
+    val_mae: float
+
+    def passed_over_because(self, chosen: _Staged) -> str:
+        return (f"{self.label}: validation MAE {self.val_mae:.5f} as stored ({self.stored_as}), "
+                f"{chosen.label} {chosen.val_mae:.5f}")
+
+
+def _stage(params: Any, ws: Any, excluded: set[str], label: str, best: dict, source: Path,
+           staged: Path) -> _Staged | None:
+    """`best` (a job's record, its bundle at `source`) calibrated and stored at `staged` in the
+    smallest precision that is needed to fit the package (float32, float16, int8), with its
+    validation MAE as stored; None (nothing left at `staged`) if even int8 is too large."""
+    full = staged.with_suffix(".float32.pt")
+    cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, full)
+    shutil.copyfile(full, staged)
+    stored_as = "float32"
+    for precision, convert in (("float16", with_half_weights), ("int8", with_int8_weights)):
+        if staged.stat().st_size <= MAX_BUNDLE_BYTES:
+            break
+        convert(full, staged)
+        stored_as = precision
+    full.unlink()
+    if staged.stat().st_size > MAX_BUNDLE_BYTES:
+        staged.unlink()
+        return None
+    val_mae = best["best_val_mae"]
+    if stored_as != "float32":
+        # an ensemble's members share their split: the first member's job gives it
+        val_pred, val_targets = _val_predictions(
+            params, ws, JOBS[(best.get("members") or [best["job"]])[0]], excluded,
+            load_model(staged, best["job"]))
+        val_mae = float(np.mean(np.abs(val_pred - val_targets)))
+    return _Staged(label, best, source, staged, cal, stored_as, val_mae)
 
 
 def _calibrated(params: Any, ws: Any, job: Job | None, excluded: set[str], record: dict,
@@ -599,12 +647,13 @@ def _val_predictions(params: Any, ws: Any, job: Job, excluded: set[str],
     return val_pred, split.targets[split.val]
 
 
-def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best: dict,
+def _card(prop: str, spec: Any, r: dict, label: str, passed_over: list[str], best: dict,
           own: dict, vs_published: dict, cal: Calibration, coverage: float,
           rounded: dict | None) -> str:
     """The model card of `best`, a seed of the candidate `label` (the report's best unless
-    the candidates before it, `too_large`, do not fit the package); `rounded`: how its
-    weights are stored where not as float32 (as, drift, val_mae)."""
+    the candidates before it, `passed_over` (each with why), do not fit the package or measure
+    worse on validation as stored); `rounded`: how its weights are stored where not as
+    float32 (as, drift, val_mae)."""
     row = "best" if label == r["best_is"] else label
     m, px = r["models"][row], r["paired"][f"{row}-xie"]
     hp = best["hyperparams"]
@@ -631,8 +680,8 @@ def _card(prop: str, spec: Any, r: dict, label: str, too_large: list[str], best:
              f"[{m['test_mae']['low']:.4f}, {m['test_mae']['high']:.4f}], seed std "
              f"{m['test_mae_seed_std'] or 0:.4f}.\n")
     xie_seeds = " (all seeds)" if seeds else ""
-    fits = (f"\n  that fits {MAX_BUNDLE_BYTES // 2**20} MiB (better on validation but larger, "
-            f"even with int8 weights: {', '.join(too_large)})" if too_large else "")
+    fits = ("\n  that fits {} MiB and measures lowest as stored (passed over: {})".format(
+        MAX_BUNDLE_BYTES // 2**20, "; ".join(passed_over)) if passed_over else "")
     return f"""# mpprop-{prop} (alias mpprop-2026)
 
 Predicts {prop} in {spec.unit} (target transform: {spec.transform}).

@@ -241,7 +241,8 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
     """Train `job` (or resume it, or read its finished result) in work/<name>-<key>/.
 
     Writes the model bundle and result.json (test predictions, validation MAE, seconds and
-    CPU-hours at one thread) there; returns the result."""
+    CPU-hours at one thread) there; returns the result. Raises JobBusy while another process
+    trains the same job."""
     folder = job_folder(work, job, excluded, parent_dir)
     result_path = folder / RESULT_FILE
     if result_path.exists():

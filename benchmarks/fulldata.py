@@ -506,13 +506,13 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         # the candidates in order of validation MAE: each that fits the package (with float16
         # or else int8 weights if need be) is measured on validation as stored, and the one
         # that measures lowest ships (rounded weights can cost a better candidate its lead)
-        chosen: _Staged | None = None
-        passed_over = []
+        fitting: list[_Staged] = []  # staged, each measured on validation as stored
+        too_large = []
         for i, label in enumerate(sorted(r["candidates_val_mae"], key=r["candidates_val_mae"].get)):
             records = [_result(results, j) for j in COMPARISONS[prop]["candidates"][label]]
             best = min(records, key=lambda rec: rec["best_val_mae"])
-            if chosen is not None and best["best_val_mae"] >= chosen.val_mae:
-                continue  # even unrounded it cannot measure better than the one chosen
+            if fitting and best["best_val_mae"] >= min(c.val_mae for c in fitting):
+                continue  # even unrounded it cannot measure better than one already staged
             folder = next((work / "jobs").glob(f"{best['job']}-*"), None)
             if folder is not None and (folder / BUNDLE_FILE).exists():
                 source = folder / BUNDLE_FILE
@@ -524,20 +524,19 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
             candidate = _stage(params, ws, excluded, label, best, source,
                                work / "ship" / f"{prop}-{i}.pt")
             if candidate is None:
-                passed_over.append(f"{label}: over {MAX_BUNDLE_BYTES // 2**20} MiB even with "
-                                   "int8 weights")
+                too_large.append(f"{label}: over {MAX_BUNDLE_BYTES // 2**20} MiB even with "
+                                 "int8 weights")
                 print(f"{prop}: {label} is over {MAX_BUNDLE_BYTES} bytes with int8 weights")
-                continue
-            if chosen is None or candidate.val_mae < chosen.val_mae:
-                if chosen is not None:
-                    passed_over.append(chosen.passed_over_because(candidate))
-                    chosen.path.unlink()
-                chosen = candidate
             else:
-                passed_over.append(candidate.passed_over_because(chosen))
-                candidate.path.unlink()
-        if chosen is None:
+                fitting.append(candidate)
+        if not fitting:
             raise SystemExit(f"{prop}: no candidate fits {MAX_BUNDLE_BYTES} bytes")
+        chosen = min(fitting, key=lambda c: c.val_mae)
+        passed_over = too_large + [c.passed_over_because(chosen) for c in fitting
+                                   if c is not chosen]
+        for c in fitting:
+            if c is not chosen:
+                c.path.unlink()
         label, best, source, cal, stored_as = (chosen.label, chosen.record, chosen.source,
                                                chosen.calibration, chosen.stored_as)
         staged = chosen.path.replace(work / "ship" / f"{prop}.pt")

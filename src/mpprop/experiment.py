@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,10 @@ class Job:
     # the seed of the new weights and the batch order, where it differs from the split's: a
     # second model on the same split (an ensemble member)
     init_seed: int | None = None
+    # properties also learnt (a multi-task trunk), each on the materials of its own training
+    # split at this job's seed and validation share: a fine-tune of those properties on that
+    # split then validates on materials whose labels the trunk never saw
+    aux_props: tuple[str, ...] = ()
 
     def key(self, excluded: set[str], parent_key: str | None) -> str:
         fields = [self.prop, self.hyperparams, self.seed, self.val_fraction, parent_key,
@@ -95,6 +99,7 @@ class Job:
         # appended only when set: the keys of jobs without it stay those of earlier results
         fields += ["zero_floor"] if self.zero_floor else []
         fields += [["init_seed", self.init_seed]] if self.init_seed is not None else []
+        fields += [["aux_props", list(self.aux_props)]] if self.aux_props else []
         payload = json.dumps(fields, sort_keys=True)
         h = hashlib.sha256(payload.encode())
         h.update("\n".join(sorted(excluded)).encode())
@@ -126,6 +131,22 @@ def job_split(params: Any, ws: Any, job: Job, excluded: set[str]) -> JobSplit:
     rows, targets = usable_rows(data, ws.cache.material_id, excluded)
     tr, va = train_val_split(len(rows), job.val_fraction, job.seed)
     return JobSplit(data, rows, targets, tr, va)
+
+
+def auxiliary_targets(params: Any, ws: Any, job: Job, excluded: set[str],
+                      train_rows: np.ndarray) -> np.ndarray | None:
+    """The labels of job.aux_props on `train_rows` (cache rows), shape (len, n_aux): NaN where
+    the material is not in that property's own training split (job_split at this job's seed,
+    so never a test or validation material of it) or has no label; None without aux_props."""
+    if not job.aux_props:
+        return None
+    columns = []
+    for prop in job.aux_props:
+        aux = job_split(params, ws, replace(job, prop=prop, aux_props=()), excluded)
+        label = dict(zip(aux.rows[aux.train].tolist(), aux.targets[aux.train].tolist(),
+                         strict=True))
+        columns.append([label.get(r, np.nan) for r in train_rows.tolist()])
+    return np.array(columns, dtype=np.float64).T
 
 
 def model_summary(y: np.ndarray, preds: np.ndarray, resamples: np.ndarray, top_percent: float,
@@ -302,7 +323,8 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
                  on_epoch=on_epoch,
                  eval_batch_size=params.predict.batch_size,
                  loss_settings=params.loss_settings(), better=data.spec.better,
-                 fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE)
+                 fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE,
+                 aux_train_targets=auxiliary_targets(params, ws, job, excluded, rows[tr]))
     total = spent()
     bs = params.predict.batch_size
     val_pred = predict(result.model, result.normalizer, ws.cache, rows[va], bs)
@@ -315,6 +337,7 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
     record = {
         "job": job.name, "property": job.prop, "hyperparams": job.hyperparams,
         "seed": job.seed, "init_seed": job.init_seed,
+        **({"aux_props": list(job.aux_props)} if job.aux_props else {}),
         "parent": fine_tuning.parent if fine_tuning else None,
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],

@@ -11,6 +11,7 @@ loss, as in RankNet-style pairwise learning to rank).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,6 +68,25 @@ class TrainingLoss:
                                                           self.sign, self.margin)
         return loss
 
+
+
+class MultiTaskLoss:
+    """A multi-task model's loss (pred and target (B, 1 + n_aux), standardised): the main
+    property's loss on column 0 plus the regression loss of each auxiliary column over the
+    crystals that have that label (NaN = unlabelled). A sum, not a mean: the main property
+    gets the same gradient as alone, the auxiliary ones add to the trunk's."""
+
+    def __init__(self, main: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 auxiliary: nn.Module) -> None:
+        self.main, self.auxiliary = main, auxiliary
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.main(pred[:, 0], target[:, 0])
+        for col in range(1, target.shape[1]):
+            labelled = torch.isfinite(target[:, col])
+            if bool(labelled.any()):
+                loss = loss + self.auxiliary(pred[labelled, col], target[labelled, col])
+        return loss
 
 def warmup_cosine_factor(epoch: int, warmup: int, epochs: int) -> float:
     """LR multiplier after `epoch` scheduler steps: linear from 1/(warmup+1) to 1 over the

@@ -287,6 +287,38 @@ def load_trunk(model: CrystalGraphConvNet, trunk: dict[str, torch.Tensor]) -> No
     model.load_state_dict(trunk, strict=False)
 
 
+class CrystalGraphMultiTask(CrystalGraphConvNet):
+    """One trunk and head for several properties at once (multi-task CGCNN, Sanyal et al.
+    2018): fc_out gives one standardised output per property, the first the main one.
+
+    Trained only (training.fit with auxiliary targets): `main_task` is the single-property
+    model that is validated, saved and fine-tuned from, so nothing downstream sees this
+    class. No per-element offsets (they are a single property's references).
+    """
+
+    def __init__(self, hp: Hyperparams, graph: GraphSettings, n_outputs: int,
+                 atom_table: np.ndarray | None = None) -> None:
+        if hp.element_offsets:
+            raise ValueError("a multi-task model has no per-element offsets")
+        super().__init__(hp, graph, atom_table)
+        self.fc_out = nn.Linear(hp.h_fea_len, n_outputs)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Standardised predictions, shape (n_crystals, n_outputs); column 0 is the main."""
+        return self.fc_out(self.embed(batch))
+
+    def main_task(self) -> CrystalGraphConvNet:
+        """The same weights as a single-property model of the main property (the output
+        layer's first row), in this model's train/eval mode."""
+        single = CrystalGraphConvNet(self.hyperparams, self.graph_settings,
+                                     self.atom_table.cpu().numpy())
+        state = self.state_dict()
+        state["fc_out.weight"] = state["fc_out.weight"][:1]
+        state["fc_out.bias"] = state["fc_out.bias"][:1]
+        single.load_state_dict(state)
+        return single.to(self.fc_out.weight.device).train(self.training)
+
+
 # the original's classification variant has two classes (fc_out: h_fea_len -> 2)
 N_CLASSES = 2
 # index of the class whose probability a classifier predicts (label 1 of the training data)

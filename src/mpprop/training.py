@@ -25,8 +25,20 @@ from torch import nn
 from mpprop.batches import collect_in_row_order, iterate_batches
 from mpprop.device import autocast, pin_host_memory
 from mpprop.graph_cache import GraphCache
-from mpprop.losses import LossSettings, TrainingLoss, make_scheduler, regression_loss
-from mpprop.model import TRUNK_PREFIXES, CrystalGraphConvNet, Normalizer, load_trunk
+from mpprop.losses import (
+    LossSettings,
+    MultiTaskLoss,
+    TrainingLoss,
+    make_scheduler,
+    regression_loss,
+)
+from mpprop.model import (
+    TRUNK_PREFIXES,
+    CrystalGraphConvNet,
+    CrystalGraphMultiTask,
+    Normalizer,
+    load_trunk,
+)
 from mpprop.settings import GraphSettings, Hyperparams
 from mpprop.stats import screening_precision
 from mpprop.write_errors import writing
@@ -60,7 +72,8 @@ def run_batches(
     predicts. `after_step` runs after every optimizer step (the weight average's update).
 
     Returns the standardised predictions in the order of `rows` (from the forward pass
-    of each batch, i.e. before that batch's update when training). `loss_fn` (pred, target)
+    of each batch, i.e. before that batch's update when training): shape (len(rows),), or
+    (len(rows), n_outputs) for a multi-task model. `loss_fn` (pred, target)
     defaults to the MSE of the original CGCNN. precision "bf16" autocasts the forward pass;
     the loss is taken in float32.
     """
@@ -88,7 +101,8 @@ def run_batches(
                     after_step()
             positions.append(pos)
             outputs.append(out.detach())
-    return collect_in_row_order(positions, outputs, np.empty(len(rows), dtype=np.float64))
+    shape = (len(rows), *outputs[0].shape[1:]) if outputs else (len(rows),)
+    return collect_in_row_order(positions, outputs, np.empty(shape, dtype=np.float64))
 
 
 def predict(
@@ -99,9 +113,13 @@ def predict(
     batch_size: int = 512,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Predictions in target units (after the target transform, e.g. log10 GPa)."""
+    """Predictions in target units (after the target transform, e.g. log10 GPa); of a
+    multi-task model, its main property's."""
     rows = np.arange(len(cache)) if rows is None else rows
-    return normalizer.denorm(run_batches(model, cache, rows, batch_size, precision=precision))
+    standardised = run_batches(model, cache, rows, batch_size, precision=precision)
+    if standardised.ndim == 2:
+        standardised = standardised[:, 0]
+    return normalizer.denorm(standardised)
 
 
 def make_optimizer(model: nn.Module, hp: Hyperparams,
@@ -222,6 +240,7 @@ def fit(
     fine_tuning: FineTuning | None = None,
     checkpoint: Path | str | None = None,
     checkpoint_every: int = 1,
+    aux_train_targets: np.ndarray | None = None,
 ) -> FitResult:
     """Train with target standardisation, the LR schedule of `hp`, best-val checkpointing.
 
@@ -237,15 +256,22 @@ def fit(
     state is saved every `checkpoint_every` epochs (atomically); a rerun with the same inputs
     resumes from it and ends with the same weights as an uninterrupted run.
     `on_epoch` sees each epoch's stats; it may raise (e.g. optuna.TrialPruned) to stop.
-    MAEs are in target units. Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or
-    a target that is not finite is a TrainingDataError (a ValueError), before any training.
+    `aux_train_targets` (len(train_rows), n_aux; NaN where a material has no label) makes
+    the model multi-task: it also learns those properties (each standardised on its own
+    labels, losses.MultiTaskLoss), is validated on the main one, and the returned model is
+    the main property's (CrystalGraphMultiTask.main_task). MAEs are in target units.
+    Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or a target that is not
+    finite is a TrainingDataError (a ValueError), before any training.
     """
     _check_training_data(train_rows, train_targets, val_rows, val_targets)
+    aux_norm = _standardise_auxiliary(aux_train_targets, len(train_rows))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     normalizer = Normalizer.fit(train_targets)
-    # made on the CPU, then moved: the same initial weights for a seed on every device
-    model = CrystalGraphConvNet(hp, graph)
+    # made on the CPU, then moved: the same initial weights for a seed on every device (the
+    # output layer is made last, so a multi-task model's trunk starts as the single one's)
+    model = (CrystalGraphConvNet(hp, graph) if aux_norm is None
+             else CrystalGraphMultiTask(hp, graph, 1 + aux_norm.shape[1]))
     if hp.element_offsets:
         normalizer = _fit_element_offsets(model, cache, train_rows, train_targets)
     if fine_tuning is not None:
@@ -259,11 +285,15 @@ def fit(
     kept = ema.module if ema is not None else model  # the weights validated and kept
     train_norm = normalizer.norm(train_targets)
     loss_fn = _training_loss(hp, loss_settings, better, train_norm)
+    if aux_norm is not None:
+        loss_fn = MultiTaskLoss(loss_fn, regression_loss(hp.loss, _huber_delta(loss_settings)))
+        train_norm = np.column_stack([train_norm, aux_norm])
     state = _TrainingState()
     saver = None
     if checkpoint is not None:
         saver = _Checkpoint(Path(checkpoint), max(1, int(checkpoint_every)), _fingerprint(
-            hp, graph, seed, train_rows, train_targets, val_rows, val_targets, fine_tuning))
+            hp, graph, seed, train_rows, train_targets, val_rows, val_targets, fine_tuning,
+            aux_train_targets))
         saver.resume(state, model, optimizer, scheduler, ema, rng)
     after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
     for epoch in range(state.epoch + 1, hp.epochs + 1):
@@ -274,6 +304,8 @@ def fit(
         train_pred = run_batches(model, cache, train_rows, hp.batch_size, train_norm,
                                  optimizer, rng, loss_fn, precision, after_step)
         scheduler.step()
+        if train_pred.ndim == 2:  # a multi-task model: its main property
+            train_pred = train_pred[:, 0]
         train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
         val_pred = predict(kept, normalizer, cache, val_rows, eval_batch_size, precision)
         val_mae = float(np.mean(np.abs(val_pred - val_targets)))
@@ -288,6 +320,8 @@ def fit(
     assert state.best_state is not None
     kept.load_state_dict(state.best_state)
     kept.eval()
+    if isinstance(kept, CrystalGraphMultiTask):
+        kept = kept.main_task()
     return FitResult(kept, normalizer, state.best_epoch, state.best_val, state.history)
 
 
@@ -344,6 +378,28 @@ def _fit_element_offsets(model: CrystalGraphConvNet, cache: GraphCache, rows: np
     with torch.no_grad():
         model.element_offsets.copy_(torch.as_tensor(w / normalizer.std, dtype=torch.float32))
     return normalizer
+
+
+def _standardise_auxiliary(targets: np.ndarray | None, n_train: int) -> np.ndarray | None:
+    """Auxiliary targets (n_train, n_aux), each column standardised with the mean and std
+    of its labels (NaN stays NaN); None stays None."""
+    if targets is None:
+        return None
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.ndim != 2 or len(targets) != n_train:
+        raise ValueError(f"auxiliary targets of shape {targets.shape} for {n_train} "
+                         "training rows: expected (n_train, n_aux)")
+    labelled = np.isfinite(targets).sum(axis=0)
+    if (labelled < MIN_TRAIN_LABELS).any():
+        raise TrainingDataError(f"auxiliary targets with {labelled.tolist()} labels per column: "
+                                f"each needs at least {MIN_TRAIN_LABELS}")
+    mean = np.nanmean(targets, axis=0)
+    std = np.nanstd(targets, axis=0, ddof=1)
+    return (targets - mean) / np.where(std > 0, std, 1.0)
+
+
+def _huber_delta(loss_settings: LossSettings | None) -> float:
+    return loss_settings.huber_delta if loss_settings is not None else 0.0
 
 
 def _training_loss(hp: Hyperparams, loss_settings: LossSettings | None, better: str | None,

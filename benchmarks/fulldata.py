@@ -175,6 +175,13 @@ JOBS["ft3r-bg"] = Job("ft3r-bg", "band_gap", {**MODERN, "epochs": 60},
 # seed, trunk initialisation, batch order and 100 epochs; only the auxiliary labels differ
 JOBS["mt-trunk-fe"] = Job("mt-trunk-fe", "formation_energy_per_atom", {**MODERN, "epochs": 100},
                           aux_props=("band_gap", "efermi"))
+# the same question, cheaper and paired with finished members: the fourth trunk's restart
+# and band-gap fine-tune, each with the other two properties learnt beside it
+JOBS["mt-trunk5-restart-fe"] = Job("mt-trunk5-restart-fe", "formation_energy_per_atom",
+                                   {**MODERN, "epochs": 40}, parent="trunk5-fe",
+                                   aux_props=("band_gap", "efermi"))
+JOBS["mt-ft5-bg"] = Job("mt-ft5-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk5-fe",
+                        zero_floor=True, aux_props=("formation_energy_per_atom", "efermi"))
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],

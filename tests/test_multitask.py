@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import nacl, small_structures
+from conftest import Killed, six_crystals
 
 from mpprop import experiment
 from mpprop.batches import Batch
@@ -29,14 +29,9 @@ Y = np.array([0.1, -0.4, 0.7, 1.2, 0.3, 0.2])
 AUX = np.array([[1.0, np.nan], [0.0, 5.0], [np.nan, 4.0], [2.0, 7.0]])
 
 
-class Killed(Exception):
-    """Stands in for a kill at a chosen epoch."""
-
-
 @pytest.fixture(scope="module")
 def cache():
-    structures = small_structures() + [nacl() * (1, 1, 2), nacl() * (2, 1, 1)]
-    return graphs_from_structures(structures, SETTINGS)
+    return graphs_from_structures(six_crystals(), SETTINGS)
 
 
 def _fit(cache, aux=AUX, **kw):

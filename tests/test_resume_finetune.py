@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import nacl, small_structures
+from conftest import Killed, six_crystals
 
 from mpprop.graphs import graphs_from_structures
 from mpprop.losses import warmup_cosine_factor
@@ -23,14 +23,9 @@ MODERN = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01,
                      warmup_epochs=2, ema_decay=0.9)
 
 
-class Killed(Exception):
-    """Stands in for a kill at a chosen epoch."""
-
-
 @pytest.fixture(scope="module")
 def cache():
-    structures = small_structures() + [nacl() * (1, 1, 2), nacl() * (2, 1, 1)]
-    return graphs_from_structures(structures, SETTINGS)
+    return graphs_from_structures(six_crystals(), SETTINGS)
 
 
 def _fit(cache, hp=MODERN, **kw):

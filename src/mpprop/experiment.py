@@ -88,9 +88,9 @@ class Job:
     # the seed of the new weights and the batch order, where it differs from the split's: a
     # second model on the same split (an ensemble member)
     init_seed: int | None = None
-    # properties also learnt (a multi-task trunk), each on the materials of its own training
-    # split at this job's seed and validation share: a fine-tune of those properties on that
-    # split then validates on materials whose labels the trunk never saw
+    # properties also learnt (multi-task), each on the materials of its own training split at
+    # this job's seed and validation share: a fine-tune of those properties from this job on
+    # that split then validates on materials whose labels its parent never saw
     aux_props: tuple[str, ...] = ()
 
     def key(self, excluded: set[str], parent_key: str | None) -> str:

@@ -69,7 +69,6 @@ class TrainingLoss:
         return loss
 
 
-
 class MultiTaskLoss:
     """A multi-task model's loss (pred and target (B, 1 + n_aux), standardised): the main
     property's loss on column 0 plus the regression loss of each auxiliary column over the
@@ -87,6 +86,7 @@ class MultiTaskLoss:
             if bool(labelled.any()):
                 loss = loss + self.auxiliary(pred[labelled, col], target[labelled, col])
         return loss
+
 
 def warmup_cosine_factor(epoch: int, warmup: int, epochs: int) -> float:
     """LR multiplier after `epoch` scheduler steps: linear from 1/(warmup+1) to 1 over the

@@ -174,7 +174,8 @@ JOBS["ft3r-bg"] = Job("ft3r-bg", "band_gap", {**MODERN, "epochs": 60},
 # three properties of the same MP download), paired with finished members: the fourth
 # trunk's restart and band-gap fine-tune, each with the other two properties learnt beside
 # it on their own training splits (`fulldata.py pair` compares each with its single-task
-# twin). A multi-task trunk from scratch costs 3-4 CPU-h; these answer first
+# twin). A multi-task trunk from scratch costs 3-4 CPU-h; these answered first: both lost to
+# their twins on validation (README), so it was not trained
 JOBS["mt-trunk5-restart-fe"] = Job("mt-trunk5-restart-fe", "formation_energy_per_atom",
                                    {**MODERN, "epochs": 40}, parent="trunk5-fe",
                                    aux_props=("band_gap", "efermi"))
@@ -268,16 +269,11 @@ for _key, _prop in SMALL.items():
 
 # Poisson's ratio learnt with bulk and shear modulus beside it (multi-task: it is a function
 # of K/G, and the three share each seed's split, so the labels added are of its own training
-# materials), from each of the eight members' parents; paired with ft*-poisson-s*
-POISSON_PARENTS = {"ft2": "trunk2-fe", "ft2r": "restart-fe", "ft3": "trunk3-fe",
-                   "ft3r": "trunk3-restart-fe", "ft4": "trunk4-fe", "ft4r": "trunk4-restart-fe",
-                   "ft5": "trunk5-fe", "ft5r": "trunk5-restart-fe"}
+# materials), paired with ft5-poisson-s* (`pair`); it gained on no seed, so no more members
 for _seed in range(3):
-    for _tag, _parent in POISSON_PARENTS.items():
-        _mt = f"mt{_tag}-poisson-s{_seed}"
-        JOBS[_mt] = _small_finetune(_mt, "poisson_ratio", _seed, _parent,
-                                    aux_props=("bulk_modulus", "shear_modulus"))
-    ENSEMBLES[f"mt-ens8t-poisson-s{_seed}"] = [f"mt{t}-poisson-s{_seed}" for t in POISSON_PARENTS]
+    JOBS[f"mtft5-poisson-s{_seed}"] = _small_finetune(
+        f"mtft5-poisson-s{_seed}", "poisson_ratio", _seed, "trunk5-fe",
+        aux_props=("bulk_modulus", "shear_modulus"))
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},

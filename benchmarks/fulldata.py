@@ -679,9 +679,10 @@ def pair(work: Path, results: Path, a: str, b: str) -> dict:
         job, record = JOBS[name], _result(results, name)
         if record is None:
             raise SystemExit(f"{name} has not finished")
-        folder = job_folder(work / "jobs", job, excluded, _parent_folder(work, job))
-        val[name], y_val = _val_predictions(params, ws, job, excluded,
-                                            load_model(folder / BUNDLE_FILE, name))
+        bundle = job_folder(work / "jobs", job, excluded, _parent_folder(work, job)) / BUNDLE_FILE
+        if not bundle.exists():  # a fresh checkout keeps only parents' and members' bundles
+            raise SystemExit(f"{name}: no bundle at {bundle} (rerun the job on this checkout)")
+        val[name], y_val = _val_predictions(params, ws, job, excluded, load_model(bundle, name))
         if targets is not None and not np.array_equal(targets, y_val):
             raise SystemExit(f"{a} and {b} validate on other materials: no pairing")
         targets, test[name] = y_val, np.array(record["test_pred"])

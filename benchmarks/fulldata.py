@@ -53,7 +53,6 @@ from mpprop.experiment import (
     Job,
     JobBusy,
     all_test_ids,
-    job_folder,
     job_split,
     model_summary,
     paired,
@@ -533,8 +532,8 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
             best = min(records, key=lambda rec: rec["best_val_mae"])
             if fitting and best["best_val_mae"] >= min(c.val_mae for c in fitting):
                 continue  # even unrounded it cannot measure better than one already staged
-            folder = next((work / "jobs").glob(f"{best['job']}-*"), None)
-            if folder is not None and (folder / BUNDLE_FILE).exists():
+            folder = _finished_folder(work, best["job"])
+            if folder is not None:
                 source = folder / BUNDLE_FILE
             elif shipped_jobs.get(prop, (None,))[0] == best["job"]:
                 source = shipped_jobs[prop][1]
@@ -679,10 +678,12 @@ def pair(work: Path, results: Path, a: str, b: str) -> dict:
         job, record = JOBS[name], _result(results, name)
         if record is None:
             raise SystemExit(f"{name} has not finished")
-        bundle = job_folder(work / "jobs", job, excluded, _parent_folder(work, job)) / BUNDLE_FILE
-        if not bundle.exists():  # a fresh checkout keeps only parents' and members' bundles
-            raise SystemExit(f"{name}: no bundle at {bundle} (rerun the job on this checkout)")
-        val[name], y_val = _val_predictions(params, ws, job, excluded, load_model(bundle, name))
+        folder = _finished_folder(work, name)
+        if folder is None:  # a fresh checkout keeps only parents' and members' bundles
+            raise SystemExit(f"{name}: no bundle in {work / 'jobs'} (rerun the job on this "
+                             "checkout)")
+        val[name], y_val = _val_predictions(params, ws, job, excluded,
+                                            load_model(folder / BUNDLE_FILE, name))
         if targets is not None and not np.array_equal(targets, y_val):
             raise SystemExit(f"{a} and {b} validate on other materials: no pairing")
         targets, test[name] = y_val, np.array(record["test_pred"])
@@ -699,10 +700,10 @@ def pair(work: Path, results: Path, a: str, b: str) -> dict:
     return out
 
 
-def _parent_folder(work: Path, job: Job) -> Path | None:
-    if job.parent is None:
-        return None
-    return next((work / "jobs").glob(f"{JOBS[job.parent].name}-*"), None)
+def _finished_folder(work: Path, name: str) -> Path | None:
+    """The work folder of the job or ensemble `name` that holds its result and bundle, if any."""
+    return next((f for f in (work / "jobs").glob(f"{name}-*") if (f / RESULT_FILE).exists()),
+                None)
 
 
 def _card(prop: str, spec: Any, r: dict, label: str, passed_over: list[str], best: dict,
@@ -840,9 +841,8 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
                   f"{record['test_mae']:.4f}", flush=True)
             continue
         job = JOBS[name]
-        parent_dir = _parent_folder(work, job)
-        if job.parent is not None and (parent_dir is None
-                                       or not (parent_dir / BUNDLE_FILE).exists()):
+        parent_dir = _finished_folder(work, job.parent) if job.parent else None
+        if job.parent is not None and parent_dir is None:
             raise SystemExit(f"{name} needs its parent {job.parent} trained first")
         try:
             record = run_job(params, ws, job, Hyperparams, work / "jobs", excluded, parent_dir,
@@ -860,8 +860,7 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
 def _ensemble(params: Any, ws: Any, work: Path, excluded: set[str], name: str) -> dict:
     members = []
     for member in ENSEMBLES[name]:
-        folder = next((f for f in (work / "jobs").glob(f"{member}-*")
-                       if (f / RESULT_FILE).exists()), None)
+        folder = _finished_folder(work, member)
         if folder is None:
             raise SystemExit(f"{name} needs its member {member} trained first")
         members.append((JOBS[member], folder))

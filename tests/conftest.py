@@ -56,10 +56,6 @@ def six_crystals() -> list[Structure]:
     return small_structures() + [nacl() * (1, 1, 2), nacl() * (2, 1, 1)]
 
 
-class Killed(Exception):
-    """Stands in for a kill at a chosen epoch (raised from a training callback)."""
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A fresh project folder with the repo's params.yaml; MLflow and data stay inside it."""

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import Killed, six_crystals
+from conftest import six_crystals
 
 from mpprop import experiment
 from mpprop.batches import Batch
@@ -18,7 +18,7 @@ from mpprop.graphs import graphs_from_structures
 from mpprop.losses import MultiTaskLoss
 from mpprop.model import CrystalGraphConvNet, CrystalGraphMultiTask, trunk_state
 from mpprop.settings import GraphSettings, Hyperparams
-from mpprop.training import EpochStats, TrainingDataError, fit
+from mpprop.training import TrainingDataError, fit
 
 SETTINGS = GraphSettings()
 HP = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01, lr_decay_epoch=100,
@@ -70,22 +70,6 @@ def test_auxiliary_labels_train_the_trunk_and_the_result_is_single_task(cache) -
     # with no auxiliary label anywhere but two, training differs only through those two
     sparse = _fit(cache, aux=np.array([[1.0], [np.nan], [np.nan], [3.0]]))
     assert sparse.best_val_mae != multi.best_val_mae
-
-
-def test_a_killed_multi_task_run_resumes_to_the_same_weights(cache, tmp_path) -> None:
-    whole = _fit(cache)
-    ckpt = tmp_path / "run.ckpt"
-
-    def kill_at_3(s: EpochStats) -> None:
-        if s.epoch == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        _fit(cache, checkpoint=ckpt, on_epoch=kill_at_3)
-    resumed = _fit(cache, checkpoint=ckpt)
-    for key, value in whole.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert [h.val_mae for h in resumed.history] == [h.val_mae for h in whole.history]
 
 
 def test_too_few_auxiliary_labels_are_refused_before_training(cache) -> None:

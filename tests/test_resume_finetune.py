@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import Killed, six_crystals
+from conftest import six_crystals
 
 from mpprop.graphs import graphs_from_structures
 from mpprop.losses import warmup_cosine_factor
@@ -21,6 +21,12 @@ MODERN = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01,
                      lr_decay_epoch=100, optimizer="AdamW", epochs=6, batch_size=3,
                      weight_decay=0.01, loss="l1", lr_schedule="warmup_cosine",
                      warmup_epochs=2, ema_decay=0.9)
+# auxiliary labels of the four training crystals (a multi-task run); NaN = no label
+AUX_LABELS = np.array([[1.0, np.nan], [0.0, 5.0], [np.nan, 4.0], [2.0, 7.0]])
+
+
+class Killed(Exception):
+    """Stands in for a kill at a chosen epoch."""
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,10 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_killed_training_resumes_to_the_same_weights(cache, tmp_path, every):
-    whole = _fit(cache)
+@pytest.mark.parametrize("every, aux", [(1, None), (2, None), (1, AUX_LABELS)],
+                         ids=["every-1", "every-2", "multi-task"])
+def test_killed_training_resumes_to_the_same_weights(cache, tmp_path, every, aux):
+    whole = _fit(cache, aux_train_targets=aux)
     ckpt = tmp_path / "run.ckpt"
 
     def kill_at_4(s: EpochStats) -> None:
@@ -51,11 +58,12 @@ def test_killed_training_resumes_to_the_same_weights(cache, tmp_path, every):
             raise Killed
 
     with pytest.raises(Killed):
-        _fit(cache, checkpoint=ckpt, checkpoint_every=every, on_epoch=kill_at_4)
+        _fit(cache, checkpoint=ckpt, checkpoint_every=every, on_epoch=kill_at_4,
+             aux_train_targets=aux)
     assert ckpt.exists()
     seen: list[int] = []
     resumed = _fit(cache, checkpoint=ckpt, checkpoint_every=every,
-                   on_epoch=lambda s: seen.append(s.epoch))
+                   on_epoch=lambda s: seen.append(s.epoch), aux_train_targets=aux)
     # every=1 saved epoch 4; every=2 saved epoch 4 as well (4 % 2 == 0): epochs 5, 6 rerun
     assert seen == [5, 6]
     _same_weights(whole.model, resumed.model)

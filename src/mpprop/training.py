@@ -117,9 +117,12 @@ def predict(
     multi-task model, its main property's."""
     rows = np.arange(len(cache)) if rows is None else rows
     standardised = run_batches(model, cache, rows, batch_size, precision=precision)
-    if standardised.ndim == 2:
-        standardised = standardised[:, 0]
-    return normalizer.denorm(standardised)
+    return normalizer.denorm(_main_output(standardised))
+
+
+def _main_output(standardised: np.ndarray) -> np.ndarray:
+    """run_batches' predictions of the main property: a multi-task model's first column."""
+    return standardised[:, 0] if standardised.ndim == 2 else standardised
 
 
 def make_optimizer(model: nn.Module, hp: Hyperparams,
@@ -286,7 +289,8 @@ def fit(
     train_norm = normalizer.norm(train_targets)
     loss_fn = _training_loss(hp, loss_settings, better, train_norm)
     if aux_norm is not None:
-        loss_fn = MultiTaskLoss(loss_fn, regression_loss(hp.loss, _huber_delta(loss_settings)))
+        huber_delta = loss_settings.huber_delta if loss_settings is not None else 0.0
+        loss_fn = MultiTaskLoss(loss_fn, regression_loss(hp.loss, huber_delta))
         train_norm = np.column_stack([train_norm, aux_norm])
     state = _TrainingState()
     saver = None
@@ -304,9 +308,8 @@ def fit(
         train_pred = run_batches(model, cache, train_rows, hp.batch_size, train_norm,
                                  optimizer, rng, loss_fn, precision, after_step)
         scheduler.step()
-        if train_pred.ndim == 2:  # a multi-task model: its main property
-            train_pred = train_pred[:, 0]
-        train_mae = float(np.mean(np.abs(normalizer.denorm(train_pred) - train_targets)))
+        train_mae = float(np.mean(np.abs(normalizer.denorm(_main_output(train_pred))
+                                         - train_targets)))
         val_pred = predict(kept, normalizer, cache, val_rows, eval_batch_size, precision)
         val_mae = float(np.mean(np.abs(val_pred - val_targets)))
         stats = EpochStats(epoch, train_mae, val_mae, time.perf_counter() - t0, val_pred)
@@ -396,10 +399,6 @@ def _standardise_auxiliary(targets: np.ndarray | None, n_train: int) -> np.ndarr
     mean = np.nanmean(targets, axis=0)
     std = np.nanstd(targets, axis=0, ddof=1)
     return (targets - mean) / np.where(std > 0, std, 1.0)
-
-
-def _huber_delta(loss_settings: LossSettings | None) -> float:
-    return loss_settings.huber_delta if loss_settings is not None else 0.0
 
 
 def _training_loss(hp: Hyperparams, loss_settings: LossSettings | None, better: str | None,

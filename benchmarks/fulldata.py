@@ -41,6 +41,7 @@ from mpprop.bundle import (
     BUNDLE_FILE,
     gate_metals,
     load_model,
+    stored_precision,
     with_calibration,
     with_half_weights,
     with_int8_weights,
@@ -610,11 +611,13 @@ def _stage(params: Any, ws: Any, excluded: set[str], label: str, best: dict, sou
            staged: Path) -> _Staged | None:
     """`best` (a job's record, its bundle at `source`) calibrated and stored at `staged` in the
     smallest precision that is needed to fit the package (float32, float16, int8), with its
-    validation MAE as stored; None (nothing left at `staged`) if even int8 is too large."""
+    validation MAE as stored; None (nothing left at `staged`) if even int8 is too large. A
+    source already rounded (the shipped copy, on a checkout without the job's float32 bundle)
+    keeps its precision."""
     full = staged.with_suffix(".float32.pt")
     cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, full)
     shutil.copyfile(full, staged)
-    stored_as = "float32"
+    stored_as = stored_precision(staged)
     for precision, convert in (("float16", with_half_weights), ("int8", with_int8_weights)):
         if staged.stat().st_size <= MAX_BUNDLE_BYTES:
             break

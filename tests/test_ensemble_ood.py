@@ -11,6 +11,7 @@ from mpprop.bundle import (
     BundleError,
     load_model,
     save_bundle,
+    stored_precision,
     with_half_weights,
     with_int8_weights,
 )
@@ -88,6 +89,7 @@ def floored_ensemble(folder, n_members: int):
 def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_path) -> None:
     full = floored_ensemble(tmp_path, 2)
     half = with_half_weights(full, tmp_path / "half.pt")
+    assert (stored_precision(full), stored_precision(half)) == ("float32", "float16")
     stored = torch.load(half, weights_only=True)
     for state in (stored["state_dict"], stored["members"][0]["state_dict"]):
         assert {v.dtype for v in state.values()} == {torch.float16, torch.int64}
@@ -108,6 +110,7 @@ def test_half_weights_halve_the_file_and_keep_every_member_and_prediction(tmp_pa
 def test_int8_weights_quarter_the_matrices_and_load_within_half_a_step(tmp_path) -> None:
     full = floored_ensemble(tmp_path, 3)
     small = with_int8_weights(full, tmp_path / "int8.pt")
+    assert stored_precision(small) == "int8"
     stored = torch.load(small, weights_only=True)
     assert stored["format"] == 3 and torch.load(full, weights_only=True)["format"] == 2
     for part in (stored, *stored["members"]):

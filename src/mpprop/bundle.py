@@ -246,6 +246,17 @@ def with_int8_weights(src: str | Path, dst: str | Path) -> Path:
     return _save_copy({**data, "format": BUNDLE_FORMAT}, dst)
 
 
+def stored_precision(path: str | Path) -> str:
+    """How the bundle at `path` stores its weights: "int8" (with_int8_weights), "float16"
+    (with_half_weights) or "float32"."""
+    _, _, _, data = load_bundle(path)
+    if data.get(INT8_SCALES):
+        return "int8"
+    if any(v.dtype == torch.float16 for v in data["state_dict"].values()):
+        return "float16"
+    return "float32"
+
+
 def _dequantized(state: dict[str, torch.Tensor],
                  scales: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     if not scales:

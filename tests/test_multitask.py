@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import six_crystals
 
-from mpprop import experiment
+from mpprop import experiment, training
 from mpprop.batches import Batch
 from mpprop.experiment import Job, JobSplit, auxiliary_targets
 from mpprop.graphs import graphs_from_structures
 from mpprop.losses import MultiTaskLoss
 from mpprop.model import CrystalGraphConvNet, CrystalGraphMultiTask, trunk_state
 from mpprop.settings import GraphSettings, Hyperparams
-from mpprop.training import TrainingDataError, fit
+from mpprop.training import CheckpointMismatchError, TrainingDataError, fit
 
 SETTINGS = GraphSettings()
 HP = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01, lr_decay_epoch=100,
@@ -58,6 +58,11 @@ def test_unlabelled_auxiliary_entries_add_nothing_to_the_loss() -> None:
     loss = MultiTaskLoss(torch.nn.L1Loss(), torch.nn.L1Loss())(pred, target)
     # main |0-0.5|, |1-0| -> 0.75; first aux only row 1: 1.0; second only row 0: 1.0
     assert float(loss) == pytest.approx(0.75 + 1.0 + 1.0)
+    # weighted down: the main loss as it was, each auxiliary one a quarter
+    weighted = MultiTaskLoss(torch.nn.L1Loss(), torch.nn.L1Loss(), aux_weight=0.25)(pred, target)
+    assert float(weighted) == pytest.approx(0.75 + 0.25 * (1.0 + 1.0))
+    with pytest.raises(ValueError, match="aux_weight"):
+        MultiTaskLoss(torch.nn.L1Loss(), torch.nn.L1Loss(), aux_weight=0.0)
 
 
 def test_auxiliary_labels_train_the_trunk_and_the_result_is_single_task(cache) -> None:
@@ -70,6 +75,20 @@ def test_auxiliary_labels_train_the_trunk_and_the_result_is_single_task(cache) -
     # with no auxiliary label anywhere but two, training differs only through those two
     sparse = _fit(cache, aux=np.array([[1.0], [np.nan], [np.nan], [3.0]]))
     assert sparse.best_val_mae != multi.best_val_mae
+    # the auxiliary losses' weight reaches training
+    assert _fit(cache, aux_weight=0.2).best_val_mae != multi.best_val_mae
+
+
+def test_a_checkpoint_resumes_only_its_own_auxiliary_weight(cache, tmp_path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    _fit(cache, checkpoint=ckpt)
+    with pytest.raises(CheckpointMismatchError):
+        _fit(cache, checkpoint=ckpt, aux_weight=0.2)
+    # at weight 1 the fingerprint is the one checkpoints had before the weight existed
+    # (everything that changes the run, without the weight), so those resume
+    before = training._fingerprint(HP, SETTINGS, 3, np.arange(4), Y[:4], np.arange(4, 6), Y[4:],
+                                   None, AUX)
+    assert torch.load(ckpt, weights_only=True)["fingerprint"] == before
 
 
 def test_too_few_auxiliary_labels_are_refused_before_training(cache) -> None:
@@ -102,3 +121,7 @@ def test_auxiliary_properties_make_another_job_and_keep_earlier_keys() -> None:
     keys = {replace(plain, aux_props=aux).key({"mp-1"}, "p")
             for aux in [("efermi",), ("efermi", "formation_energy_per_atom")]}
     assert plain.key({"mp-1"}, "p") not in keys and len(keys) == 2
+    # a weight of 1 is the multi-task job as it was; another weight is another job
+    multi = replace(plain, aux_props=("efermi",))
+    assert replace(multi, aux_weight=1.0).key({"mp-1"}, "p") in keys
+    assert replace(multi, aux_weight=0.2).key({"mp-1"}, "p") not in keys

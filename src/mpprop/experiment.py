@@ -92,6 +92,7 @@ class Job:
     # this job's seed and validation share: a fine-tune of those properties from this job on
     # that split then validates on materials whose labels its parent never saw
     aux_props: tuple[str, ...] = ()
+    aux_weight: float = 1.0  # each auxiliary loss's weight beside the main one's
 
     def key(self, excluded: set[str], parent_key: str | None) -> str:
         fields = [self.prop, self.hyperparams, self.seed, self.val_fraction, parent_key,
@@ -100,6 +101,7 @@ class Job:
         fields += ["zero_floor"] if self.zero_floor else []
         fields += [["init_seed", self.init_seed]] if self.init_seed is not None else []
         fields += [["aux_props", list(self.aux_props)]] if self.aux_props else []
+        fields += [["aux_weight", self.aux_weight]] if self.aux_weight != 1.0 else []
         payload = json.dumps(fields, sort_keys=True)
         h = hashlib.sha256(payload.encode())
         h.update("\n".join(sorted(excluded)).encode())
@@ -324,7 +326,8 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
                  eval_batch_size=params.predict.batch_size,
                  loss_settings=params.loss_settings(), better=data.spec.better,
                  fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE,
-                 aux_train_targets=auxiliary_targets(params, ws, job, excluded, rows[tr]))
+                 aux_train_targets=auxiliary_targets(params, ws, job, excluded, rows[tr]),
+                 aux_weight=job.aux_weight)
     total = spent()
     bs = params.predict.batch_size
     val_pred = predict(result.model, result.normalizer, ws.cache, rows[va], bs)
@@ -337,7 +340,8 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
     record = {
         "job": job.name, "property": job.prop, "hyperparams": job.hyperparams,
         "seed": job.seed, "init_seed": job.init_seed,
-        **({"aux_props": list(job.aux_props)} if job.aux_props else {}),
+        **({"aux_props": list(job.aux_props), "aux_weight": job.aux_weight}
+           if job.aux_props else {}),
         "parent": fine_tuning.parent if fine_tuning else None,
         "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],

@@ -72,19 +72,23 @@ class TrainingLoss:
 class MultiTaskLoss:
     """A multi-task model's loss (pred and target (B, 1 + n_aux), standardised): the main
     property's loss on column 0 plus the regression loss of each auxiliary column over the
-    crystals that have that label (NaN = unlabelled). A sum, not a mean: the main property
-    gets the same gradient as alone, the auxiliary ones add to the trunk's."""
+    crystals that have that label (NaN = unlabelled), each times `aux_weight`. A sum, not a
+    mean: the main property gets the same gradient as alone, the auxiliary ones add to the
+    trunk's (a weight under 1 lets them pull the shared layers less)."""
 
     def __init__(self, main: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 auxiliary: nn.Module) -> None:
-        self.main, self.auxiliary = main, auxiliary
+                 auxiliary: nn.Module, aux_weight: float = 1.0) -> None:
+        if not aux_weight > 0:
+            raise ValueError(f"aux_weight must be > 0, got {aux_weight}")
+        self.main, self.auxiliary, self.aux_weight = main, auxiliary, float(aux_weight)
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.main(pred[:, 0], target[:, 0])
         for col in range(1, target.shape[1]):
             labelled = torch.isfinite(target[:, col])
             if bool(labelled.any()):
-                loss = loss + self.auxiliary(pred[labelled, col], target[labelled, col])
+                loss = loss + self.aux_weight * self.auxiliary(pred[labelled, col],
+                                                               target[labelled, col])
         return loss
 
 

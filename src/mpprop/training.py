@@ -244,6 +244,7 @@ def fit(
     checkpoint: Path | str | None = None,
     checkpoint_every: int = 1,
     aux_train_targets: np.ndarray | None = None,
+    aux_weight: float = 1.0,
 ) -> FitResult:
     """Train with target standardisation, the LR schedule of `hp`, best-val checkpointing.
 
@@ -262,7 +263,8 @@ def fit(
     `aux_train_targets` (len(train_rows), n_aux; NaN where a material has no label) makes
     the model multi-task: it also learns those properties (each standardised on its own
     labels, losses.MultiTaskLoss), is validated on the main one, and the returned model is
-    the main property's (CrystalGraphMultiTask.main_task). MAEs are in target units.
+    the main property's (CrystalGraphMultiTask.main_task); `aux_weight` scales the
+    auxiliary losses. MAEs are in target units.
     Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or a target that is not
     finite is a TrainingDataError (a ValueError), before any training.
     """
@@ -290,14 +292,16 @@ def fit(
     loss_fn = _training_loss(hp, loss_settings, better, train_norm)
     if aux_norm is not None:
         huber_delta = loss_settings.huber_delta if loss_settings is not None else 0.0
-        loss_fn = MultiTaskLoss(loss_fn, regression_loss(hp.loss, huber_delta))
+        loss_fn = MultiTaskLoss(loss_fn, regression_loss(hp.loss, huber_delta), aux_weight)
         train_norm = np.column_stack([train_norm, aux_norm])
     state = _TrainingState()
     saver = None
     if checkpoint is not None:
         saver = _Checkpoint(Path(checkpoint), max(1, int(checkpoint_every)), _fingerprint(
             hp, graph, seed, train_rows, train_targets, val_rows, val_targets, fine_tuning,
-            aux_train_targets))
+            aux_train_targets,
+            # only a weight other than 1: equal-weight checkpoints keep their fingerprint
+            None if aux_norm is None or aux_weight == 1.0 else np.float64(aux_weight)))
         saver.resume(state, model, optimizer, scheduler, ema, rng)
     after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
     for epoch in range(state.epoch + 1, hp.epochs + 1):

@@ -183,7 +183,8 @@ JOBS["mt-ft5-bg"] = Job("mt-ft5-bg", "band_gap", {**MODERN, "epochs": 60}, paren
                         zero_floor=True, aux_props=("formation_energy_per_atom", "efermi"))
 # the same two with the auxiliary losses weighted down to 0.2 each (with equal weights the
 # other properties pulled the shared layers away from the main one); the restart still lost,
-# validation +0.0016 [+0.0002, +0.0029]
+# validation +0.0016 [+0.0002, +0.0029], and band gap's fine-tune was no better (+0.0022
+# [-0.0074, +0.0111])
 JOBS["mtw-trunk5-restart-fe"] = Job("mtw-trunk5-restart-fe", "formation_energy_per_atom",
                                     {**MODERN, "epochs": 40}, parent="trunk5-fe",
                                     aux_props=("band_gap", "efermi"), aux_weight=0.2)

@@ -304,6 +304,7 @@ for _key, _prop in SMALL.items():
 # ft2-shear-s0 were run to derive it from moduli models instead. On seed 0's validation split
 # the derived value (0.0390) lost to ens8t-poisson-s0 (0.0333); their errors correlate 0.88
 # and every blend of the two was worse than the direct model, so no more K and G members
+
 # Poisson's ratio learnt with bulk and shear modulus beside it (multi-task: it is a function
 # of K/G, and the three share each seed's split, so the labels added are of its own training
 # materials), paired with ft5-poisson-s* (`pair`); it gained on no seed, so no more members

@@ -77,6 +77,9 @@ from mpprop.training import predict
 WORK = REPO / "benchmarks" / "work" / "fulldata"
 RESULTS = REPO / "benchmarks" / "results" / "fulldata"
 PARKED = "in_progress"  # results/<PARKED>/<job>-<key>/: checkpoints carried to the next sitting
+# git is no place for files over 5 MB: a checkpoint larger than this (a 200-epoch trunk's,
+# with its optimizer state and moving average, ~7 MB) is not parked, and its job starts over
+PARK_MAX_BYTES = 5_000_000
 # results/<PARENTS>/<job>-<key>/: finished parents (bundle and result), so that a fresh checkout
 # fine-tunes from the same trunk (the work folder is not tracked)
 PARENTS = "parents"
@@ -828,11 +831,17 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
 
 
 def park(work: Path, results: Path) -> None:
-    """Copy every unfinished job's checkpoint into results/in_progress/ (tracked by git), so
-    that the next sitting, on a fresh checkout, resumes it where this one stopped; and every
+    """Copy every unfinished job's checkpoint (up to PARK_MAX_BYTES) into results/in_progress/
+    (tracked by git), so that the next sitting, on a fresh checkout, resumes it where this one
+    stopped; and every
     finished parent's bundle into results/parents/, so that its children can still start."""
     for folder in sorted((work / "jobs").glob("*-*")):
         if (folder / RESULT_FILE).exists() or not (folder / CHECKPOINT_FILE).exists():
+            continue
+        size = (folder / CHECKPOINT_FILE).stat().st_size
+        if size > PARK_MAX_BYTES:
+            print(f"not parked {folder.name}: its checkpoint is {size / 1e6:.1f} MB, over "
+                  f"{PARK_MAX_BYTES / 1e6:.0f} MB; the job starts over on a fresh checkout")
             continue
         target = results / PARKED / folder.name
         target.mkdir(parents=True, exist_ok=True)

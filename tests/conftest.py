@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -54,6 +55,11 @@ def small_structures() -> list[Structure]:
 def six_crystals() -> list[Structure]:
     """small_structures and two rock-salt supercells: six crystals to train on."""
     return small_structures() + [nacl() * (1, 1, 2), nacl() * (2, 1, 1)]
+
+
+# two auxiliary properties' labels of six_crystals' first four (trained on, in the multi-task
+# tests); NaN = no label there
+AUX_LABELS = np.array([[1.0, np.nan], [0.0, 5.0], [np.nan, 4.0], [2.0, 7.0]])
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import six_crystals
+from conftest import AUX_LABELS, six_crystals
 
 from mpprop import experiment, training
 from mpprop.batches import Batch
@@ -25,8 +25,6 @@ HP = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01, lr_dec
                  optimizer="AdamW", epochs=5, batch_size=3, weight_decay=0.01, loss="l1",
                  lr_schedule="warmup_cosine", warmup_epochs=2, ema_decay=0.9)
 Y = np.array([0.1, -0.4, 0.7, 1.2, 0.3, 0.2])
-# two auxiliary properties on the four training crystals; NaN = no label there
-AUX = np.array([[1.0, np.nan], [0.0, 5.0], [np.nan, 4.0], [2.0, 7.0]])
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def cache():
     return graphs_from_structures(six_crystals(), SETTINGS)
 
 
-def _fit(cache, aux=AUX, **kw):
+def _fit(cache, aux=AUX_LABELS, **kw):
     torch.set_num_threads(1)
     return fit(HP, SETTINGS, cache, np.arange(4), Y[:4], np.arange(4, 6), Y[4:], seed=3,
                aux_train_targets=aux, **kw)
@@ -87,7 +85,7 @@ def test_a_checkpoint_resumes_only_its_own_auxiliary_weight(cache, tmp_path) -> 
     # at weight 1 the fingerprint is the one checkpoints had before the weight existed
     # (everything that changes the run, without the weight), so those resume
     before = training._fingerprint(HP, SETTINGS, 3, np.arange(4), Y[:4], np.arange(4, 6), Y[4:],
-                                   None, AUX)
+                                   None, AUX_LABELS)
     assert torch.load(ckpt, weights_only=True)["fingerprint"] == before
 
 

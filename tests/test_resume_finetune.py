@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import six_crystals
+from conftest import AUX_LABELS, six_crystals
 
 from mpprop.graphs import graphs_from_structures
 from mpprop.losses import warmup_cosine_factor
@@ -21,8 +21,6 @@ MODERN = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01,
                      lr_decay_epoch=100, optimizer="AdamW", epochs=6, batch_size=3,
                      weight_decay=0.01, loss="l1", lr_schedule="warmup_cosine",
                      warmup_epochs=2, ema_decay=0.9)
-# auxiliary labels of the four training crystals (a multi-task run); NaN = no label
-AUX_LABELS = np.array([[1.0, np.nan], [0.0, 5.0], [np.nan, 4.0], [2.0, 7.0]])
 
 
 class Killed(Exception):

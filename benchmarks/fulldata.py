@@ -215,7 +215,7 @@ JOBS["wd0.05-trunk5-restart-fe"] = Job("wd0.05-trunk5-restart-fe", "formation_en
 JOBS["trunk6w-fe"] = Job("trunk6w-fe", "formation_energy_per_atom",
                          {**MODERN, "epochs": 200, "weight_decay": 0.05}, init_seed=4)
 # its restart at the same weight decay (as wd0.05-trunk5-restart-fe): formation energy's
-# members and a parent for Poisson's ratio
+# next member
 JOBS["trunk6w-restart-fe"] = Job("trunk6w-restart-fe", "formation_energy_per_atom",
                                  {**MODERN, "epochs": 40, "weight_decay": 0.05},
                                  parent="trunk6w-fe")
@@ -343,18 +343,16 @@ for _seed in range(3):
     JOBS[f"b64ft5-poisson-s{_seed}"] = _small_finetune(
         f"b64ft5-poisson-s{_seed}", "poisson_ratio", _seed, "trunk5-fe", batch_size=64)
 
-# Poisson's ratio fine-tuned from the fifth trunk (weight decay 0.05) and its restart, in
-# place of the members with the highest validation MAE over the seeds (ft4 0.0375, then ft4r
-# 0.0368): the bundle holds 8
+# Poisson's ratio fine-tuned from the fifth trunk (weight decay 0.05), in place of the member
+# with the highest validation MAE over the seeds (ft4, 0.0375): the bundle holds 8. The new
+# members validate best of all (0.0352 over the seeds), the ensemble at 0.0337 against 0.0340,
+# and on test they are level (0.0343 both), so the restart's fine-tunes were not run
 for _seed in range(3):
-    _ft6w, _ft6wr = f"ft6w-poisson-s{_seed}", f"ft6wr-poisson-s{_seed}"
+    _ft6w = f"ft6w-poisson-s{_seed}"
     JOBS[_ft6w] = _small_finetune(_ft6w, "poisson_ratio", _seed, "trunk6w-fe")
-    JOBS[_ft6wr] = _small_finetune(_ft6wr, "poisson_ratio", _seed, "trunk6w-restart-fe")
-    _others = [f"{kind}-poisson-s{_seed}" for kind in ("ft2", "ft2r", "ft3", "ft3r")]
-    _fifth = [f"{kind}-poisson-s{_seed}" for kind in ("ft5", "ft5r")]
-    ENSEMBLES[f"ens8t6-poisson-s{_seed}"] = [*_others, f"ft4r-poisson-s{_seed}", *_fifth,
-                                             _ft6w]
-    ENSEMBLES[f"ens8t6r-poisson-s{_seed}"] = [*_others, *_fifth, _ft6w, _ft6wr]
+    ENSEMBLES[f"ens8t6-poisson-s{_seed}"] = [
+        *(f"{kind}-poisson-s{_seed}" for kind in ("ft2", "ft2r", "ft3", "ft3r", "ft4r", "ft5",
+                                                  "ft5r")), _ft6w]
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},
@@ -441,11 +439,9 @@ COMPARISONS = {
               "xie": [f"xie-{key}-s{i}" for i in range(3)]}
        for key, prop in SMALL.items()},
 }
-COMPARISONS["poisson_ratio"]["candidates"].update({
-    "five trunks, ensemble of 8 with the fifth trunk (weight decay 0.05)": [
-        f"ens8t6-poisson-s{i}" for i in range(3)],
-    "five trunks, ensemble of 8 with the fifth trunk and its restart": [
-        f"ens8t6r-poisson-s{i}" for i in range(3)]})
+COMPARISONS["poisson_ratio"]["candidates"][
+    "five trunks, ensemble of 8 with the fifth trunk (weight decay 0.05)"] = [
+        f"ens8t6-poisson-s{i}" for i in range(3)]
 BOOTSTRAP = 1000
 MAIN_ROWS = ("best", "xie", "published")  # every other row is compared with published only
 

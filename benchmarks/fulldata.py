@@ -843,7 +843,7 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {best['job']}: of
   {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({label}){fits}{pick}
   (the test set chose nothing).
-- Budget: {best['cpu_hours']:.2f} CPU-hours on one core ({budget}).
+- Budget: {best['cpu_hours']:.2f} CPU-hours of process CPU time, every thread counted ({budget}).
 - Test MAE on {r['n_test']} materials: {mae['value']:.4f} [{mae['low']:.4f}, {mae['high']:.4f}]
   (95% bootstrap); minus the published 2018 checkpoint, paired: {pd_['value']:+.4f}
   [{pd_['low']:+.4f}, {pd_['high']:+.4f}] (that checkpoint saw many of these test materials

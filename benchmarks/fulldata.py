@@ -211,11 +211,12 @@ JOBS["wd0.05-trunk5-restart-fe"] = Job("wd0.05-trunk5-restart-fe", "formation_en
                                        parent="trunk5-fe")
 # a fifth independent 200-epoch trunk at that weight decay (other new weights and batch
 # order): the next formation-energy member and band gap's next parent, and whether the decay
-# helps a trunk (the four trunks at 1e-3 validate at 0.0542-0.0549)
+# helps a trunk (the four trunks at 1e-3 validate at 0.0542-0.0549): 0.0534, the best trunk
+# (3.26 CPU-h on 2 threads; its checkpoint is over PARK_MAX_BYTES, so it ran in one sitting)
 JOBS["trunk6w-fe"] = Job("trunk6w-fe", "formation_energy_per_atom",
                          {**MODERN, "epochs": 200, "weight_decay": 0.05}, init_seed=4)
 # its restart at the same weight decay (as wd0.05-trunk5-restart-fe): formation energy's
-# next member
+# next member; validation 0.0538, the first restart no better than its trunk
 JOBS["trunk6w-restart-fe"] = Job("trunk6w-restart-fe", "formation_energy_per_atom",
                                  {**MODERN, "epochs": 40, "weight_decay": 0.05},
                                  parent="trunk6w-fe")
@@ -252,7 +253,7 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
                           "wd0.05-trunk5-restart-fe"],
              # the fifth trunk and its restart in place of the members with the highest
              # validation MAE (trunk4-restart-fe 0.0557, then trunk3-fe 0.0549): the bundle
-             # holds 8
+             # holds 8. Validation 0.0504 and 0.0501 (ens8w-fe 0.0510); test 0.0519 both
              "ens8w6-fe": ["trunk2-fe", "restart-fe", "trunk3-fe", "trunk3-restart-fe",
                            "trunk4-fe", "trunk5-fe", "wd0.05-trunk5-restart-fe", "trunk6w-fe"],
              "ens8w6r-fe": ["trunk2-fe", "restart-fe", "trunk3-restart-fe", "trunk4-fe",

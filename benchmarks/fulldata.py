@@ -25,6 +25,7 @@ CPU-hours) go to benchmarks/results/fulldata/<job>.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -77,9 +78,11 @@ from mpprop.training import predict
 WORK = REPO / "benchmarks" / "work" / "fulldata"
 RESULTS = REPO / "benchmarks" / "results" / "fulldata"
 PARKED = "in_progress"  # results/<PARKED>/<job>-<key>/: checkpoints carried to the next sitting
-# git is no place for files over 5 MB: a checkpoint larger than this (a 200-epoch trunk's,
-# with its optimizer state and moving average, ~7 MB) is not parked, and its job starts over
-PARK_MAX_BYTES = 5_000_000
+# git is no place for files over 5 MB: a checkpoint is parked in parts of at most this size
+# (a 200-epoch trunk's, with its optimizer state and moving average, is ~7 MB), with a
+# manifest (its size and SHA-256) that unpark checks after joining them
+PARK_PART_BYTES = 5_000_000
+PARTS_MANIFEST = "checkpoint.parts.json"
 # results/<PARENTS>/<job>-<key>/: finished parents (bundle and result), so that a fresh checkout
 # fine-tunes from the same trunk (the work folder is not tracked)
 PARENTS = "parents"
@@ -212,7 +215,7 @@ JOBS["wd0.05-trunk5-restart-fe"] = Job("wd0.05-trunk5-restart-fe", "formation_en
 # a fifth independent 200-epoch trunk at that weight decay (other new weights and batch
 # order): the next formation-energy member and band gap's next parent, and whether the decay
 # helps a trunk (the four trunks at 1e-3 validate at 0.0542-0.0549): 0.0534, the best trunk
-# (3.26 CPU-h on 2 threads; its checkpoint is over PARK_MAX_BYTES, so it ran in one sitting)
+# (3.26 CPU-h on 2 threads, in one sitting)
 JOBS["trunk6w-fe"] = Job("trunk6w-fe", "formation_energy_per_atom",
                          {**MODERN, "epochs": 200, "weight_decay": 0.05}, init_seed=4)
 # its restart at the same weight decay (as wd0.05-trunk5-restart-fe): formation energy's
@@ -220,6 +223,14 @@ JOBS["trunk6w-fe"] = Job("trunk6w-fe", "formation_energy_per_atom",
 JOBS["trunk6w-restart-fe"] = Job("trunk6w-restart-fe", "formation_energy_per_atom",
                                  {**MODERN, "epochs": 40, "weight_decay": 0.05},
                                  parent="trunk6w-fe")
+# band gap fine-tuned from the fifth trunk (the best trunk on validation), as ft5-bg: band
+# gap's next ensemble member
+JOBS["ft6w-bg"] = Job("ft6w-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk6w-fe",
+                      zero_floor=True)
+# a sixth independent trunk at weight decay 0.05 (other new weights and batch order):
+# formation energy's next member; its checkpoint is parked in parts, so it may span sittings
+JOBS["trunk7w-fe"] = Job("trunk7w-fe", "formation_energy_per_atom",
+                         {**MODERN, "epochs": 200, "weight_decay": 0.05}, init_seed=5)
 # ensembles of finished jobs (the same validation split): their mean, one bundle
 ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-bg"],
              "ens-ef": ["ft2-ef", "ft2b-ef"],
@@ -861,24 +872,20 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
 
 
 def park(work: Path, results: Path) -> None:
-    """Copy every unfinished job's checkpoint (up to PARK_MAX_BYTES) into results/in_progress/
-    (tracked by git), so that the next sitting, on a fresh checkout, resumes it where this one
-    stopped; and every finished parent's bundle (and built ensembles' members') into
-    results/parents/, so that its children can still start."""
+    """Copy every unfinished job's checkpoint into results/in_progress/ (tracked by git; in
+    parts of at most PARK_PART_BYTES), so that the next sitting, on a fresh checkout, resumes
+    it where this one stopped; and every finished parent's bundle (and built ensembles'
+    members') into results/parents/, so that its children can still start."""
     for folder in sorted((work / "jobs").glob("*-*")):
         if (folder / RESULT_FILE).exists() or not (folder / CHECKPOINT_FILE).exists():
             continue
-        size = (folder / CHECKPOINT_FILE).stat().st_size
-        if size > PARK_MAX_BYTES:
-            print(f"not parked {folder.name}: its checkpoint is {size / 1e6:.1f} MB, over "
-                  f"{PARK_MAX_BYTES / 1e6:.0f} MB; the job starts over on a fresh checkout")
-            continue
         target = results / PARKED / folder.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT_FILE, "seconds.json"):
-            if (folder / name).exists():
-                shutil.copyfile(folder / name, target / name)
-        print(f"parked {folder.name}")
+        shutil.rmtree(target, ignore_errors=True)  # an earlier sitting's parts, maybe more
+        target.mkdir(parents=True)
+        n_parts = _write_parts(folder / CHECKPOINT_FILE, target)
+        if (folder / "seconds.json").exists():
+            shutil.copyfile(folder / "seconds.json", target / "seconds.json")
+        print(f"parked {folder.name} ({n_parts} part{'s' * (n_parts > 1)})")
     # parents, and the members of ensembles that have results: a fresh checkout starts
     # children and rebuilds those ensembles (an ensemble never built keeps no member)
     parents = {job.parent for job in JOBS.values() if job.parent}
@@ -893,6 +900,35 @@ def park(work: Path, results: Path) -> None:
             print(f"kept parent {folder.name}")
 
 
+def _write_parts(checkpoint: Path, target: Path) -> int:
+    """checkpoint -> target/checkpoint.pt.0, .1, ... (each <= PARK_PART_BYTES) and the
+    manifest; returns the number of parts."""
+    data = checkpoint.read_bytes()
+    parts = [data[i:i + PARK_PART_BYTES] for i in range(0, len(data), PARK_PART_BYTES)]
+    for i, part in enumerate(parts):
+        (target / f"{CHECKPOINT_FILE}.{i}").write_bytes(part)
+    manifest = {"parts": len(parts), "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
+    (target / PARTS_MANIFEST).write_text(json.dumps(manifest) + "\n")
+    return len(parts)
+
+
+def _joined_parts(parked: Path) -> bytes:
+    """The checkpoint that park split into parked/, checked against its manifest."""
+    manifest = json.loads((parked / PARTS_MANIFEST).read_text())
+    missing = [i for i in range(manifest["parts"])
+               if not (parked / f"{CHECKPOINT_FILE}.{i}").exists()]
+    if missing:
+        raise SystemExit(f"{parked}: checkpoint parts {missing} of {manifest['parts']} are "
+                         "missing; the parked checkpoint cannot be resumed")
+    data = b"".join((parked / f"{CHECKPOINT_FILE}.{i}").read_bytes()
+                    for i in range(manifest["parts"]))
+    if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise SystemExit(f"{parked}: the joined checkpoint parts do not match their manifest "
+                         f"({len(data)} bytes, {manifest['bytes']} expected)")
+    return data
+
+
 def unpark(work: Path, results: Path) -> None:
     """Put parked checkpoints back where their jobs resume from (a folder of the same job key:
     same hyperparameters, data and parent), unless the work folder has a newer state."""
@@ -905,9 +941,13 @@ def unpark(work: Path, results: Path) -> None:
         folder = work / "jobs" / parked.name
         if (folder / CHECKPOINT_FILE).exists() or (folder / RESULT_FILE).exists():
             continue
+        data = _joined_parts(parked)
         folder.mkdir(parents=True, exist_ok=True)
-        for item in parked.iterdir():
-            shutil.copyfile(item, folder / item.name)
+        if (parked / "seconds.json").exists():
+            shutil.copyfile(parked / "seconds.json", folder / "seconds.json")
+        partial = folder / f"{CHECKPOINT_FILE}.joining"
+        partial.write_bytes(data)
+        partial.replace(folder / CHECKPOINT_FILE)  # whole or absent, never half a checkpoint
         print(f"resuming {parked.name} from its parked checkpoint")
 
 

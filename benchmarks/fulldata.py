@@ -272,7 +272,14 @@ ENSEMBLES = {"ens-fe": ["trunk2-fe", "restart-fe"], "ens-bg": ["ft2-bg", "ft2b-b
                             "trunk6w-restart-fe"],
              "ens-4trunks-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft5-bg"],
              "ens5-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft4r-bg", "ft5-bg"],
-             "ens6-bg": ["ft2b-bg", "ft3-bg", "ft3r-bg", "ft4-bg", "ft4r-bg", "ft5-bg"]}
+             "ens6-bg": ["ft2b-bg", "ft3-bg", "ft3r-bg", "ft4-bg", "ft4r-bg", "ft5-bg"],
+             # band gap's shipped five and the fifth trunk's fine-tune
+             "ens6w-bg": ["ft2b-bg", "ft3-bg", "ft4-bg", "ft4r-bg", "ft5-bg", "ft6w-bg"],
+             # the sixth trunk in place of the member with the highest validation MAE
+             # (trunk4-fe, 0.0549)
+             "ens8w7-fe": ["trunk2-fe", "restart-fe", "trunk3-restart-fe", "trunk7w-fe",
+                           "trunk5-fe", "wd0.05-trunk5-restart-fe", "trunk6w-fe",
+                           "trunk6w-restart-fe"]}
 # the small sets: three seeds each, fine-tuned (trunk frozen for the first 10 epochs) and Xie
 # at the same 150 epochs; energy per atom with per-element references on top
 SMALL = {"bulk": "bulk_modulus", "shear": "shear_modulus", "poisson": "poisson_ratio",
@@ -410,7 +417,8 @@ COMPARISONS = {
                        "ensemble of 8, four trunks and their restarts": ["ens8-fe"],
                        "ensemble of 8, the fourth restart at 50x weight decay": ["ens8w-fe"],
                        "ensemble of 8 with the fifth trunk (weight decay 0.05)": ["ens8w6-fe"],
-                       "ensemble of 8 with the fifth trunk and its restart": ["ens8w6r-fe"]},
+                       "ensemble of 8 with the fifth trunk and its restart": ["ens8w6r-fe"],
+                       "ensemble of 8 with the sixth trunk": ["ens8w7-fe"]},
         "xie": ["xie-fe"]},
     "band_gap": {
         "candidates": {"first trunk": ["ft-bg"], "half trunk learning rate": ["ft2-bg"],
@@ -421,7 +429,8 @@ COMPARISONS = {
                        "ensemble of 4, three trunks": ["ens4-3trunks-bg"],
                        "ensemble of 4, four trunks": ["ens-4trunks-bg"],
                        "ensemble of 5, four trunks and a restart": ["ens5-bg"],
-                       "ensemble of 6, four trunks and two restarts": ["ens6-bg"]},
+                       "ensemble of 6, four trunks and two restarts": ["ens6-bg"],
+                       "ensemble of 6, five trunks and a restart": ["ens6w-bg"]},
         "xie": ["xie-bg"]},
     "efermi": {
         "candidates": {"half trunk learning rate": ["ft2-ef"],

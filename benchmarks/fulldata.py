@@ -775,16 +775,18 @@ def _val_predictions(params: Any, ws: Any, job: Job, excluded: set[str],
 
 
 def pair(work: Path, results: Path, a: str, b: str) -> dict:
-    """Two finished jobs of one property and split, paired on the same materials: the
-    difference a - b of their validation MAE (each bundle rerun on the split rebuilt from
-    the job's seed; a zero floor as served) and of their test MAE, with 95% bootstrap
-    intervals. The validation difference is what may choose between them."""
+    """Two finished jobs or ensembles of one property and split, paired on the same
+    materials: the difference a - b of their validation MAE (each bundle rerun on the split
+    rebuilt from the job's seed, an ensemble's from its first member's; a zero floor as
+    served) and of their test MAE, with 95% bootstrap intervals. The validation difference
+    is what may choose between them."""
     params = load_params(work / "params.yaml")
     ws = open_workspace(params)
     excluded = all_test_ids(params, ws)
     val, test, targets = {}, {}, None
     for name in (a, b):
-        job, record = JOBS[name], _result(results, name)
+        job = JOBS[name] if name in JOBS else JOBS[ENSEMBLES[name][0]]
+        record = _result(results, name)
         if record is None:
             raise SystemExit(f"{name} has not finished")
         folder = _finished_folder(work, name)
@@ -796,7 +798,7 @@ def pair(work: Path, results: Path, a: str, b: str) -> dict:
         if targets is not None and not np.array_equal(targets, y_val):
             raise SystemExit(f"{a} and {b} validate on other materials: no pairing")
         targets, test[name] = y_val, np.array(record["test_pred"])
-    data = property_data(params, ws, JOBS[a].prop)
+    data = property_data(params, ws, job.prop)
     top = float(params.train.screening_top_percent)
     out = {}
     for split, y, preds in (("validation", targets, val), ("test", data.test_targets, test)):
@@ -1030,9 +1032,10 @@ def main() -> None:
     rep.add_argument("--quick", action="store_true", help="the CI jobs' comparison only")
     rep.add_argument("--partial", action="store_true",
                      help="also unfinished comparisons, on the seeds finished so far")
-    pr = sub.add_parser("pair", help="two finished jobs' validation and test MAE, paired")
-    pr.add_argument("a", choices=sorted(JOBS))
-    pr.add_argument("b", choices=sorted(JOBS))
+    pr = sub.add_parser("pair", help="two finished jobs' (or ensembles') validation and test "
+                        "MAE, paired")
+    pr.add_argument("a", choices=sorted([*JOBS, *ENSEMBLES]))
+    pr.add_argument("b", choices=sorted([*JOBS, *ENSEMBLES]))
     sh = sub.add_parser("ship")
     sh.add_argument("props", nargs="+", choices=sorted(COMPARISONS))
     args = ap.parse_args()

@@ -72,6 +72,7 @@ from mpprop.model import (
 )
 from mpprop.settings import Hyperparams
 from mpprop.shipped import MAX_BUNDLE_BYTES, SHIPPED_DIR, add_to_index, shipped_models
+from mpprop.snapshot import atomic_output
 from mpprop.stats import bootstrap_resamples
 from mpprop.training import predict
 
@@ -957,9 +958,8 @@ def unpark(work: Path, results: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if (parked / "seconds.json").exists():
             shutil.copyfile(parked / "seconds.json", folder / "seconds.json")
-        partial = folder / f"{CHECKPOINT_FILE}.joining"
-        partial.write_bytes(data)
-        partial.replace(folder / CHECKPOINT_FILE)  # whole or absent, never half a checkpoint
+        with atomic_output(folder / CHECKPOINT_FILE) as tmp:  # never half a checkpoint
+            Path(tmp).write_bytes(data)
         print(f"resuming {parked.name} from its parked checkpoint")
 
 

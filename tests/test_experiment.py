@@ -4,6 +4,7 @@ statistics it shares with `mpprop evaluate` (mpprop.stats), on hand-made numbers
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ from mpprop.experiment import (
     RESULT_FILE,
     Job,
     JobBusy,
+    JobSplit,
+    Twin,
+    _as_served,
     compare_models,
     compare_recall,
     job_folder,
@@ -24,6 +28,7 @@ from mpprop.experiment import (
     screening_warning,
     summaries,
 )
+from mpprop.intervals import calibrate
 from mpprop.settings import Hyperparams
 from mpprop.stats import bootstrap_resamples, paired_intervals, quality_intervals
 
@@ -153,6 +158,48 @@ def test_an_ensemble_needs_members_of_one_validation_split(tmp_path) -> None:
         run_ensemble(None, None, "e", [(a, tmp_path), (Job("c", "band_gap", {},
                                                           zero_floor=True), tmp_path)],
                      tmp_path, set())
+
+
+def test_a_refit_needs_its_twin_and_an_ensemble_of_refits_the_ensemble_of_their_twins(
+        tmp_path) -> None:
+    refit = Job("r-a", "band_gap", {}, refit_of="a")
+    with pytest.raises(ValueError, match="a refit needs its twin"):
+        run_job(None, None, refit, Hyperparams, tmp_path, {"mp-1"})
+    with pytest.raises(ValueError, match="only a refit has one"):
+        run_job(None, None, Job("a", "band_gap", {}), Hyperparams, tmp_path, {"mp-1"},
+                twin_dir=tmp_path)
+    # a refit is another job (its own folder), and the twin's key is unchanged
+    assert refit.key({"mp-1"}, "p") != Job("r-a", "band_gap", {}).key({"mp-1"}, "p")
+    members = [(refit, tmp_path), (Job("r-b", "band_gap", {}, refit_of="b"), tmp_path)]
+    with pytest.raises(ValueError, match="ensemble of their twins"):
+        run_ensemble(None, None, "r-e", members, tmp_path, set())
+    twins = tmp_path / "e-0123"
+    twins.mkdir()
+    (twins / RESULT_FILE).write_text(json.dumps({"job": "e", "members": ["b", "a"]}))
+    with pytest.raises(ValueError, match=r"\['a', 'b'\]\); got \['b', 'a'\]"):
+        run_ensemble(None, None, "r-e", members, tmp_path, set(), twin_dir=twins)
+
+
+def test_a_refit_is_served_with_its_twins_floor_and_calibration_and_no_validation_mae() -> None:
+    targets = np.array([0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 0.0, 1.5])
+    data = SimpleNamespace(test_rows=np.array([6, 7]), pool_rows=np.arange(6),
+                           test_targets=targets[6:])
+    split = JobSplit(data, np.arange(6), targets[:6], np.arange(4), np.array([4, 5]))
+    ws = SimpleNamespace(cache=SimpleNamespace(material_id=np.array([f"mp-{i}" for i in
+                                                                     range(8)])))
+    val_pred, test_pred = np.array([0.2, 2.9]), np.array([0.3, 1.2])
+    cal = calibrate(np.array([0.0, 1.0, 2.0]), np.array([0.1, 1.2, 1.7]))
+    twin = Twin("a-0123", 0.25, 30, 0.4, cal)
+    served = _as_served(ws, split, val_pred, test_pred, True, twin)
+    assert served.calibration is cal
+    r = served.record
+    assert r["zero_below"] == 0.4 and r["test_pred"] == [0.0, 1.2]  # the twin's floor
+    assert r["val_mae"] is None and r["n_val"] == 0 and r["n_train"] == 6
+    assert r["refit_of"] == "a-0123" and r["twin_val_mae"] == 0.25
+    assert r["val_mae_in_training"] == pytest.approx(0.05)
+    # its twin: the floor fitted on its validation split, and a validation MAE
+    own = _as_served(ws, split, val_pred, test_pred, True).record
+    assert own["n_train"] == 4 and own["n_val"] == 2 and own["val_mae"] is not None
 
 
 def test_an_init_seed_makes_another_job_on_the_same_split_and_keeps_earlier_keys() -> None:

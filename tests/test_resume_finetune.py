@@ -14,7 +14,7 @@ from mpprop.graphs import graphs_from_structures
 from mpprop.losses import warmup_cosine_factor
 from mpprop.model import CrystalGraphConvNet, TrunkMismatchError, load_trunk, trunk_state
 from mpprop.settings import ConfigError, GraphSettings, Hyperparams
-from mpprop.training import CheckpointMismatchError, EpochStats, FineTuning, fit
+from mpprop.training import CheckpointMismatchError, EpochStats, FineTuning, fit, predict
 
 SETTINGS = GraphSettings()
 MODERN = Hyperparams(n_conv=2, n_h=2, atom_fea_len=16, h_fea_len=16, lr=0.01,
@@ -99,6 +99,29 @@ def test_early_stopping_stops_after_patience(cache):
     last = result.history[-1].epoch
     assert last < 40
     assert last - result.best_epoch == 2
+
+
+def test_stop_epoch_keeps_that_epoch_not_the_best(cache, tmp_path):
+    # a refit's validation materials are in its training data: it trains on its schedule up
+    # to the epoch its twin's validation chose and keeps that epoch, also when resumed
+    hp = replace(MODERN, epochs=10, lr=0.05)
+    whole = _fit(cache, hp=hp)
+    assert whole.best_epoch == 4  # this run's best validation epoch is not the one kept
+    seen: list[int] = []
+    stopped = _fit(cache, hp=hp, stop_epoch=7, checkpoint=tmp_path / "run.ckpt",
+                   on_epoch=lambda s: seen.append(s.epoch))
+    assert seen == list(range(1, 8)) and stopped.best_epoch == 7
+    assert [h.val_mae for h in stopped.history] == [h.val_mae for h in whole.history[:7]]
+    kept_val = predict(stopped.model, stopped.normalizer, cache, np.arange(4, 6), 8)
+    assert np.mean(np.abs(kept_val - np.array([0.3, 0.2]))) == pytest.approx(
+        whole.history[6].val_mae) == pytest.approx(stopped.best_val_mae)
+    assert not torch.equal(whole.model.fc_out.weight, stopped.model.fc_out.weight)
+    again = _fit(cache, hp=hp, stop_epoch=7, checkpoint=tmp_path / "run.ckpt")
+    _same_weights(stopped.model, again.model)
+    with pytest.raises(ValueError, match="no early stopping"):
+        _fit(cache, hp=replace(hp, early_stop_patience=2), stop_epoch=7)
+    with pytest.raises(ValueError, match="a fixed epoch in 1..10"):
+        _fit(cache, hp=hp, stop_epoch=11)
 
 
 def test_warmup_cosine_factor():

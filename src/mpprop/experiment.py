@@ -74,7 +74,13 @@ class JobBusy(RuntimeError):
 class Job:
     """One model to train: a property, its hyperparameters (a Hyperparams dict), a seed,
     the validation share of the usable pool, optionally a parent job's trunk, and a zero
-    floor (bundle.fit_zero_below on the validation split: band gap's exact zeros)."""
+    floor (bundle.fit_zero_below on the validation split: band gap's exact zeros).
+
+    A refit (`refit_of`, the name of its twin: the same job trained with a validation split)
+    trains on the twin's training and validation materials together for the same fixed
+    epochs and keeps the last epoch's weights; its validation split is in its training data,
+    so it chooses nothing: it stops at the epoch its twin's validation chose (on the same
+    schedule), and its zero floor and calibration are the twin's."""
 
     name: str
     prop: str
@@ -93,6 +99,7 @@ class Job:
     # that split then validates on materials whose labels its parent never saw
     aux_props: tuple[str, ...] = ()
     aux_weight: float = 1.0  # each auxiliary loss's weight beside the main one's
+    refit_of: str | None = None
 
     def key(self, excluded: set[str], parent_key: str | None) -> str:
         fields = [self.prop, self.hyperparams, self.seed, self.val_fraction, parent_key,
@@ -102,6 +109,7 @@ class Job:
         fields += [["init_seed", self.init_seed]] if self.init_seed is not None else []
         fields += [["aux_props", list(self.aux_props)]] if self.aux_props else []
         fields += [["aux_weight", self.aux_weight]] if self.aux_weight != 1.0 else []
+        fields += [["refit_of", self.refit_of]] if self.refit_of is not None else []
         payload = json.dumps(fields, sort_keys=True)
         h = hashlib.sha256(payload.encode())
         h.update("\n".join(sorted(excluded)).encode())
@@ -260,12 +268,15 @@ def calibration(y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict[str, f
 
 def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: Path,
             excluded: set[str], parent_dir: Path | None = None,
-            progress: Callable[[str], None] = print) -> dict[str, Any]:
+            progress: Callable[[str], None] = print,
+            twin_dir: Path | None = None) -> dict[str, Any]:
     """Train `job` (or resume it, or read its finished result) in work/<name>-<key>/.
 
     Writes the model bundle and result.json (test predictions, validation MAE, seconds and
-    CPU-hours at one thread) there; returns the result. Raises JobBusy while another process
-    trains the same job."""
+    CPU-hours at one thread) there; returns the result. A refit needs its finished twin's
+    folder (`twin_dir`). Raises JobBusy while another process trains the same job."""
+    if (job.refit_of is None) != (twin_dir is None):
+        raise ValueError(f"{job.name}: a refit needs its twin's folder, and only a refit has one")
     folder = job_folder(work, job, excluded, parent_dir)
     result_path = folder / RESULT_FILE
     if result_path.exists():
@@ -281,7 +292,8 @@ def run_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], work: P
     try:
         if result_path.exists():  # finished by the process that held the lock before
             return json.loads(result_path.read_text())
-        return _train_job(params, ws, job, hp_type, folder, excluded, parent_dir, progress)
+        return _train_job(params, ws, job, hp_type, folder, excluded, parent_dir, progress,
+                          twin_dir)
     finally:
         lock.release()
 
@@ -294,11 +306,17 @@ def job_folder(work: Path, job: Job, excluded: set[str], parent_dir: Path | None
 
 def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], folder: Path,
                excluded: set[str], parent_dir: Path | None,
-               progress: Callable[[str], None]) -> dict[str, Any]:
+               progress: Callable[[str], None], twin_dir: Path | None) -> dict[str, Any]:
     """run_job's training, resumed from folder's checkpoint if there is one."""
     hp = hp_type(**job.hyperparams)
     split = job_split(params, ws, job, excluded)
     data, rows, targets, tr, va = split.data, split.rows, split.targets, split.train, split.val
+    twin = (_twin(twin_dir, job.refit_of, ws, rows[va], targets[va], params.predict.batch_size)
+            if twin_dir is not None else None)
+    if twin is not None:  # a refit: the validation materials are trained on too
+        if twin.best_epoch is None:
+            raise ValueError(f"{job.name}: its twin {twin.name} records no best epoch")
+        tr = np.concatenate([tr, va])
     fine_tuning = None
     if parent_dir is not None:
         parent, _, _, _ = load_bundle(parent_dir / BUNDLE_FILE)
@@ -313,11 +331,15 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
         return {"seconds": before["seconds"] + time.perf_counter() - t0,
                 "cpu_seconds": before["cpu_seconds"] + time.process_time() - c0}
 
+    # a refit stops at its twin's best epoch, and trains on its validation materials
+    last_epoch = hp.epochs if twin is None else twin.best_epoch
+    val_label = "val_mae" if twin is None else "val_mae_in_training"
+
     def on_epoch(s: EpochStats) -> None:
         now = spent()
         (folder / "seconds.json").write_text(json.dumps(now))
-        progress(f"{job.name} epoch {s.epoch}/{hp.epochs} train_mae {s.train_mae:.4f} "
-                 f"val_mae {s.val_mae:.4f} ({s.seconds:.0f} s; "
+        progress(f"{job.name} epoch {s.epoch}/{last_epoch} train_mae {s.train_mae:.4f} "
+                 f"{val_label} {s.val_mae:.4f} ({s.seconds:.0f} s; "
                  f"{now['cpu_seconds'] / 3600:.2f} CPU-h)")
 
     result = fit(hp, params.graph_settings(), ws.cache, rows[tr], targets[tr], rows[va],
@@ -327,12 +349,13 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
                  loss_settings=params.loss_settings(), better=data.spec.better,
                  fine_tuning=fine_tuning, checkpoint=folder / CHECKPOINT_FILE,
                  aux_train_targets=auxiliary_targets(params, ws, job, excluded, rows[tr]),
-                 aux_weight=job.aux_weight)
+                 aux_weight=job.aux_weight,
+                 stop_epoch=twin.best_epoch if twin is not None else None)
     total = spent()
     bs = params.predict.batch_size
     val_pred = predict(result.model, result.normalizer, ws.cache, rows[va], bs)
     pred = predict(result.model, result.normalizer, ws.cache, data.test_rows, bs)
-    served = _as_served(ws, split, val_pred, pred, job.zero_floor)
+    served = _as_served(ws, split, val_pred, pred, job.zero_floor, twin)
     save_bundle(folder / BUNDLE_FILE, result.model, result.normalizer, data.spec,
                 extra={"snapshot_sha256": ws.snapshot_sha256, "graph_cache_key": ws.cache.key,
                        "job": job.name, "parent": fine_tuning.parent if fine_tuning else ""},
@@ -343,7 +366,8 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
         **({"aux_props": list(job.aux_props), "aux_weight": job.aux_weight}
            if job.aux_props else {}),
         "parent": fine_tuning.parent if fine_tuning else None,
-        "best_epoch": result.best_epoch, "best_val_mae": result.best_val_mae,
+        "best_epoch": result.best_epoch,
+        "best_val_mae": result.best_val_mae if twin is None else None,
         "epochs_run": len(result.history), "wall_seconds": total["seconds"],
         "cpu_hours": total["cpu_seconds"] / 3600, **served.record,
     }
@@ -351,15 +375,24 @@ def _train_job(params: Any, ws: Any, job: Job, hp_type: Callable[..., Any], fold
 
 
 def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]],
-                 work: Path, excluded: set[str]) -> dict[str, Any]:
+                 work: Path, excluded: set[str], twin_dir: Path | None = None) -> dict[str, Any]:
     """Finished jobs (job, folder) as one ensemble in work/<name>-<key>/: their bundles in one,
     predicting the members' mean (with a zero floor fitted on that mean where the members
     have one), calibrated on the validation split they share; result.json as run_job's, its
-    CPU-hours the members' sum."""
+    CPU-hours the members' sum. Refits (Job.refit_of) make an ensemble only with the finished
+    ensemble of their twins, in the same order (`twin_dir`), whose floor and calibration
+    they take."""
     jobs = [job for job, _ in members]
     if len({(j.prop, j.seed, j.val_fraction, j.zero_floor) for j in jobs}) != 1:
         raise ValueError(f"{name}: members need the same property, validation split and "
                          "zero floor")
+    refits = [j.refit_of for j in jobs]
+    if any(r is not None for r in refits) or twin_dir is not None:
+        twin_members = (json.loads((twin_dir / RESULT_FILE).read_text()).get("members")
+                        if twin_dir is not None else None)
+        if twin_members != refits:
+            raise ValueError(f"{name}: an ensemble of refits needs the ensemble of their twins "
+                             f"({refits}); got {twin_members}")
     key = hashlib.sha256("\n".join(f.name for _, f in members).encode()).hexdigest()[:16]
     folder = work / f"{name}-{key}"
     result_path = folder / RESULT_FILE
@@ -374,8 +407,11 @@ def run_ensemble(params: Any, ws: Any, name: str, members: list[tuple[Job, Path]
     def mean_prediction(rows: np.ndarray) -> np.ndarray:  # the members' own floors not applied
         return ensemble_mean_std([predict(net, norm, ws.cache, rows, bs) for net, norm in nets])[0]
 
-    served = _as_served(ws, split, mean_prediction(split.rows[split.val]),
-                        mean_prediction(split.data.test_rows), jobs[0].zero_floor)
+    val_rows = split.rows[split.val]
+    twin = (_twin(twin_dir, None, ws, val_rows, split.targets[split.val], bs)
+            if twin_dir is not None else None)
+    served = _as_served(ws, split, mean_prediction(val_rows),
+                        mean_prediction(split.data.test_rows), jobs[0].zero_floor, twin)
     first = loaded[0]
     save_bundle(folder / BUNDLE_FILE, first.model, first.normalizer, first.spec,
                 extra={**first.bundle.get("extra", {}), "job": name,
@@ -404,21 +440,65 @@ class Served:
     record: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Twin:
+    """What a refit takes from its twin, the same model trained with a validation split: its
+    folder's name, validation MAE, best epoch (None for an ensemble), zero floor and
+    calibration."""
+
+    name: str
+    val_mae: float
+    best_epoch: int | None
+    zero_below: float | None
+    calibration: Calibration
+
+
+def _twin(folder: Path, job_name: str | None, ws: Any, val_rows: np.ndarray,
+          val_targets: np.ndarray, batch_size: int) -> Twin:
+    """The finished twin in `folder` (named `job_name`, where given); a twin bundle without a
+    calibration (an older result) is calibrated on its own validation predictions."""
+    record = json.loads((folder / RESULT_FILE).read_text())
+    if job_name is not None and record["job"] != job_name:
+        raise ValueError(f"{folder} holds {record['job']}, not the twin {job_name}")
+    model = load_model(folder / BUNDLE_FILE, record["job"])
+    val_mae = float(record.get("val_mae", record["best_val_mae"]))
+    cal = model.calibration
+    if cal is None:
+        pred = floored(ensemble_mean_std([predict(net, norm, ws.cache, val_rows, batch_size)
+                                          for net, norm in model.members])[0], model.zero_below)
+        cal = calibrate(val_targets, pred, source=f"validation split ({len(val_rows)} "
+                        f"materials) of {record['job']}")
+    return Twin(folder.name, val_mae, record.get("best_epoch"), model.zero_below, cal)
+
+
 def _as_served(ws: Any, split: JobSplit, val_pred: np.ndarray, test_pred: np.ndarray,
-               zero_floor: bool) -> Served:
+               zero_floor: bool, twin: Twin | None = None) -> Served:
     """Raw validation and test predictions with the zero floor (fitted on the validation
     split, where asked) applied, and split conformal on the validation residuals of the
-    model as served (mpprop.intervals)."""
+    model as served (mpprop.intervals). A refit (`twin`) has its twin's floor and
+    calibration, and no validation MAE: its validation materials are in its training data."""
     val_targets = split.targets[split.val]
-    zero_below = fit_zero_below(val_targets, val_pred) if zero_floor else None
+    if twin is None:
+        zero_below = fit_zero_below(val_targets, val_pred) if zero_floor else None
+    else:
+        zero_below = twin.zero_below
     val_pred, test_pred = floored(val_pred, zero_below), floored(test_pred, zero_below)
-    cal = calibrate(val_targets, val_pred, source=f"validation split ({len(split.val)} materials)")
+    val_mae = float(np.mean(np.abs(val_pred - val_targets)))
+    if twin is None:
+        cal = calibrate(val_targets, val_pred,
+                        source=f"validation split ({len(split.val)} materials)")
+        validation = {"n_train": int(len(split.train)), "n_val": int(len(split.val)),
+                      "val_mae": val_mae}
+    else:
+        cal = twin.calibration
+        validation = {"n_train": int(len(split.train) + len(split.val)), "n_val": 0,
+                      "val_mae": None, "refit_of": twin.name, "twin_val_mae": twin.val_mae,
+                      "val_mae_in_training": val_mae}
     data = split.data
     return Served(cal, {
-        "n_train": int(len(split.train)), "n_val": int(len(split.val)),
-        "n_test": int(len(data.test_rows)),
+        **validation, "n_test": int(len(data.test_rows)),
         "n_excluded_from_pool": int(len(data.pool_rows) - len(split.rows)),
-        "val_mae": float(np.mean(np.abs(val_pred - val_targets))), "zero_below": zero_below,
+        "zero_below": zero_below,
         "test_ids": ws.cache.material_id[data.test_rows].tolist(),
         "test_pred": np.round(test_pred, PRED_DECIMALS).tolist(),
         "test_mae": float(np.mean(np.abs(test_pred - data.test_targets))),

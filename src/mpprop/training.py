@@ -245,6 +245,7 @@ def fit(
     checkpoint_every: int = 1,
     aux_train_targets: np.ndarray | None = None,
     aux_weight: float = 1.0,
+    stop_epoch: int | None = None,
 ) -> FitResult:
     """Train with target standardisation, the LR schedule of `hp`, best-val checkpointing.
 
@@ -265,10 +266,19 @@ def fit(
     labels, losses.MultiTaskLoss), is validated on the main one, and the returned model is
     the main property's (CrystalGraphMultiTask.main_task); `aux_weight` scales the
     auxiliary losses. MAEs are in target units.
+    `stop_epoch` ends training after that epoch (the learning-rate schedule is still
+    hp.epochs') and keeps its weights, not the best-validation ones: a model refitted on train
+    and validation together, for the epochs its twin's validation chose, whose own validation
+    MAE chooses nothing (best_epoch and best_val_mae are then that epoch's). It excludes early
+    stopping.
     Too few labelled records (MIN_TRAIN_LABELS, MIN_VAL_LABELS) or a target that is not
     finite is a TrainingDataError (a ValueError), before any training.
     """
     _check_training_data(train_rows, train_targets, val_rows, val_targets)
+    if stop_epoch is not None and (hp.early_stop_patience or not 1 <= stop_epoch <= hp.epochs):
+        raise ValueError(f"stop_epoch {stop_epoch}: a fixed epoch in 1..{hp.epochs}, and no "
+                         "early stopping")
+    last_epoch = hp.epochs if stop_epoch is None else stop_epoch
     aux_norm = _standardise_auxiliary(aux_train_targets, len(train_rows))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -304,7 +314,7 @@ def fit(
             None if aux_norm is None or aux_weight == 1.0 else np.float64(aux_weight)))
         saver.resume(state, model, optimizer, scheduler, ema, rng)
     after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
-    for epoch in range(state.epoch + 1, hp.epochs + 1):
+    for epoch in range(state.epoch + 1, last_epoch + 1):
         if state.stopped_early(hp):
             break
         t0 = time.perf_counter()
@@ -320,16 +330,20 @@ def fit(
         if not np.isfinite(val_mae):
             raise FloatingPointError(f"validation MAE is {val_mae} at epoch {epoch}: diverged")
         state.record(stats, kept)
-        if saver is not None and (epoch % saver.every == 0 or epoch == hp.epochs):
+        if saver is not None and (epoch % saver.every == 0 or epoch == last_epoch):
             saver.save(state, model, optimizer, ema, rng)
         if on_epoch is not None:
             on_epoch(stats)
     assert state.best_state is not None
-    kept.load_state_dict(state.best_state)
+    best_epoch, best_val = state.best_epoch, state.best_val
+    if stop_epoch is not None:  # its weights (restored as saved when resumed after it)
+        best_epoch, best_val = state.epoch, state.history[-1].val_mae
+    else:
+        kept.load_state_dict(state.best_state)
     kept.eval()
     if isinstance(kept, CrystalGraphMultiTask):
         kept = kept.main_task()
-    return FitResult(kept, normalizer, state.best_epoch, state.best_val, state.history)
+    return FitResult(kept, normalizer, best_epoch, best_val, state.history)
 
 
 def ema_with_warmup(decay: float) -> Callable[[list, list, torch.Tensor], None]:

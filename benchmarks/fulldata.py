@@ -400,8 +400,10 @@ for _seed in range(3):
 # validation materials together (11% more data, the limit the ensembles have reached), on the
 # same schedule up to the epoch its twin's validation chose; the ensemble of the refits takes
 # the floor and calibration of the ensemble of their twins. Validation chose the recipe, the epochs and the
-# members before; it cannot judge a refit, which trained on it, so `report` shows a refit of
-# the chosen candidate as a row of its own, paired with it on test
+# members before; it cannot judge a refit, which trained on it. Decided before any refit had
+# finished: once the refits of the chosen candidate (every seed) have finished, they are
+# "best" in `report` and what `ship` ships, and the candidate they refit is a row of its own,
+# paired with them on test
 REFIT_PREFIX = "refit-"
 REFIT_TWINS: dict[str, str] = {}  # ensemble of refits -> the ensemble of their twins
 
@@ -522,7 +524,8 @@ COMPARISONS["poisson_ratio"]["candidates"][
                                                          for i in range(3)]
 BOOTSTRAP = 1000
 MAIN_ROWS = ("best", "xie", "published")  # every other row is compared with published only
-REFIT_ROW = "best, refitted on train and validation"  # also paired with best
+# where best is the refit of the candidate validation chose, that candidate (paired with it)
+BEFORE_REFIT_ROW = "best before its refit on train and validation"
 
 
 def choose_best(results: Path, candidates: dict[str, list[str]]
@@ -570,8 +573,9 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
         rows = {**({"best": spec["candidates"][best]} if best else {}), "xie": spec["xie"],
                 **{k: jobs for k, jobs in spec["candidates"].items() if k != best}}
         refitted = [REFIT_PREFIX + j for j in spec["candidates"][best]] if best else []
-        if refitted and all(j in JOBS or j in ENSEMBLES for j in refitted):
-            rows[REFIT_ROW] = refitted  # a row like the others once all its seeds finished
+        if refitted and all(_result(results, j) is not None for j in refitted):
+            rows = {"best": refitted, BEFORE_REFIT_ROW: rows["best"],
+                    **{k: v for k, v in rows.items() if k != "best"}}
         records = {k: [_result(results, j) for j in jobs] for k, jobs in rows.items()}
         if partial:
             records = {k: [r for r in rs if r is not None] for k, rs in records.items()}
@@ -595,13 +599,15 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
         out[prop] = {
             "n_test": len(y), "published": published_label,
             "best_is": best, "candidates_val_mae": val_mae,
+            "best_refitted": BEFORE_REFIT_ROW in records,
             # the predictions stay in the jobs' result files
             "models": {k: _without_predictions(model_summary(y, p, resamples, top, better))
                        for k, p in preds.items()},
             "paired": {f"{a}-{b}": paired(y, preds[a], preds[b], resamples, top, better)
                        for a, b in (("best", "xie"), ("best", "published"), ("xie", "published"),
                                     *((k, ref) for k in preds if k not in MAIN_ROWS
-                                      for ref in ("published", "xie")), (REFIT_ROW, "best"))
+                                      for ref in ("published", "xie")),
+                                    ("best", BEFORE_REFIT_ROW))
                        if a in preds and b in preds},
             "cpu_hours": {k: [r["cpu_hours"] for r in recs] for k, recs in records.items()},
             "jobs": {k: [{x: r.get(x) for x in ("job", "hyperparams", "parent", "n_train",
@@ -661,9 +667,9 @@ def _table(out: dict) -> str:
             diffs.append(f"| {label} | "
                          f"{_interval(best_xie['mae_diff'], signed=True) if best_xie else '-'} "
                          f"| {_interval(pb['mae_diff'], signed=True)} | {scr} |")
-    refits = ["", f"| property | {REFIT_ROW} - best, MAE |", "|---|---|"]
-    refits += [f"| {prop} | {_interval(r['paired'][f'{REFIT_ROW}-best']['mae_diff'], signed=True)} |"
-               for prop, r in out.items() if f"{REFIT_ROW}-best" in r["paired"]]
+    refits = ["", f"| property | best (refitted) - {BEFORE_REFIT_ROW}, MAE |", "|---|---|"]
+    refits += [f"| {prop} | {_interval(d['mae_diff'], signed=True)} |" for prop, r in out.items()
+               if (d := r["paired"].get(f"best-{BEFORE_REFIT_ROW}"))]
     chosen = ["", "| property | best: the lowest validation MAE of | validation MAE |",
               "|---|---|---|"]
     for prop, r in out.items():
@@ -727,6 +733,12 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         for c in fitting:
             if c is not chosen:
                 c.path.unlink()
+        twin = None
+        if r.get("best_refitted"):  # validation chose its twin (that seed): the refit ships
+            twin = chosen.record
+            chosen.path.unlink()
+            chosen = _staged_refit(params, ws, excluded, work, results, chosen,
+                                   work / "ship" / f"{prop}-refit.pt")
         label, best, source, cal, stored_as = (chosen.label, chosen.record, chosen.source,
                                                chosen.calibration, chosen.stored_as)
         staged = chosen.path.replace(work / "ship" / f"{prop}.pt")
@@ -748,10 +760,12 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
                  "published_minus": vs_published["mae_diff"]["value"], "job": best["job"],
                  "cpu_hours": round(best["cpu_hours"], 3),
                  "test_interval_coverage_90": coverage, "weights": stored_as}
-        if rounded:
+        if twin is not None:
+            facts["refit_of"] = twin["job"]
+        elif rounded:
             facts["val_mae_as_stored"] = rounded["val_mae"]
         card = _card(prop, params.property_spec(prop), r, label, passed_over, best, own,
-                     vs_published, cal, coverage, rounded)
+                     vs_published, cal, coverage, rounded, twin)
         add_to_index(SHIPPED_DIR, prop, staged, card, facts)
         print(f"shipped {prop}: {best['job']} ({source}, {staged.stat().st_size} bytes, "
               f"test predictions within {drift:.2g} of the job's); test MAE "
@@ -775,6 +789,20 @@ class _Staged:
     def passed_over_because(self, chosen: _Staged) -> str:
         return (f"{self.label}: validation MAE {self.val_mae:.5f} as stored ({self.stored_as}), "
                 f"{chosen.label} {chosen.val_mae:.5f}")
+
+
+def _staged_refit(params: Any, ws: Any, excluded: set[str], work: Path, results: Path,
+                  twin: _Staged, path: Path) -> _Staged:
+    """The refit of the staged `twin` (the seed and candidate validation chose), staged at
+    `path` as `twin` was (its floor and calibration are the twin's already)."""
+    name = REFIT_PREFIX + twin.record["job"]
+    record, folder = _result(results, name), _finished_folder(work, name)
+    if record is None or folder is None:
+        raise SystemExit(f"no bundle of {name} (run it: fulldata.py run {name})")
+    staged = _stage(params, ws, excluded, twin.label, record, folder / BUNDLE_FILE, path)
+    if staged is None:
+        raise SystemExit(f"{name} is over {MAX_BUNDLE_BYTES} bytes even with int8 weights")
+    return staged
 
 
 def _stage(params: Any, ws: Any, excluded: set[str], label: str, best: dict, source: Path,
@@ -886,29 +914,35 @@ def _finished_folder(work: Path, name: str) -> Path | None:
 
 def _card(prop: str, spec: Any, r: dict, label: str, passed_over: list[str], best: dict,
           own: dict, vs_published: dict, cal: Calibration, coverage: float,
-          rounded: dict | None) -> str:
+          rounded: dict | None, twin: dict | None = None) -> str:
     """The model card of `best`, a seed of the candidate `label` (the report's best unless
     the candidates before it, `passed_over` (each with why), do not fit the package or measure
     worse on validation as stored); `rounded`: how its weights are stored where not as
-    float32 (as, drift, val_mae)."""
+    float32 (as, drift, val_mae); `twin`: where `best` is a refit, the record of the job or
+    ensemble it refits (what validation chose)."""
     row = "best" if label == r["best_is"] else label
     m, px = r["models"][row], r["paired"][f"{row}-xie"]
     hp = best["hyperparams"]
     mae, pd_ = own["test_mae"], vs_published["mae_diff"]
     n_seeds = m["n_seeds"]
     members = best.get("members")
+    chosen = best if twin is None else twin  # a refit has no validation MAE: its twin's
     if members:  # members may differ in epochs and parent: each job's record has its own
-        origin = (f"an ensemble of {len(members)} ({', '.join(members)}: the mean of their "
-                  f"predictions, validation MAE {best['best_val_mae']:.4f} against theirs "
-                  f"{', '.join(f'{v:.4f}' for v in best['member_val_mae'])})")
+        origin = (f"an ensemble of {len(members)} ({', '.join(chosen['members'])}: the mean of "
+                  f"their predictions, validation MAE {chosen['best_val_mae']:.4f} against theirs "
+                  f"{', '.join(f'{v:.4f}' for v in chosen['member_val_mae'])})")
     else:
         origin = f"{hp['epochs']} epochs " + (f"(fine-tuned from {best['parent']})"
                                               if best.get("parent") else "(from scratch)")
+    if twin is not None:
+        origin = (f"refitted on training and validation materials together: {origin},\n  "
+                  "each trained again on both up to the epoch its validation chose")
     if rounded is not None:
         origin += (f";\n  weights stored as {rounded['as']} to fit {MAX_BUNDLE_BYTES // 2**20} "
-                   f"MiB (test predictions within {rounded['drift']:.2g} of the float32 model's;"
-                   f"\n  validation MAE {rounded['val_mae']:.4f} as stored, "
-                   f"{best['best_val_mae']:.4f} in float32)")
+                   f"MiB (test predictions within {rounded['drift']:.2g} of the float32 model's"
+                   + (")" if twin is not None else
+                      f";\n  validation MAE {rounded['val_mae']:.4f} as stored, "
+                      f"{best['best_val_mae']:.4f} in float32)"))
     budget = ("the sum of its members" if members else "one model") + (
         ", its trunk not included" if best.get("parent") else "")
     pick = "" if n_seeds == 1 else f",\n  of its {n_seeds} seeds the one with the lowest"
@@ -919,18 +953,24 @@ def _card(prop: str, spec: Any, r: dict, label: str, passed_over: list[str], bes
     xie_seeds = " (all seeds)" if seeds else ""
     fits = ("\n  that fits {} MiB and measures lowest as stored (passed over: {})".format(
         MAX_BUNDLE_BYTES // 2**20, "; ".join(passed_over)) if passed_over else "")
+    materials = f"{best['n_train']} training and {best['n_val']} validation materials"
+    job, cal_on = best["job"], cal.source
+    if twin is not None:
+        materials = (f"{best['n_train']} training materials ({twin['job']}'s {twin['n_train']} "
+                     f"training and {twin['n_val']} validation materials)")
+        job = f"{twin['job']}, refitted as {best['job']}"
+        cal_on = f"{cal.source}, {twin['job']}'s (the refit trained on it)"
     return f"""# mpprop-{prop} (alias mpprop-2026)
 
 Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
 
 - Data: the shared MP snapshot (MP downloads of 2020 for formation energy, band gap and Fermi
-  level; 2024-2025 for energy per atom and the elastic set), {best['n_train']} training and
-  {best['n_val']} validation materials: every record of the property outside the fixed test
-  sets of all seven properties (split seed 20201224, 20%).
+  level; 2024-2025 for energy per atom and the elastic set), {materials}: every record of the
+  property outside the fixed test sets of all seven properties (split seed 20201224, 20%).
 - Model: CGCNN, {hp['n_conv']} convolutions, {hp['atom_fea_len']}/{hp['h_fea_len']} features,
   {hp['optimizer']}, {hp.get('loss', 'mse')} loss,
   {origin};
-  graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {best['job']}: of
+  graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {job}: of
   {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({label}){fits}{pick}
   (the test set chose nothing).
 - Budget: {best['cpu_hours']:.2f} CPU-hours of process CPU time, every thread counted ({budget}).
@@ -941,7 +981,7 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
 {seeds}- Minus the Xie preset at the same epochs{xie_seeds}: {px['mae_diff']['value']:+.4f}
   [{px['mae_diff']['low']:+.4f}, {px['mae_diff']['high']:+.4f}].
 - Prediction intervals (`lo`..`hi`, `value_lo`..`value_hi` in `mpprop predict`'s CSV): split conformal on its
-  {cal.source}; the 90% interval is the prediction +- {cal.quantile(0.9)[1]:.4f}
+  {cal_on}; the 90% interval is the prediction +- {cal.quantile(0.9)[1]:.4f}
   {spec.unit}, and holds {100 * coverage:.1f}% of the test materials.
 - Not for: structures unlike MP's relaxed inorganic crystals (molecules, surfaces, disordered or
   defect supercells, high pressure); elements outside 1-100; values far outside the training

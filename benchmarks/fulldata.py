@@ -420,9 +420,14 @@ def refit(name: str) -> str:
     return REFIT_PREFIX + name
 
 
-# Poisson's ratio's chosen ensembles first: 24 fine-tunes of 150 epochs (about 0.1 CPU-h each)
+# Poisson's ratio's chosen ensembles first: 24 fine-tunes of 150 epochs, stopped at epochs
+# 19-67 (about 0.03 CPU-h each); then band gap's (six 60-epoch fine-tunes stopped at 36-60,
+# about 1 CPU-h each) and formation energy's (four 200-epoch trunks stopped at 133-189, 3-6
+# CPU-h each, and four 40-epoch restarts, about 0.6 each)
 for _seed in range(3):
     refit(f"ens8t7-poisson-s{_seed}")
+refit("ens6w-bg")
+refit("ens8w7-fe")
 
 JOBS["quick-xie"] = Job("quick-xie", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1})
 JOBS["quick-ft"] = Job("quick-ft", "bulk_modulus", {**XIE, "epochs": 2, "lr_decay_epoch": 1},

@@ -614,7 +614,8 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
                                       for ref in ("published", "xie")),
                                     ("best", BEFORE_REFIT_ROW))
                        if a in preds and b in preds},
-            "cpu_hours": {k: [r["cpu_hours"] for r in recs] for k, recs in records.items()},
+            "cpu_hours": {k: _cpu_hours(recs, records.get(BEFORE_REFIT_ROW) if k == "best"
+                                        else None) for k, recs in records.items()},
             "jobs": {k: [{x: r.get(x) for x in ("job", "hyperparams", "parent", "n_train",
                                                 "n_val", "best_epoch", "epochs_run",
                                                 "members")} for r in recs]
@@ -625,6 +626,13 @@ def report(work: Path, results: Path, comparisons: dict, partial: bool = False) 
     (results / f"table{suffix}.md").write_text(_table(out))
     print(_table(out))
     return out
+
+
+def _cpu_hours(records: list[dict], twins: list[dict] | None) -> list[float]:
+    """Each seed's CPU-hours; a refit's (`twins`: the records it refits) with its twin's,
+    whose validation chose the epochs."""
+    return [r["cpu_hours"] + (t["cpu_hours"] if t else 0.0)
+            for r, t in zip(records, twins or [None] * len(records), strict=True)]
 
 
 def _without_predictions(summary: dict) -> dict:
@@ -763,7 +771,7 @@ def ship(work: Path, results: Path, props: list[str]) -> None:
         facts = {"test_mae": own["test_mae"]["value"], "test_mae_low": own["test_mae"]["low"],
                  "test_mae_high": own["test_mae"]["high"], "n_test": r["n_test"],
                  "published_minus": vs_published["mae_diff"]["value"], "job": best["job"],
-                 "cpu_hours": round(best["cpu_hours"], 3),
+                 "cpu_hours": round(best["cpu_hours"] + (twin or {}).get("cpu_hours", 0.0), 3),
                  "test_interval_coverage_90": coverage, "weights": stored_as}
         if twin is not None:
             facts["refit_of"] = twin["job"]
@@ -950,6 +958,11 @@ def _card(prop: str, spec: Any, r: dict, label: str, passed_over: list[str], bes
                       f"{best['best_val_mae']:.4f} in float32)"))
     budget = ("the sum of its members" if members else "one model") + (
         ", its trunk not included" if best.get("parent") else "")
+    hours = best["cpu_hours"]
+    if twin is not None:
+        hours += twin["cpu_hours"]
+        budget = (f"{twin['cpu_hours']:.2f} for {twin['job']}, which chose the epochs, and "
+                  f"{best['cpu_hours']:.2f} for the refit; " + budget)
     pick = "" if n_seeds == 1 else f",\n  of its {n_seeds} seeds the one with the lowest"
     seeds = ("" if n_seeds == 1 else
              f"- All {n_seeds} seeds: test MAE {m['test_mae']['value']:.4f} "
@@ -978,7 +991,7 @@ Predicts {prop} in {spec.unit} (target transform: {spec.transform}).
   graphs: 12 nearest neighbours within 8 A, Gaussians every 0.2 A. Job {job}: of
   {len(r['candidates_val_mae'])} candidates the one with the lowest validation MAE ({label}){fits}{pick}
   (the test set chose nothing).
-- Budget: {best['cpu_hours']:.2f} CPU-hours of process CPU time, every thread counted ({budget}).
+- Budget: {hours:.2f} CPU-hours of process CPU time, every thread counted ({budget}).
 - Test MAE on {r['n_test']} materials: {mae['value']:.4f} [{mae['low']:.4f}, {mae['high']:.4f}]
   (95% bootstrap); minus the published 2018 checkpoint, paired: {pd_['value']:+.4f}
   [{pd_['low']:+.4f}, {pd_['high']:+.4f}] (that checkpoint saw many of these test materials
@@ -998,7 +1011,8 @@ def park(work: Path, results: Path) -> None:
     """Copy every unfinished job's checkpoint into results/in_progress/ (tracked by git; in
     parts of at most PARK_PART_BYTES), so that the next sitting, on a fresh checkout, resumes
     it where this one stopped; and every finished parent's bundle (and built ensembles'
-    members') into results/parents/, so that its children can still start."""
+    members', and refitted members') into results/parents/, so that its children can still
+    start."""
     for folder in sorted((work / "jobs").glob("*-*")):
         if (folder / RESULT_FILE).exists() or not (folder / CHECKPOINT_FILE).exists():
             continue
@@ -1014,6 +1028,8 @@ def park(work: Path, results: Path) -> None:
     parents = {job.parent for job in JOBS.values() if job.parent}
     parents.update(m for name, members in ENSEMBLES.items()
                    if (results / f"{name}.json").exists() for m in members)
+    # and every finished refit of a member: its ensemble is built once all have finished
+    parents.update(m for name in REFIT_TWINS for m in ENSEMBLES[name])
     for folder in sorted((work / "jobs").glob("*-*")):
         if folder.name.rsplit("-", 1)[0] in parents and (folder / RESULT_FILE).exists():
             target = results / PARENTS / folder.name

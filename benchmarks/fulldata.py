@@ -234,8 +234,10 @@ JOBS["ft6w-bg"] = Job("ft6w-bg", "band_gap", {**MODERN, "epochs": 60}, parent="t
 JOBS["trunk7w-fe"] = Job("trunk7w-fe", "formation_energy_per_atom",
                          {**MODERN, "epochs": 200, "weight_decay": 0.05}, init_seed=5)
 # band gap fine-tuned from the sixth trunk and from the fifth trunk's restart, as ft6w-bg: band
-# gap's seventh and eighth members (its int8 bundle holds up to 8); ft7w-bg parked at epoch
-# 37 of 60 (validation 0.2701 so far, 2.00 CPU-h on a slower machine)
+# gap's seventh and eighth members (its int8 bundle holds up to 8). ft7w-bg (over two
+# sittings, 2.48 CPU-h) and ft6wr-bg (1.22 CPU-h) validate at 0.2636 each, the weakest
+# members; the ensembles of seven and eight with them at 0.2382 and 0.2389 against the six's
+# 0.2375 (neither chosen)
 JOBS["ft7w-bg"] = Job("ft7w-bg", "band_gap", {**MODERN, "epochs": 60}, parent="trunk7w-fe",
                       zero_floor=True)
 JOBS["ft6wr-bg"] = Job("ft6wr-bg", "band_gap", {**MODERN, "epochs": 60},

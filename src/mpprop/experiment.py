@@ -77,10 +77,10 @@ class Job:
     floor (bundle.fit_zero_below on the validation split: band gap's exact zeros).
 
     A refit (`refit_of`, the name of its twin: the same job trained with a validation split)
-    trains on the twin's training and validation materials together for the same fixed
-    epochs and keeps the last epoch's weights; its validation split is in its training data,
-    so it chooses nothing: it stops at the epoch its twin's validation chose (on the same
-    schedule), and its zero floor and calibration are the twin's."""
+    trains on the twin's training and validation materials together, on the same schedule up
+    to the epoch its twin's validation chose, and keeps that epoch's weights; its validation
+    split is in its training data, so it chooses nothing, and its zero floor and calibration
+    are the twin's."""
 
     name: str
     prop: str

@@ -401,11 +401,11 @@ for _seed in range(3):
 # refits (Job.refit_of): each member of an ensemble trained again on its training and
 # validation materials together (11% more data, the limit the ensembles have reached), on the
 # same schedule up to the epoch its twin's validation chose; the ensemble of the refits takes
-# the floor and calibration of the ensemble of their twins. Validation chose the recipe, the epochs and the
-# members before; it cannot judge a refit, which trained on it. Decided before any refit had
-# finished: once the refits of the chosen candidate (every seed) have finished, they are
-# "best" in `report` and what `ship` ships, and the candidate they refit is a row of its own,
-# paired with them on test
+# the floor and calibration of the ensemble of their twins. Validation chose the recipe, the
+# epochs and the members before; it cannot judge a refit, which trained on it. Decided before
+# any refit had finished: once the refits of the chosen candidate (every seed) have finished,
+# they are "best" in `report` and what `ship` ships, and the candidate they refit is a row of
+# its own, paired with them on test
 REFIT_PREFIX = "refit-"
 REFIT_TWINS: dict[str, str] = {}  # ensemble of refits -> the ensemble of their twins
 
@@ -682,16 +682,17 @@ def _table(out: dict) -> str:
             diffs.append(f"| {label} | "
                          f"{_interval(best_xie['mae_diff'], signed=True) if best_xie else '-'} "
                          f"| {_interval(pb['mae_diff'], signed=True)} | {scr} |")
-    refits = ["", f"| property | best (refitted) - {BEFORE_REFIT_ROW}, MAE |", "|---|---|"]
-    refits += [f"| {prop} | {_interval(d['mae_diff'], signed=True)} |" for prop, r in out.items()
-               if (d := r["paired"].get(f"best-{BEFORE_REFIT_ROW}"))]
+    refit_rows = [f"| {prop} | {_interval(d['mae_diff'], signed=True)} |"
+                  for prop, r in out.items() if (d := r["paired"].get(f"best-{BEFORE_REFIT_ROW}"))]
+    refits = (["", f"| property | best (refitted) - {BEFORE_REFIT_ROW}, MAE |", "|---|---|",
+               *refit_rows] if refit_rows else [])
     chosen = ["", "| property | best: the lowest validation MAE of | validation MAE |",
               "|---|---|---|"]
     for prop, r in out.items():
         for label, mae in sorted(r["candidates_val_mae"].items(), key=lambda kv: kv[1]):
             mark = " (best)" if label == r["best_is"] else ""
             chosen.append(f"| {prop} | {label}{mark} | {mae:.4f} |")
-    return "\n".join(lines + diffs + (refits if len(refits) > 3 else []) + chosen) + "\n"
+    return "\n".join(lines + diffs + refits + chosen) + "\n"
 
 
 def ship(work: Path, results: Path, props: list[str]) -> None:
@@ -927,6 +928,14 @@ def _finished_folder(work: Path, name: str) -> Path | None:
                 None)
 
 
+def _needed_folder(work: Path, name: str, missing: str) -> Path:
+    """_finished_folder of `name`; stops with `missing` where it has none."""
+    folder = _finished_folder(work, name)
+    if folder is None:
+        raise SystemExit(missing)
+    return folder
+
+
 def _card(prop: str, spec: Any, r: dict, label: str, passed_over: list[str], best: dict,
           own: dict, vs_published: dict, cal: Calibration, coverage: float,
           rounded: dict | None, twin: dict | None = None) -> str:
@@ -1122,12 +1131,12 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
                   f"{record['test_mae']:.4f}", flush=True)
             continue
         job = JOBS[name]
-        parent_dir = _finished_folder(work, job.parent) if job.parent else None
-        if job.parent is not None and parent_dir is None:
-            raise SystemExit(f"{name} needs its parent {job.parent} trained first")
-        twin_dir = _finished_folder(work, job.refit_of) if job.refit_of else None
-        if job.refit_of is not None and twin_dir is None:
-            raise SystemExit(f"{name} needs its twin {job.refit_of} trained first")
+        parent_dir = (_needed_folder(work, job.parent,
+                                     f"{name} needs its parent {job.parent} trained first")
+                      if job.parent else None)
+        twin_dir = (_needed_folder(work, job.refit_of,
+                                   f"{name} needs its twin {job.refit_of} trained first")
+                    if job.refit_of else None)
         try:
             record = run_job(params, ws, job, Hyperparams, work / "jobs", excluded, parent_dir,
                              progress=lambda line: print(line, flush=True), twin_dir=twin_dir)
@@ -1142,18 +1151,12 @@ def run(work: Path, results: Path, names: list[str], threads: int = 1) -> None:
 
 
 def _ensemble(params: Any, ws: Any, work: Path, excluded: set[str], name: str) -> dict:
-    members = []
-    for member in ENSEMBLES[name]:
-        folder = _finished_folder(work, member)
-        if folder is None:
-            raise SystemExit(f"{name} needs its member {member} trained first")
-        members.append((JOBS[member], folder))
-    twin_dir = None
-    if name in REFIT_TWINS:
-        twin_dir = _finished_folder(work, REFIT_TWINS[name])
-        if twin_dir is None:
-            raise SystemExit(f"{name} needs the ensemble of its twins, {REFIT_TWINS[name]}, "
-                             "built first")
+    members = [(JOBS[member], _needed_folder(work, member,
+                                             f"{name} needs its member {member} trained first"))
+               for member in ENSEMBLES[name]]
+    twin_dir = (_needed_folder(work, REFIT_TWINS[name], f"{name} needs the ensemble of its "
+                               f"twins, {REFIT_TWINS[name]}, built first")
+                if name in REFIT_TWINS else None)
     return run_ensemble(params, ws, name, members, work / "jobs", excluded, twin_dir)
 
 

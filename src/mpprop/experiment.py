@@ -31,6 +31,7 @@ from mpprop.bundle import (
     save_bundle,
 )
 from mpprop.data import PropertyData, load_split, property_data, train_val_split
+from mpprop.inference import predict_rows
 from mpprop.intervals import Calibration, calibrate
 from mpprop.model import trunk_state
 from mpprop.snapshot import atomic_output
@@ -464,8 +465,7 @@ def _twin(folder: Path, job_name: str | None, ws: Any, val_rows: np.ndarray,
     val_mae = float(record.get("val_mae", record["best_val_mae"]))
     cal = model.calibration
     if cal is None:
-        pred = floored(ensemble_mean_std([predict(net, norm, ws.cache, val_rows, batch_size)
-                                          for net, norm in model.members])[0], model.zero_below)
+        pred, _ = predict_rows(model, ws.cache, val_rows, batch_size)  # as served
         cal = calibrate(val_targets, pred, source=f"validation split ({len(val_rows)} "
                         f"materials) of {record['job']}")
     return Twin(folder.name, val_mae, record.get("best_epoch"), model.zero_below, cal)

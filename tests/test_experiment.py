@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+from mpprop import experiment
 from mpprop import experiment_runs as runs
 from mpprop.experiment import (
     CHECKPOINT_FILE,
@@ -200,6 +201,43 @@ def test_a_refit_is_served_with_its_twins_floor_and_calibration_and_no_validatio
     # its twin: the floor fitted on its validation split, and a validation MAE
     own = _as_served(ws, split, val_pred, test_pred, True).record
     assert own["n_train"] == 4 and own["n_val"] == 2 and own["val_mae"] is not None
+
+
+def test_a_twin_without_a_calibration_is_calibrated_on_its_served_validation_predictions(
+        tmp_path, monkeypatch) -> None:
+    # an older twin bundle has no calibration: the refit takes one fitted on the twin's
+    # validation predictions as served (its floor applied), not on the raw ones
+    rng = np.random.default_rng(0)
+    val_rows, val_targets = np.arange(3, 43), rng.uniform(0.0, 3.0, 40)
+    served = np.maximum(val_targets + rng.normal(0.0, 0.5, 40), 0.0)  # what predict_rows gives
+    stored = SimpleNamespace(calibration=None, zero_below=0.3)
+    calls = []
+
+    def fake_predict_rows(model, cache, rows, batch_size):
+        calls.append((model, rows.tolist(), batch_size))
+        return served, np.zeros_like(served)
+
+    monkeypatch.setattr(experiment, "load_model", lambda path, name: stored)
+    monkeypatch.setattr(experiment, "predict_rows", fake_predict_rows)
+    folder = tmp_path / "a-0123"
+    folder.mkdir()
+    (folder / RESULT_FILE).write_text(json.dumps({"job": "a", "best_val_mae": 0.4,
+                                                  "best_epoch": 12}))
+    ws = SimpleNamespace(cache="cache")
+    twin = experiment._twin(folder, "a", ws, val_rows, val_targets, 64)
+    assert calls == [(stored, list(range(3, 43)), 64)]
+    expected = calibrate(val_targets, served)
+    assert twin.calibration.q_absolute == expected.q_absolute
+    assert twin.calibration.q_absolute != calibrate(val_targets, served + 0.05).q_absolute
+    assert twin.calibration.source == "validation split (40 materials) of a"
+    assert (twin.name, twin.val_mae, twin.best_epoch, twin.zero_below) == ("a-0123", 0.4, 12, 0.3)
+    # a twin with its own calibration keeps it (nothing is predicted)
+    cal = calibrate(np.array([0.0, 1.0, 2.0]), np.array([0.1, 1.2, 1.7]))
+    stored.calibration = cal
+    assert experiment._twin(folder, None, ws, val_rows, val_targets, 64).calibration is cal
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="holds a, not the twin b"):
+        experiment._twin(folder, "b", ws, val_rows, val_targets, 64)
 
 
 def test_an_init_seed_makes_another_job_on_the_same_split_and_keeps_earlier_keys() -> None:

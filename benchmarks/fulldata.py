@@ -815,21 +815,19 @@ def _staged_refit(params: Any, ws: Any, excluded: set[str], work: Path, results:
     record, folder = _result(results, name), _finished_folder(work, name)
     if record is None or folder is None:
         raise SystemExit(f"no bundle of {name} (run it: fulldata.py run {name})")
-    staged = _stage(params, ws, excluded, twin.label, record, folder / BUNDLE_FILE, path,
-                    measure=False)
+    staged = _stage(params, ws, excluded, twin.label, record, folder / BUNDLE_FILE, path)
     if staged is None:
         raise SystemExit(f"{name} is over {MAX_BUNDLE_BYTES} bytes even with int8 weights")
     return staged
 
 
 def _stage(params: Any, ws: Any, excluded: set[str], label: str, best: dict, source: Path,
-           staged: Path, measure: bool = True) -> _Staged | None:
+           staged: Path) -> _Staged | None:
     """`best` (a job's record, its bundle at `source`) calibrated and stored at `staged` in the
     smallest precision that is needed to fit the package (float32, float16, int8), with its
-    validation MAE as stored (`measure`; a refit has none: it trained on its validation
-    split); None (nothing left at `staged`) if even int8 is too large. A source already
-    rounded (the shipped copy, on a checkout without the job's float32 bundle) keeps its
-    precision."""
+    validation MAE as stored (a refit has none: it trained on its validation split); None
+    (nothing left at `staged`) if even int8 is too large. A source already rounded (the
+    shipped copy, on a checkout without the job's float32 bundle) keeps its precision."""
     full = staged.with_suffix(".float32.pt")
     cal = _calibrated(params, ws, JOBS.get(best["job"]), excluded, best, source, full)
     shutil.copyfile(full, staged)
@@ -844,7 +842,7 @@ def _stage(params: Any, ws: Any, excluded: set[str], label: str, best: dict, sou
         staged.unlink()
         return None
     val_mae = best["best_val_mae"]
-    if stored_as != "float32" and measure:
+    if stored_as != "float32" and best.get("refit_of") is None:
         # an ensemble's members share their split: the first member's job gives it
         val_pred, val_targets = _val_predictions(
             params, ws, JOBS[(best.get("members") or [best["job"]])[0]], excluded,
